@@ -1,0 +1,31 @@
+"""Finding image files in a folder and decoding them into plain RGB images."""
+
+from loracap.inputs.decode import (
+    ImageDecodeError,
+    load_image,
+    read_size,
+    register_optional_formats,
+    to_rgb,
+)
+from loracap.inputs.discover import (
+    IMAGE_EXTENSIONS,
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    find_images,
+    remove_stale_temp_files,
+    supported_extensions,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageDecodeError",
+    "TEMP_PREFIX",
+    "TEMP_SUFFIX",
+    "find_images",
+    "load_image",
+    "read_size",
+    "register_optional_formats",
+    "remove_stale_temp_files",
+    "supported_extensions",
+    "to_rgb",
+]

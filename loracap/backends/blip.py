@@ -1,0 +1,45 @@
+"""BLIP (Salesforce/blip-image-captioning-base/large): one-line captions, optionally continuing a prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import BackendError, GenerationSettings
+from .device import Placement, default_batch_size
+
+
+class BlipBackend:
+    modes = ("caption",)
+    tag_modes: frozenset[str] = frozenset()
+
+    def __init__(self, folder: Path, name: str, placement: Placement):
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        self.name = name
+        self.placement = placement
+        self.processor = BlipProcessor.from_pretrained(folder)
+        self.model = BlipForConditionalGeneration.from_pretrained(folder, dtype=placement.dtype)
+        self.model.to(placement.device).eval()
+        self.default_batch_size = default_batch_size(placement, gpu_batch=64)
+        size = self.processor.image_processor.size
+        self.image_side = max(size.get("height", 0), size.get("width", 0))
+
+    def prepare(self, images: list, mode: str, prompt: str | None = None) -> dict[str, Any]:
+        if mode != "caption":
+            raise BackendError(f"{self.name} cannot caption in mode {mode!r}; it can do: caption")
+        # With a prompt ("a photo of") BLIP continues it, and the caption keeps those words.
+        text = [prompt] * len(images) if prompt else None
+        batch = self.processor(images=images, text=text, return_tensors="pt")
+        batch["pixel_values"] = batch["pixel_values"].to(self.placement.dtype)
+        return dict(batch)
+
+    @torch.inference_mode()
+    def generate(self, inputs: dict[str, Any], settings: GenerationSettings) -> list[str]:
+        device = self.placement.device
+        out = self.model.generate(
+            **{k: v.to(device) for k, v in inputs.items()}, **settings.generate_kwargs(40)
+        )
+        return [text.strip() for text in self.processor.batch_decode(out, skip_special_tokens=True)]

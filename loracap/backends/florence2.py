@@ -1,0 +1,130 @@
+"""Florence-2 and its PromptGen fine-tunes, through transformers' native Florence2ForConditionalGeneration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import BackendError, GenerationSettings
+from .device import Placement, default_batch_size
+from .florence2_convert import (
+    FLORENCE_ADDED_TOKENS,
+    IMAGE_TOKEN,
+    TASKS_FILE,
+    native_folder,
+    read_task_prompts,
+)
+
+# A mode is the caption kind users ask for; each checkpoint spells its task tokens its own way, so a
+# mode lists the spellings seen in the wild and the checkpoint decides which one it understands.
+MODE_TASK_TOKENS: dict[str, tuple[str, ...]] = {
+    "tags": ("<GENERATE_TAGS>",),
+    "caption": ("<CAPTION>",),
+    "detailed": ("<DETAILED_CAPTION>",),
+    "more_detailed": ("<MORE_DETAILED_CAPTION>",),
+    "mixed": ("<MIXED_CAPTION>", "<MIX_CAPTION>"),
+    "mixed_plus": ("<MIXED_CAPTION_PLUS>", "<MIX_CAPTION_PLUS>"),
+    "analyze": ("<ANALYZE>",),
+}
+# Rough output lengths, so one-line captions do not reserve a paragraph's worth of decoding.
+DEFAULT_MAX_NEW_TOKENS = {
+    "tags": 256,
+    "caption": 64,
+    "detailed": 256,
+    "more_detailed": 512,
+    "mixed": 512,
+    "mixed_plus": 768,
+    "analyze": 512,
+}
+
+
+def resolve_modes(tasks: dict[str, str]) -> dict[str, str]:
+    """mode -> the task token this checkpoint knows for it (first spelling it declares)."""
+    modes = {}
+    for mode, spellings in MODE_TASK_TOKENS.items():
+        for token in spellings:
+            if token in tasks:
+                modes[mode] = token
+                break
+    return modes
+
+
+class Florence2Backend:
+    tag_modes = frozenset({"tags"})
+
+    def __init__(self, folder: Path, name: str, placement: Placement):
+        from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+        folder = native_folder(folder)
+        self.name = name
+        self.placement = placement
+        self.processor = AutoProcessor.from_pretrained(folder)
+        self.model = Florence2ForConditionalGeneration.from_pretrained(folder, dtype=placement.dtype)
+        self.model.to(placement.device).eval()
+        # The stock tasks the native processor knows, then what this checkpoint itself declares.
+        self.tasks = dict(self.processor.task_prompts_without_inputs)
+        declared = folder / TASKS_FILE
+        self.tasks.update(
+            json.loads(declared.read_text()) if declared.is_file() else read_task_prompts(folder)
+        )
+        self.mode_tokens = resolve_modes(self.tasks)
+        self.modes = tuple(self.mode_tokens)
+        # Location and region tokens, padding and a second <s> mean nothing in a caption; raw --prompt
+        # tasks (e.g. <OD>) keep them. Decoding starts from the trained "</s><s>" prefix instead of
+        # forcing <s> at step one, so suppressing <s> afterwards cannot clash with the forcing.
+        tokenizer = self.processor.tokenizer
+        vocab = tokenizer.get_vocab()
+        specials = [tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token, tokenizer.mask_token]
+        self.non_caption_ids = [
+            vocab[t] for t in (*FLORENCE_ADDED_TOKENS, IMAGE_TOKEN, *specials) if t in vocab
+        ]
+        generation = self.model.generation_config
+        self.decoder_prefix = [generation.decoder_start_token_id]
+        if generation.forced_bos_token_id is not None:
+            self.decoder_prefix.append(generation.forced_bos_token_id)
+        self.default_batch_size = default_batch_size(placement, gpu_batch=64)
+        size = self.processor.image_processor.size
+        self.image_side = max(size.get("height", 0), size.get("width", 0), size.get("shortest_edge", 0))
+
+    def task_text(self, mode: str, prompt: str | None) -> str:
+        """The text fed to the model: the task's trained prompt, or the user's own task token / prompt."""
+        if prompt:
+            return self.tasks.get(prompt, prompt)
+        if mode not in self.mode_tokens:
+            raise BackendError(
+                f"{self.name} cannot caption in mode {mode!r}; it can do: {', '.join(self.modes)}"
+            )
+        token = self.mode_tokens[mode]
+        return self.tasks.get(token, token)
+
+    def prepare(self, images: list, mode: str, prompt: str | None = None) -> dict[str, torch.Tensor]:
+        text = self.task_text(mode, prompt)
+        batch = self.processor(text=[text] * len(images), images=images, return_tensors="pt")
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "pixel_values": batch["pixel_values"].to(self.placement.dtype),
+        }
+        if self.placement.device.type == "cuda":  # page-locked memory lets the copy overlap compute
+            inputs = {k: v.pin_memory() for k, v in inputs.items()}
+        inputs["mode"] = mode
+        inputs["caption_only"] = prompt is None
+        return inputs
+
+    @torch.inference_mode()
+    def generate(self, inputs: dict[str, Any], settings: GenerationSettings) -> list[str]:
+        device = self.placement.device
+        kwargs = settings.generate_kwargs(DEFAULT_MAX_NEW_TOKENS.get(inputs["mode"], 256))
+        input_ids = inputs["input_ids"].to(device, non_blocking=True)
+        if inputs["caption_only"]:
+            prefix = torch.tensor([self.decoder_prefix], device=device).expand(len(input_ids), -1)
+            kwargs.update(
+                suppress_tokens=self.non_caption_ids, decoder_input_ids=prefix, forced_bos_token_id=None
+            )
+        out = self.model.generate(
+            input_ids=input_ids, pixel_values=inputs["pixel_values"].to(device, non_blocking=True), **kwargs
+        )
+        # Special tokens (<s>, </s>, <pad>, <loc_*>) are not caption text.
+        return [text.strip() for text in self.processor.batch_decode(out, skip_special_tokens=True)]

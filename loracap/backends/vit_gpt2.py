@@ -1,0 +1,44 @@
+"""VisionEncoderDecoderModel captioners such as nlpconnect/vit-gpt2-image-captioning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import BackendError, GenerationSettings
+from .device import Placement, default_batch_size
+
+
+class VisionEncoderDecoderBackend:
+    modes = ("caption",)
+    tag_modes: frozenset[str] = frozenset()
+
+    def __init__(self, folder: Path, name: str, placement: Placement):
+        from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+
+        self.name = name
+        self.placement = placement
+        self.image_processor = AutoImageProcessor.from_pretrained(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = VisionEncoderDecoderModel.from_pretrained(folder, dtype=placement.dtype)
+        self.model.to(placement.device).eval()
+        self.default_batch_size = default_batch_size(placement, gpu_batch=128)
+        size = self.image_processor.size
+        self.image_side = max(size.get("height", 0), size.get("width", 0), size.get("shortest_edge", 0))
+
+    def prepare(self, images: list, mode: str, prompt: str | None = None) -> torch.Tensor:
+        if mode != "caption":
+            raise BackendError(f"{self.name} cannot caption in mode {mode!r}; it can do: caption")
+        if prompt:
+            raise BackendError(f"{self.name} takes no prompt: it only captions from the image")
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixels.to(self.placement.dtype)
+
+    @torch.inference_mode()
+    def generate(self, inputs: Any, settings: GenerationSettings) -> list[str]:
+        out = self.model.generate(
+            pixel_values=inputs.to(self.placement.device), **settings.generate_kwargs(32)
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -1,0 +1,318 @@
+"""Caption a folder: find images, skip what is done, decode ahead of the model, write as we go.
+
+The model only ever sees batches of decoded images (`backend.prepare` + `backend.generate`); walking
+folders, decoding and writing stay here, so the same batch step can run in a server or a Ray actor.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from .backends.base import Backend, BackendError, GenerationSettings, check_mode
+from .inputs import (
+    ImageDecodeError,
+    find_images,
+    load_image,
+    register_optional_formats,
+    remove_stale_temp_files,
+)
+from .postprocess import PostProcess, merge_captions, postprocess
+from .writers import atomic_write_text, open_store, sidecar_collisions
+
+EXISTING_POLICIES = ("skip", "overwrite", "prepend", "append")
+FORMATS = ("sidecar", "jsonl", "kohya-json")
+
+
+@dataclass
+class FileError:
+    path: str
+    stage: str  # layout | decode | caption | write
+    reason: str
+
+
+@dataclass
+class RunSummary:
+    total: int = 0
+    captioned: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    model: str = ""
+    errors_file: str | None = None
+    errors: list[FileError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    def describe(self) -> str:
+        rate = self.captioned / self.seconds if self.seconds > 0 else 0.0
+        text = (
+            f"{self.captioned} captioned, {self.skipped} skipped (already captioned), {self.failed} failed "
+            f"of {self.total} images in {self.seconds:.1f} s ({rate:.2f} images/s)"
+        )
+        if self.errors_file:
+            text += f"; errors listed in {self.errors_file}"
+        return text
+
+
+@dataclass
+class _Item:
+    path: Path
+    old: str | None  # existing caption, kept for prepend/append
+
+
+def caption_folder(
+    root: str | Path,
+    *,
+    model: str | None = None,
+    mode: str = "caption",
+    backend: Backend | None = None,
+    recursive: bool = True,
+    existing: str = "skip",
+    format: str = "sidecar",
+    ext: str = ".txt",
+    metadata_file: str | Path | None = None,
+    options: PostProcess | None = None,
+    generation: GenerationSettings | None = None,
+    prompt: str | None = None,
+    batch_size: int | None = None,
+    workers: int = 2,
+    device: str | None = None,
+    dtype: str | None = None,
+    errors_file: str | Path | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    """Caption every image under `root` and write what trainers read. Returns the run's summary.
+
+    Raises FileNotFoundError / NotADirectoryError for a missing folder, ValueError for bad options,
+    and the backends' ModelUnavailable / BackendError when the model cannot be used.
+    """
+    if existing not in EXISTING_POLICIES:
+        raise ValueError(f"existing must be one of {', '.join(EXISTING_POLICIES)}, not {existing!r}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    root = Path(root).expanduser().resolve()
+    options = options or PostProcess()
+    generation = generation or GenerationSettings()
+    started = time.perf_counter()
+
+    register_optional_formats()
+    images = find_images(root, recursive=recursive)
+    remove_stale_temp_files(root, recursive=recursive)
+    summary = RunSummary(total=len(images), model=model or getattr(backend, "name", ""))
+    errors_path = Path(errors_file) if errors_file else root / "loracap-errors.jsonl"
+    tags = _is_tag_mode(mode, backend)
+    store = open_store(
+        format, root, ext=ext, metadata_file=Path(metadata_file) if metadata_file else None, tags=tags
+    )
+    try:
+        todo = _plan(images, root, store, format, ext, existing, summary)
+        if todo:
+            if backend is None:
+                from .backends import DEFAULT_MODEL, load_backend
+
+                backend = load_backend(model or DEFAULT_MODEL, device=device, dtype=dtype)
+                summary.model = backend.name
+            check_mode(backend, mode)
+            tags = mode in backend.tag_modes
+            _run(
+                todo,
+                root,
+                backend,
+                store,
+                summary,
+                mode=mode,
+                prompt=prompt,
+                tags=tags,
+                existing=existing,
+                options=options,
+                generation=generation,
+                batch_size=batch_size or backend.default_batch_size,
+                workers=workers,
+                progress=progress,
+            )
+    finally:
+        store.close()
+        summary.seconds = time.perf_counter() - started
+        summary.errors_file = _write_errors(errors_path, summary.errors)
+    return summary
+
+
+def _is_tag_mode(mode: str, backend: Backend | None) -> bool:
+    return mode in backend.tag_modes if backend is not None else mode == "tags"
+
+
+def _plan(
+    images: list[Path], root: Path, store: Any, format: str, ext: str, existing: str, summary: RunSummary
+) -> list[_Item]:
+    """Which images to caption: colliding names fail, captioned ones are skipped unless asked."""
+    shared: set[Path] = set()
+    if format != "jsonl":  # sidecars and kohya keys drop the extension, so a.jpg and a.png collide
+        for target, group in sidecar_collisions(images, ext).items():
+            names = ", ".join(p.name for p in group)
+            for path in group:
+                shared.add(path)
+                _fail(
+                    summary,
+                    root,
+                    path,
+                    "layout",
+                    f"{names} would share one caption ({target.name}); rename all but one",
+                )
+    todo = []
+    for path in images:
+        if path in shared:
+            continue
+        old = store.existing(path)
+        if old is not None and existing == "skip":
+            summary.skipped += 1
+        else:
+            todo.append(_Item(path, old))
+    return todo
+
+
+def _run(
+    todo: list[_Item],
+    root: Path,
+    backend: Backend,
+    store: Any,
+    summary: RunSummary,
+    *,
+    mode: str,
+    prompt: str | None,
+    tags: bool,
+    existing: str,
+    options: PostProcess,
+    generation: GenerationSettings,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    bare = replace(options, trigger=None, prefix="", suffix="")
+    bar = tqdm(
+        total=len(todo),
+        unit="img",
+        desc="captioning",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    try:
+        for items, inputs, decode_errors in _prefetch(todo, backend, mode, prompt, batch_size, workers):
+            for path, reason in decode_errors:
+                _fail(summary, root, path, "decode", reason, bar)
+            for item, raw in _generate(backend, items, inputs, mode, prompt, generation, summary, root, bar):
+                if not postprocess(raw, bare, tags=tags):  # nothing left but what the user adds
+                    _fail(summary, root, item.path, "caption", "the model returned an empty caption", bar)
+                    continue
+                caption = postprocess(raw, options, tags=tags)
+                if item.old is not None and existing in ("prepend", "append"):
+                    caption = postprocess(
+                        merge_captions(caption, item.old, existing, tags=tags), options, tags=tags
+                    )
+                try:
+                    store.write(item.path, caption)
+                    summary.captioned += 1
+                except OSError as exc:
+                    _fail(summary, root, item.path, "write", f"cannot write caption: {exc}", bar)
+            bar.update(len(items) + len(decode_errors))
+    finally:
+        bar.close()
+
+
+def _prefetch(
+    todo: list[_Item], backend: Backend, mode: str, prompt: str | None, batch_size: int, workers: int
+) -> Iterator[tuple[list[_Item], Any, list[tuple[Path, str]]]]:
+    """Decode and preprocess batches in worker threads, a few batches ahead of the model."""
+    batches = iter([todo[i : i + batch_size] for i in range(0, len(todo), batch_size)])
+    # Decode a bit larger than the model's input so its own resize does the final, better filtering.
+    min_side = backend.image_side or None
+
+    def load(batch: list[_Item]) -> tuple[list[_Item], Any, list[tuple[Path, str]]]:
+        good, images, bad = [], [], []
+        for item in batch:
+            try:
+                images.append(load_image(item.path, min_side=min_side))
+                good.append(item)
+            except ImageDecodeError as exc:
+                bad.append((item.path, exc.reason))
+        return good, (backend.prepare(images, mode, prompt) if images else None), bad
+
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="loracap-decode")
+    pending: deque[Future] = deque(pool.submit(load, b) for b in islice(batches, workers + 1))
+    try:
+        while pending:
+            ready = pending.popleft().result()
+            pending.extend(pool.submit(load, b) for b in islice(batches, 1))  # keep the workers busy
+            yield ready
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _generate(
+    backend: Backend,
+    items: list[_Item],
+    inputs: Any,
+    mode: str,
+    prompt: str | None,
+    generation: GenerationSettings,
+    summary: RunSummary,
+    root: Path,
+    bar: Any,
+):
+    """Caption a prepared batch; if the batch fails (out of memory, a bad image), retry one by one."""
+    if not items:
+        return
+    try:
+        captions = backend.generate(inputs, generation)
+    except (KeyboardInterrupt, BackendError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - isolate the image that breaks the model, keep the run going
+        if len(items) == 1:
+            _fail(summary, root, items[0].path, "caption", f"{type(exc).__name__}: {exc}", bar)
+            return
+    else:
+        yield from zip(items, captions, strict=True)
+        return
+    for item in items:
+        try:
+            image = load_image(item.path, min_side=backend.image_side or None)
+            caption = backend.generate(backend.prepare([image], mode, prompt), generation)[0]
+        except (KeyboardInterrupt, BackendError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            _fail(summary, root, item.path, "caption", f"{type(exc).__name__}: {exc}", bar)
+        else:
+            yield item, caption
+
+
+def _fail(summary: RunSummary, root: Path, path: Path, stage: str, reason: str, bar: Any = None) -> None:
+    summary.failed += 1
+    rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    summary.errors.append(FileError(rel, stage, reason))
+    message = f"loracap: {stage} error: {path}: {reason}"
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr)
+
+
+def _write_errors(path: Path, errors: list[FileError]) -> str | None:
+    """This run's per-file errors as JSON lines; a stale list from an earlier run is removed."""
+    if not errors:
+        path.unlink(missing_ok=True)
+        return None
+    atomic_write_text(path, "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in errors))
+    return str(path)

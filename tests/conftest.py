@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random-weight models of the real architectures, built once per session.
+
+Tests never reach a model hub: the hub is off (HF_HUB_OFFLINE=1) and every cache points into a
+temporary folder, so a test that passes here passes on a machine with no network.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+_SANDBOX = Path(tempfile.mkdtemp(prefix="loracap-tests-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = str(_SANDBOX / "hf-cache")
+os.environ["LORACAP_CACHE"] = str(_SANDBOX / "loracap-cache")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Random tiny models often stop at once; a few forced tokens make every caption non-empty.
+GEN_ARGS = ["--min-new-tokens", "2", "--max-new-tokens", "6", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model("florence2") -> folder of a saved tiny model, built on first use."""
+    from loracap.testing import make_tiny_model
+
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = make_tiny_model(arch, tmp_path_factory.mktemp(arch.replace("-", "_")))
+        return built[arch]
+
+    return get
+
+
+def write_images(folder: Path, names: list[str], size: tuple[int, int] = (48, 40)) -> list[Path]:
+    """Small real images; the extension picks the format."""
+    paths = []
+    for i, name in enumerate(names):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, ((40 * i) % 256, 120, 200)).save(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,227 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loracap.postprocess import PostProcess, merge_captions, parse_replace_tags, postprocess, split_tags
+
+P = PostProcess
+
+PROSE_CASES = [
+    # boilerplate openers
+    ("The image shows a woman standing in a field.", P(), "A woman standing in a field."),
+    ("the image depicts a red car", P(), "A red car"),
+    ("This image is a close-up photograph of a cat", P(), "A close-up photograph of a cat"),
+    ("This is a photo of a cat", P(), "A photo of a cat"),
+    ("This is an image of a cat", P(), "A cat"),
+    ("This image is an image of a cat", P(), "A cat"),
+    ("In this image, a woman is standing.", P(), "A woman is standing."),
+    ("In the image we can see a dog.", P(), "A dog."),
+    ("The picture shows a bridge at night", P(), "A bridge at night"),
+    ("An image of a cat", P(), "A cat"),
+    # kept on purpose
+    ("A picture of a cat hanging on a wall", P(), "A picture of a cat hanging on a wall"),
+    ("The image is blurry", P(), "The image is blurry"),
+    ("The photo shows a cat", P(), "The photo shows a cat"),
+    ("The image shows", P(), "The image shows"),
+    ("The image shows.", P(), "The image shows."),
+    ("The image shows a woman.", P(strip_boilerplate=False), "The image shows a woman."),
+    ("a woman in a field", P(), "a woman in a field"),
+    # Florence-2 residue and whitespace
+    ("<s>a cat sitting on a couch</s><pad><pad>", P(), "a cat sitting on a couch"),
+    ("<MORE_DETAILED_CAPTION>A cat <loc_12><loc_400> sits .", P(), "A cat sits."),
+    ("  a  cat ,\n sitting ;  happily :  yes  ", P(), "a cat, sitting; happily: yes"),
+    ("", P(), ""),
+    # trigger
+    ("a woman standing", P(trigger="ohwx woman"), "ohwx woman, a woman standing"),
+    ("ohwx woman, a woman standing", P(trigger="ohwx woman"), "ohwx woman, a woman standing"),
+    ("a woman standing, ohwx woman", P(trigger="ohwx woman"), "ohwx woman, a woman standing"),
+    ("a woman, OHWX WOMAN, in a field", P(trigger="ohwx woman"), "ohwx woman, a woman, in a field"),
+    ("ohwx woman standing in a field", P(trigger="ohwx woman"), "ohwx woman standing in a field"),
+    ("Ohwx woman standing, ohwx woman", P(trigger="ohwx woman"), "ohwx woman standing"),
+    ("The image shows ohwx woman smiling.", P(trigger="ohwx woman"), "ohwx woman smiling."),
+    ("ohwx womanly figure", P(trigger="ohwx woman"), "ohwx woman, ohwx womanly figure"),
+    # inside a sentence the trigger is grammar: kept, and the trigger still goes first
+    ("a photo of ohwx woman smiling", P(trigger="ohwx woman"), "ohwx woman, a photo of ohwx woman smiling"),
+    ("", P(trigger="ohwx woman"), "ohwx woman"),
+    ("a cat", P(trigger="  ohwx   woman "), "ohwx woman, a cat"),
+    ("a cat", P(trigger=""), "a cat"),
+    # prefix and suffix, verbatim, never doubled
+    ("a cat", P(trigger="ohwx", prefix="photo of ", suffix=", 4k"), "ohwx, photo of a cat, 4k"),
+    ("Photo of a cat, 4k", P(trigger="ohwx", prefix="photo of ", suffix=", 4k"), "ohwx, photo of a cat, 4k"),
+    ("photo offset print", P(prefix="photo of "), "photo of photo offset print"),
+    (
+        "ohwx woman standing",
+        P(trigger="ohwx woman", prefix="photo, "),
+        "ohwx woman, photo, ohwx woman standing",
+    ),
+    ("The image shows a cat", P(prefix="style: "), "style: A cat"),
+]
+
+
+@pytest.mark.parametrize(("raw", "options", "expected"), PROSE_CASES)
+def test_prose(raw, options, expected):
+    assert postprocess(raw, options, tags=False) == expected
+    assert postprocess(expected, options, tags=False) == expected
+
+
+TAG_CASES = [
+    ("1girl, solo,  long hair ,\nsmile,, ", P(), "1girl, solo, long hair, smile"),
+    ("1girl, Solo, solo, SOLO", P(), "1girl, Solo"),
+    ("long_hair, long hair, ^_^, >_<", P(underscores_to_spaces=True), "long hair, ^_^, >_<"),
+    ("long_hair, blue_eyes", P(), "long_hair, blue_eyes"),
+    ("1girl, solo, watermark", P(remove_tags=("Watermark", "SOLO")), "1girl"),
+    ("long_hair, smile", P(remove_tags=("long hair",)), "smile"),
+    ("1girl, smile, text", P(replace_tags={"1GIRL": "woman", "text": ""}), "woman, smile"),
+    ("1girl, woman", P(replace_tags={"1girl": "woman"}), "woman"),
+    ("a, b", P(replace_tags={"a": "b", "b": "c"}), "c"),
+    ("a, b", P(replace_tags={"a": "long_hair"}, underscores_to_spaces=True), "long hair, b"),
+    ("watermark, cat", P(replace_tags={"logo": "watermark"}, remove_tags=("watermark",)), "cat"),
+    ("a, b, c, d", P(max_tags=2), "a, b"),
+    ("ohwx, a, b, c", P(trigger="ohwx", max_tags=2), "ohwx, a, b"),
+    ("a, b", P(max_tags=0, trigger="ohwx"), "ohwx"),
+    ("1girl, OHWX, solo", P(trigger="ohwx"), "ohwx, 1girl, solo"),
+    (
+        "1girl, solo",
+        P(trigger="ohwx", prefix="masterpiece, ", suffix=", best quality"),
+        "ohwx, masterpiece, 1girl, solo, best quality",
+    ),
+    (
+        "masterpiece, 1girl, best quality",
+        P(prefix="masterpiece, ", suffix=", best quality"),
+        "masterpiece, 1girl, best quality",
+    ),
+    ("", P(trigger="ohwx", prefix="masterpiece, "), "ohwx, masterpiece"),
+    ("<s>1girl, solo</s>", P(), "1girl, solo"),
+    # no space-before-colon rule inside tags: kaomoji survive
+    ("smile, :d, ;)", P(), "smile, :d, ;)"),
+    # boilerplate stripping is for prose only
+    ("The image shows a cat", P(), "The image shows a cat"),
+]
+
+
+@pytest.mark.parametrize(("raw", "options", "expected"), TAG_CASES)
+def test_tags(raw, options, expected):
+    assert postprocess(raw, options, tags=True) == expected
+    assert postprocess(expected, options, tags=True) == expected
+
+
+def test_split_tags():
+    assert split_tags(" a ,b\nc,,  d  e ,\n") == ["a", "b", "c", "d e"]
+    assert split_tags("") == []
+
+
+def test_parse_replace_tags():
+    assert parse_replace_tags(["a=b", "c=d, e = f", "g=", "x=1,"]) == {
+        "a": "b",
+        "c": "d",
+        "e": "f",
+        "g": "",
+        "x": "1",
+    }
+    assert parse_replace_tags(["a=b", "a=c"]) == {"a": "c"}
+    assert parse_replace_tags([]) == {}
+
+
+@pytest.mark.parametrize("spec", ["long_hair", "a=b,c", "=b", " = b"])
+def test_parse_replace_tags_errors(spec):
+    with pytest.raises(ValueError, match="expected OLD=NEW"):
+        parse_replace_tags([spec])
+
+
+def test_replace_cycle_rejected():
+    with pytest.raises(ValueError, match="cycle"):
+        PostProcess(replace_tags={"a": "b", "B": "a"})
+    PostProcess(replace_tags={"a": "A"})  # a self-map is harmless
+
+
+def test_merge_captions():
+    assert merge_captions("a, b", "B, c", "prepend", tags=True) == "a, b, c"
+    assert merge_captions("a, b", "B, c", "append", tags=True) == "B, c, a"
+    assert merge_captions("A dog.", "A cat.", "prepend", tags=False) == "A dog. A cat."
+    assert merge_captions("A dog.", "A cat.", "append", tags=False) == "A cat. A dog."
+    assert merge_captions("A dog.", "  ", "append", tags=False) == "A dog."
+    # re-running a merge does not grow the caption
+    assert merge_captions("A cat.", "a  cat.\n", "append", tags=False) == "a cat."
+    with pytest.raises(ValueError, match="merge policy"):
+        merge_captions("a", "b", "replace", tags=False)
+
+
+# --- idempotence over generated input ---------------------------------------------------------------
+
+FRAGMENTS = [
+    "The image shows",
+    "This image is",
+    "This is",
+    "an image of",
+    "In this image,",
+    "a",
+    "an",
+    "cat",
+    "woman",
+    "ohwx",
+    "ohwx woman",
+    "OHWX WOMAN",
+    "photo of",
+    "4k",
+    "masterpiece",
+    "long_hair",
+    "^_^",
+    ",",
+    ".",
+    ";",
+    ":",
+    " ",
+    "\n",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<loc_3>",
+    "<CAPTION>",
+    "1girl",
+    "solo",
+    "Solo",
+    "smile",
+    "standing",
+    "in a field",
+    "the",
+    "is",
+    "picture",
+]
+OPTIONS = [
+    P(),
+    P(strip_boilerplate=False),
+    P(trigger="ohwx woman"),
+    P(trigger="ohwx", prefix="photo of ", suffix=", 4k"),
+    P(trigger="ohwx woman", prefix="masterpiece, ", suffix=", best quality"),
+    P(prefix="a ", suffix="."),
+    P(
+        trigger="ohwx",
+        underscores_to_spaces=True,
+        remove_tags=("solo",),
+        replace_tags={"cat": "feline"},
+        max_tags=3,
+    ),
+    P(replace_tags={"a": "cat", "cat": "woman", "smile": ""}, prefix="masterpiece,"),
+]
+
+texts = st.one_of(
+    st.lists(st.sampled_from(FRAGMENTS), max_size=12).map(" ".join),
+    st.lists(st.sampled_from(FRAGMENTS), max_size=12).map("".join),
+    st.text(alphabet=st.sampled_from("abo hwx,.;:_\n<>/sA"), max_size=40),
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(text=texts, options=st.sampled_from(OPTIONS), tags=st.booleans())
+def test_idempotent(text, options, tags):
+    once = postprocess(text, options, tags=tags)
+    assert postprocess(once, options, tags=tags) == once
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(text=texts, tags=st.booleans())
+def test_trigger_first_and_once_as_an_item(text, tags):
+    out = postprocess(text, P(trigger="ohwx woman"), tags=tags)
+    assert out.startswith("ohwx woman")
+    items = [item.strip().casefold() for item in out.split(",")]
+    assert items.count("ohwx woman") <= 1
