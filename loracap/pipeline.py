@@ -26,7 +26,7 @@ from .inputs import (
     remove_stale_temp_files,
 )
 from .postprocess import PostProcess, merge_captions, postprocess
-from .writers import atomic_write_text, open_store, sidecar_collisions
+from .writers import atomic_write_text, key_collisions, open_store, sidecar_collisions
 
 EXISTING_POLICIES = ("skip", "overwrite", "prepend", "append")
 FORMATS = ("sidecar", "jsonl", "kohya-json")
@@ -156,19 +156,25 @@ def _plan(
     images: list[Path], root: Path, store: Any, format: str, ext: str, existing: str, summary: RunSummary
 ) -> list[_Item]:
     """Which images to caption: colliding names fail, captioned ones are skipped unless asked."""
+    # Sidecar names and kohya keys drop the extension, so a.jpg and a.png collide; jsonl keeps it.
+    if format == "sidecar":
+        clashes = {target.name: group for target, group in sidecar_collisions(images, ext).items()}
+    elif format == "kohya-json":
+        clashes = {f"key {key!r}": group for key, group in key_collisions(images, root).items()}
+    else:
+        clashes = {}
     shared: set[Path] = set()
-    if format != "jsonl":  # sidecars and kohya keys drop the extension, so a.jpg and a.png collide
-        for target, group in sidecar_collisions(images, ext).items():
-            names = ", ".join(p.name for p in group)
-            for path in group:
-                shared.add(path)
-                _fail(
-                    summary,
-                    root,
-                    path,
-                    "layout",
-                    f"{names} would share one caption ({target.name}); rename all but one",
-                )
+    for target, group in clashes.items():
+        names = ", ".join(p.name for p in group)
+        for path in group:
+            shared.add(path)
+            _fail(
+                summary,
+                root,
+                path,
+                "layout",
+                f"{names} would share one caption ({target}); rename all but one",
+            )
     todo = []
     for path in images:
         if path in shared:

@@ -114,6 +114,8 @@ def test_images_sharing_a_stem_are_not_given_one_caption(tmp_path, tiny_model, c
     assert sorted(captions(tmp_path)) == ["b.txt"]
     err = capsys.readouterr().err
     assert "a.jpg, a.png would share one caption (a.txt)" in err
+    assert run(tmp_path, tiny_model("florence2"), "--format", "kohya-json") == 1
+    assert "a.jpg, a.png would share one caption (key 'a')" in capsys.readouterr().err
     # jsonl keys keep the extension, so there both images get their own caption.
     assert run(tmp_path, tiny_model("florence2"), "--format", "jsonl") == 0
 

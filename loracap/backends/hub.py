@@ -99,6 +99,6 @@ def _download(spec: str, revision: str | None, cache: Path) -> Path:
     except Exception as exc:  # network failures arrive as httpx, OSError or hub errors alike
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelUnavailable(
-            f"could not download {spec} ({reason}); check the connection, or use a local folder or a "
-            f"cached copy with HF_HUB_OFFLINE=1"
+            f"could not download {spec} ({reason}): check the connection, or run `hf download {spec}` on a "
+            f"machine with internet and copy {cache} here (then HF_HUB_OFFLINE=1 skips the network)"
         ) from None

@@ -9,8 +9,6 @@ from loracap.inputs.decode import (
 )
 from loracap.inputs.discover import (
     IMAGE_EXTENSIONS,
-    TEMP_PREFIX,
-    TEMP_SUFFIX,
     find_images,
     remove_stale_temp_files,
     supported_extensions,
@@ -19,8 +17,6 @@ from loracap.inputs.discover import (
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
-    "TEMP_PREFIX",
-    "TEMP_SUFFIX",
     "find_images",
     "load_image",
     "read_size",

@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from loracap.writers.atomic import TEMP_PREFIX, TEMP_SUFFIX  # the writers' temp-file names
+
 log = logging.getLogger(__name__)
 
 # Extensions Pillow always decodes. HEIC/HEIF/AVIF depend on optional decoders: see supported_extensions().
@@ -23,11 +25,6 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 
 HEIF_EXTENSIONS: frozenset[str] = frozenset({".heic", ".heif"})
 AVIF_EXTENSIONS: frozenset[str] = frozenset({".avif"})
-
-# Writers create ".loracap-<random>.tmp" next to their target and os.replace() it into place; a killed
-# run leaves these behind. Shared here so the writer and the clean-up agree on the pattern.
-TEMP_PREFIX = ".loracap-"
-TEMP_SUFFIX = ".tmp"
 
 # Folders that are never part of a dataset even though their names are not hidden.
 _SKIPPED_DIRS = frozenset({"__MACOSX"})
