@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cap.add_argument("dir", help="folder of images (searched recursively)")
     cap.add_argument(
-        "--model", default=DEFAULT_MODEL, help="hub id, local folder, or cached id (see `loracap models`)"
+        "--model",
+        help="hub id, local folder, or cached id (see `loracap models`); default: chosen by free GPU memory",
     )
     cap.add_argument("--mode", default="caption", choices=MODES, help="what kind of caption to write")
     cap.add_argument(
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=2, help="threads decoding images ahead of the model")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     run.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    run.add_argument("--quant", choices=("4bit", "8bit"), help="load through bitsandbytes (CUDA only)")
     run.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default per mode)")
     run.add_argument("--min-new-tokens", type=int, help="shortest caption in tokens")
     run.add_argument(
@@ -130,6 +132,7 @@ def _caption(args: argparse.Namespace) -> int:
             workers=args.workers,
             device=args.device,
             dtype=args.dtype,
+            quant=args.quant,
             errors_file=args.errors_file,
             progress=not args.quiet,
         )
@@ -149,15 +152,16 @@ def _caption(args: argparse.Namespace) -> int:
 def _models() -> int:
     from .backends.hub import is_cached
 
-    print(f"{'model':46} {'family':22} {'fp16 GB':>7} {'fp32 GB':>7}  {'cached':6}  modes")
+    print(f"{'model':47} {'family':22} {'bf16':>5} {'8bit':>5} {'4bit':>5}  {'cached':6}  modes")
     for m in KNOWN_MODELS:
         cached = "yes" if is_cached(m.id) else "no"
         star = "*" if m.id == DEFAULT_MODEL else " "
-        print(
-            f"{star}{m.id:45} {m.family:22} {m.memory_gb(2):7.1f} {m.memory_gb(4):7.1f}  {cached:6}  "
-            f"{', '.join(m.modes)}{'  (' + m.note + ')' if m.note else ''}"
-        )
-    print("\n* default. Any local folder or hub checkpoint of these families works too: --model PATH_OR_ID.")
+        sizes = f"{m.memory_gb(2):5.1f} {m.memory_gb(1):5.1f} {m.memory_gb(0.5):5.1f}"
+        extra = f"  NOT SUPPORTED: {m.unsupported}" if m.unsupported else (f"  ({m.note})" if m.note else "")
+        print(f"{star}{m.id:46} {m.family:22} {sizes}  {cached:6}  {', '.join(m.modes)}{extra}")
+    print("\nGB: weights alone; add 1-2 GB for activations. 8bit/4bit need a CUDA GPU (--quant).")
+    print("* default on CPU and small GPUs; without --model loracap picks by free GPU memory.")
+    print("Any local folder or hub checkpoint of these families works too: --model PATH_OR_ID.")
     return 0
 
 

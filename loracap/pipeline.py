@@ -89,6 +89,7 @@ def caption_folder(
     workers: int = 2,
     device: str | None = None,
     dtype: str | None = None,
+    quant: str | None = None,
     errors_file: str | Path | None = None,
     progress: bool = True,
 ) -> RunSummary:
@@ -119,9 +120,7 @@ def caption_folder(
         todo = _plan(images, root, store, format, ext, existing, summary)
         if todo:
             if backend is None:
-                from .backends import DEFAULT_MODEL, load_backend
-
-                backend = load_backend(model or DEFAULT_MODEL, device=device, dtype=dtype)
+                backend = _load(model, device=device, dtype=dtype, quant=quant)
                 summary.model = backend.name
             check_mode(backend, mode)
             tags = mode in backend.tag_modes
@@ -146,6 +145,20 @@ def caption_folder(
         summary.seconds = time.perf_counter() - started
         summary.errors_file = _write_errors(errors_path, summary.errors)
     return summary
+
+
+def _load(model: str | None, *, device: str | None, dtype: str | None, quant: str | None) -> Backend:
+    from .backends import load_backend
+    from .backends.hardware import auto_model
+
+    if model is None:
+        choice = auto_model(device)
+        model, quant = choice.model, quant or choice.quant
+        print(
+            f"loracap: no --model given ({choice.reason}): using {model}" + (f" at {quant}" if quant else ""),
+            file=sys.stderr,
+        )
+    return load_backend(model, device=device, dtype=dtype, quant=quant)
 
 
 def _is_tag_mode(mode: str, backend: Backend | None) -> bool:

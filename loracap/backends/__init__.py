@@ -34,9 +34,13 @@ def load_backend(
     *,
     device: str | None = None,
     dtype: str | None = None,
+    quant: str | None = None,
     offline: bool | None = None,
 ) -> Backend:
-    """Load `model` (hub id, local folder or cached id) onto the best device, or as told."""
+    """Load `model` (hub id, local folder or cached id) onto the best device, or as told.
+
+    `quant` ("4bit" / "8bit") loads through bitsandbytes on CUDA and is refused elsewhere.
+    """
     import importlib
 
     from .device import choose_placement
@@ -50,4 +54,4 @@ def load_backend(
         )
     module_name, class_name = _FAMILIES[model_type]
     backend_class = getattr(importlib.import_module(f".{module_name}", __name__), class_name)
-    return backend_class(folder, model, choose_placement(device, dtype))
+    return backend_class(folder, model, choose_placement(device, dtype), quant=quant)

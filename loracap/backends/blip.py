@@ -8,21 +8,24 @@ from typing import Any
 import torch
 
 from .base import BackendError, GenerationSettings
-from .device import Placement, default_batch_size
+from .device import Placement, default_batch_size, quantization_kwargs
 
 
 class BlipBackend:
     modes = ("caption",)
     tag_modes: frozenset[str] = frozenset()
 
-    def __init__(self, folder: Path, name: str, placement: Placement):
+    def __init__(self, folder: Path, name: str, placement: Placement, *, quant: str | None = None):
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         self.name = name
         self.placement = placement
         self.processor = BlipProcessor.from_pretrained(folder)
-        self.model = BlipForConditionalGeneration.from_pretrained(folder, dtype=placement.dtype)
-        self.model.to(placement.device).eval()
+        quantized = quantization_kwargs(quant, placement)
+        self.model = BlipForConditionalGeneration.from_pretrained(folder, dtype=placement.dtype, **quantized)
+        if not quantized:
+            self.model.to(placement.device)
+        self.model.eval()
         self.default_batch_size = default_batch_size(placement, gpu_batch=64)
         size = self.processor.image_processor.size
         self.image_side = max(size.get("height", 0), size.get("width", 0))

@@ -47,3 +47,39 @@ def choose_placement(device: str | None = None, dtype: str | None = None) -> Pla
 def default_batch_size(placement: Placement, gpu_batch: int, cpu_batch: int = 4) -> int:
     """Accelerators want wide batches; on a CPU a few images at a time keeps latency and memory sane."""
     return gpu_batch if placement.device.type in ("cuda", "mps") else cpu_batch
+
+
+QUANT_MODES = ("4bit", "8bit")
+
+
+def quantization_kwargs(quant: str | None, placement: Placement) -> dict:
+    """`from_pretrained` arguments for 4-bit / 8-bit loading through bitsandbytes, which needs CUDA.
+
+    Empty when no quantization is asked for. Raises BackendError where it cannot work, rather than
+    letting bitsandbytes fail deep inside loading.
+    """
+    from .base import BackendError
+
+    if quant is None:
+        return {}
+    if quant not in QUANT_MODES:
+        raise BackendError(f"unknown quantization {quant!r}; choose {' or '.join(QUANT_MODES)}")
+    if placement.device.type != "cuda":
+        raise BackendError(
+            f"--quant {quant} loads through bitsandbytes, which needs a CUDA GPU; this run is on "
+            f"{placement.device.type}. Leave --quant out, or pick a smaller model (see `loracap models`)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise BackendError(f"--quant {quant} needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if quant == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=placement.dtype
+        )
+    # Quantized weights are placed while loading; moving the model afterwards is not allowed.
+    return {"quantization_config": config, "device_map": {"": placement.device}}

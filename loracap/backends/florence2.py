@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .base import BackendError, GenerationSettings
-from .device import Placement, default_batch_size
+from .device import Placement, default_batch_size, quantization_kwargs
 from .florence2_convert import (
     FLORENCE_ADDED_TOKENS,
     IMAGE_TOKEN,
@@ -55,15 +55,20 @@ def resolve_modes(tasks: dict[str, str]) -> dict[str, str]:
 class Florence2Backend:
     tag_modes = frozenset({"tags"})
 
-    def __init__(self, folder: Path, name: str, placement: Placement):
+    def __init__(self, folder: Path, name: str, placement: Placement, *, quant: str | None = None):
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
         folder = native_folder(folder)
         self.name = name
         self.placement = placement
         self.processor = AutoProcessor.from_pretrained(folder)
-        self.model = Florence2ForConditionalGeneration.from_pretrained(folder, dtype=placement.dtype)
-        self.model.to(placement.device).eval()
+        quantized = quantization_kwargs(quant, placement)
+        self.model = Florence2ForConditionalGeneration.from_pretrained(
+            folder, dtype=placement.dtype, **quantized
+        )
+        if not quantized:
+            self.model.to(placement.device)
+        self.model.eval()
         # The stock tasks the native processor knows, then what this checkpoint itself declares.
         self.tasks = dict(self.processor.task_prompts_without_inputs)
         declared = folder / TASKS_FILE

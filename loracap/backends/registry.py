@@ -7,7 +7,10 @@ from dataclasses import dataclass
 DEFAULT_MODEL = "MiaoshouAI/Florence-2-large-PromptGen-v1.5"
 
 _PROMPTGEN_MODES = ("tags", "caption", "detailed", "more_detailed", "mixed")
+_PROMPTGEN2_MODES = (*_PROMPTGEN_MODES, "mixed_plus", "analyze")
 _FLORENCE_MODES = ("caption", "detailed", "more_detailed")
+ANY_STYLE = ("any style",)  # instruction-following chat models caption in every prompt style
+_REMOTE_CODE = "needs trust_remote_code, and loracap runs no model's remote code; use SmolVLM or Qwen2.5-VL"
 
 
 @dataclass(frozen=True)
@@ -16,38 +19,52 @@ class KnownModel:
     family: str
     modes: tuple[str, ...]
     params_m: int
-    """Parameters in millions; memory is about 2 bytes each in fp16/bf16, 4 in fp32, plus activations."""
+    """Parameters in millions; weights take about 2 bytes each in fp16/bf16, 1 at 8-bit, 0.5 at 4-bit."""
     note: str = ""
+    unsupported: str = ""
+    """Why loracap cannot run it, when it cannot."""
 
-    def memory_gb(self, bytes_per_param: int) -> float:
+    def memory_gb(self, bytes_per_param: float) -> float:
         return self.params_m * 1e6 * bytes_per_param / 2**30
 
 
 KNOWN_MODELS: tuple[KnownModel, ...] = (
     KnownModel(DEFAULT_MODEL, "florence2", _PROMPTGEN_MODES, 770, "default: tags and captions for SD/Flux"),
+    KnownModel("MiaoshouAI/Florence-2-large-PromptGen-v2.0", "florence2", _PROMPTGEN2_MODES, 770),
     KnownModel(
-        "MiaoshouAI/Florence-2-large-PromptGen-v2.0",
-        "florence2",
-        (*_PROMPTGEN_MODES, "mixed_plus", "analyze"),
-        770,
+        "MiaoshouAI/Florence-2-base-PromptGen-v1.5", "florence2", _PROMPTGEN_MODES, 230, "small, fast"
     ),
-    KnownModel(
-        "MiaoshouAI/Florence-2-base-PromptGen-v1.5", "florence2", _PROMPTGEN_MODES, 230, "small and fast"
-    ),
-    KnownModel(
-        "MiaoshouAI/Florence-2-base-PromptGen-v2.0",
-        "florence2",
-        (*_PROMPTGEN_MODES, "mixed_plus", "analyze"),
-        230,
-    ),
+    KnownModel("MiaoshouAI/Florence-2-base-PromptGen-v2.0", "florence2", _PROMPTGEN2_MODES, 230),
     KnownModel("microsoft/Florence-2-large", "florence2", _FLORENCE_MODES, 770),
     KnownModel("microsoft/Florence-2-base", "florence2", _FLORENCE_MODES, 230),
     KnownModel("microsoft/Florence-2-large-ft", "florence2", _FLORENCE_MODES, 770),
     KnownModel("florence-community/Florence-2-large", "florence2", _FLORENCE_MODES, 770, "native layout"),
     KnownModel("florence-community/Florence-2-base", "florence2", _FLORENCE_MODES, 230, "native layout"),
+    KnownModel(
+        "fancyfeast/llama-joycaption-beta-one-hf-llava",
+        "llava",
+        ANY_STYLE,
+        8480,
+        "JoyCaption: the LoRA captioner of choice on 12 GB+",
+    ),
+    KnownModel("Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl", ANY_STYLE, 3750),
+    KnownModel("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", ANY_STYLE, 8290),
+    KnownModel("Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl", ANY_STYLE, 2210),
+    KnownModel("Qwen/Qwen2-VL-7B-Instruct", "qwen2_vl", ANY_STYLE, 8290),
+    KnownModel("Qwen/Qwen3-VL-4B-Instruct", "qwen3_vl", ANY_STYLE, 4440),
+    KnownModel("Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl", ANY_STYLE, 8770),
+    KnownModel("HuggingFaceTB/SmolVLM-Instruct", "idefics3", ANY_STYLE, 2250, "4-8 GB cards"),
+    KnownModel("HuggingFaceTB/SmolVLM2-2.2B-Instruct", "smolvlm", ANY_STYLE, 2250),
+    KnownModel("HuggingFaceTB/SmolVLM-500M-Instruct", "idefics3", ANY_STYLE, 510),
+    KnownModel("google/paligemma-3b-mix-224", "paligemma", ("caption",), 2920, "gated: accept the licence"),
+    KnownModel("google/paligemma2-3b-mix-224", "paligemma", ("caption",), 3030, "gated: accept the licence"),
+    KnownModel("llava-hf/llava-1.5-7b-hf", "llava", ANY_STYLE, 7060),
+    KnownModel("llava-hf/llava-v1.6-mistral-7b-hf", "llava_next", ANY_STYLE, 7570),
     KnownModel("Salesforce/blip-image-captioning-large", "blip", ("caption",), 470, "--prompt 'a photo of'"),
     KnownModel("Salesforce/blip-image-captioning-base", "blip", ("caption",), 250),
     KnownModel(
         "nlpconnect/vit-gpt2-image-captioning", "vision-encoder-decoder", ("caption",), 240, "short captions"
     ),
+    KnownModel("vikhyatk/moondream2", "moondream", ANY_STYLE, 1930, unsupported=_REMOTE_CODE),
+    KnownModel("openbmb/MiniCPM-V-2_6", "minicpmv", ANY_STYLE, 8100, unsupported=_REMOTE_CODE),
 )

@@ -8,22 +8,25 @@ from typing import Any
 import torch
 
 from .base import BackendError, GenerationSettings
-from .device import Placement, default_batch_size
+from .device import Placement, default_batch_size, quantization_kwargs
 
 
 class VisionEncoderDecoderBackend:
     modes = ("caption",)
     tag_modes: frozenset[str] = frozenset()
 
-    def __init__(self, folder: Path, name: str, placement: Placement):
+    def __init__(self, folder: Path, name: str, placement: Placement, *, quant: str | None = None):
         from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 
         self.name = name
         self.placement = placement
         self.image_processor = AutoImageProcessor.from_pretrained(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = VisionEncoderDecoderModel.from_pretrained(folder, dtype=placement.dtype)
-        self.model.to(placement.device).eval()
+        quantized = quantization_kwargs(quant, placement)
+        self.model = VisionEncoderDecoderModel.from_pretrained(folder, dtype=placement.dtype, **quantized)
+        if not quantized:
+            self.model.to(placement.device)
+        self.model.eval()
         self.default_batch_size = default_batch_size(placement, gpu_batch=128)
         size = self.image_processor.size
         self.image_side = max(size.get("height", 0), size.get("width", 0), size.get("shortest_edge", 0))
