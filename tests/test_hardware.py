@@ -46,6 +46,11 @@ def test_fallback_when_the_primary_is_not_downloaded(free_gb, fallback):
     assert choose_default_model(free_gb, available=lambda model: False).model != fallback
 
 
+def test_a_model_without_a_backend_is_never_chosen():
+    choice = choose_default_model(40.0, runnable=lambda model: model != JOYCAPTION)
+    assert choice.model == DEFAULT_MODEL and "backend" in choice.reason
+
+
 def test_every_default_is_a_known_supported_model():
     known = {m.id: m for m in KNOWN_MODELS}
     for model in (DEFAULT_MODEL, FLORENCE_BASE, SMOLVLM, JOYCAPTION):

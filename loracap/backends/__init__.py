@@ -29,6 +29,12 @@ _FAMILIES = {
 }
 
 
+def supports(model_id: str) -> bool:
+    """Whether a model in the registry has a backend here (its family maps to one)."""
+    family = next((m.family for m in KNOWN_MODELS if m.id == model_id), None)
+    return family in _FAMILIES
+
+
 def load_backend(
     model: str = DEFAULT_MODEL,
     *,

@@ -47,6 +47,7 @@ def choose_default_model(
     *,
     available: Callable[[str], bool] = lambda model: True,
     can_quantize: bool = False,
+    runnable: Callable[[str], bool] = lambda model: True,
 ) -> Choice:
     """The model for this much free accelerator memory (None: CPU only), per the table:
 
@@ -58,7 +59,8 @@ def choose_default_model(
     | 20 GB +          | JoyCaption bf16                           | Florence-2-large-PG  |
 
     JoyCaption rows need bitsandbytes below 20 GB; without it those rows fall to the 4-8 GB row. The
-    fallback is taken when the primary is not available (offline and not downloaded) but it is.
+    fallback is taken when the primary is not available (offline and not downloaded) but it is, or
+    when this install has no backend for the primary's family.
     """
     where = "CPU only" if free_gb is None else f"{free_gb:.1f} GB free"
     if free_gb is None or free_gb < 4:
@@ -69,6 +71,8 @@ def choose_default_model(
         primary, fallback = (JOYCAPTION, "8bit" if free_gb >= 12 else "4bit"), (DEFAULT_MODEL, None)
     else:
         primary, fallback = (DEFAULT_MODEL, None), (SMOLVLM, None)
+    if not runnable(primary[0]):
+        return Choice(*fallback, f"{where}; {primary[0]} needs a backend this install lacks")
     if available(primary[0]) or not available(fallback[0]):
         return Choice(*primary, where)
     return Choice(*fallback, f"{where}; {primary[0]} is not downloaded")
@@ -76,6 +80,7 @@ def choose_default_model(
 
 def auto_model(device: str | None = None) -> Choice:
     """`choose_default_model` for this machine: its free memory, its cache, its network setting."""
+    from . import supports
     from .hub import is_cached, offline_mode
 
     kind, free_gb = free_accelerator_gb(device)
@@ -84,4 +89,5 @@ def auto_model(device: str | None = None) -> Choice:
         free_gb,
         available=lambda model: is_cached(model) or not offline,
         can_quantize=kind == "cuda" and importlib.util.find_spec("bitsandbytes") is not None,
+        runnable=supports,
     )
