@@ -21,18 +21,34 @@ __all__ = [
     "resolve_model",
 ]
 
-# config.json model_type -> backend. Chat VLMs come in a later issue.
+# config.json model_type -> backend. Chat VLMs not named here still load through the generic chat
+# backend when transformers maps their type to AutoModelForImageTextToText (LLaVA-NeXT, Qwen3-VL, ...).
+_CHAT = ("chat_vlm", "ChatVLMBackend")
 _FAMILIES = {
     "florence2": ("florence2", "Florence2Backend"),
     "blip": ("blip", "BlipBackend"),
     "vision-encoder-decoder": ("vit_gpt2", "VisionEncoderDecoderBackend"),
+    "llava": _CHAT,
+    "qwen2_vl": _CHAT,
+    "qwen2_5_vl": _CHAT,
+    "idefics3": _CHAT,
+    "smolvlm": _CHAT,
+    "paligemma": _CHAT,
 }
+
+
+def _backend_for(model_type: str | None) -> tuple[str, str] | None:
+    if model_type in _FAMILIES:
+        return _FAMILIES[model_type]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return _CHAT if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES else None
 
 
 def supports(model_id: str) -> bool:
     """Whether a model in the registry has a backend here (its family maps to one)."""
-    family = next((m.family for m in KNOWN_MODELS if m.id == model_id), None)
-    return family in _FAMILIES
+    known = next((m for m in KNOWN_MODELS if m.id == model_id), None)
+    return known is not None and not known.unsupported and _backend_for(known.family) is not None
 
 
 def load_backend(
@@ -53,11 +69,12 @@ def load_backend(
 
     folder = resolve_model(model, offline=offline)
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    if model_type not in _FAMILIES:
+    family = _backend_for(model_type)
+    if family is None:
         raise BackendError(
             f"{model} is a {model_type!r} model, which loracap cannot caption with yet "
             f"(supported: {', '.join(_FAMILIES)}; see `loracap models`)"
         )
-    module_name, class_name = _FAMILIES[model_type]
+    module_name, class_name = family
     backend_class = getattr(importlib.import_module(f".{module_name}", __name__), class_name)
     return backend_class(folder, model, choose_placement(device, dtype), quant=quant)

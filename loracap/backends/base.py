@@ -53,16 +53,22 @@ class Backend(Protocol):
     default_batch_size: int
     image_side: int
     """The side the processor resizes to; images are decoded no larger than needed for it."""
+    instructions: bool
+    """True for chat models that caption from a free-text instruction (any style)."""
 
-    def prepare(self, images: list[Image.Image], mode: str, prompt: str | None = None) -> Any:
-        """CPU-side preprocessing of one batch. Thread-safe."""
+    def prepare(self, images: list[Image.Image], mode: str, prompt: str | list[str] | None = None) -> Any:
+        """CPU-side preprocessing of one batch. Thread-safe. Instruction-following backends
+        (`instructions = True`) take one prompt for the batch or one per image."""
 
     def generate(self, inputs: Any, settings: GenerationSettings) -> list[str]:
         """Run the model on prepared inputs; one raw caption per image."""
 
 
+ANY_MODE = "*"  # in `Backend.modes`: an instruction-following model, any caption style
+
+
 def check_mode(backend: Backend, mode: str) -> None:
-    if mode not in backend.modes:
+    if ANY_MODE not in backend.modes and mode not in backend.modes:
         raise BackendError(
             f"{backend.name} cannot caption in mode {mode!r}; it can do: {', '.join(backend.modes)}"
         )

@@ -54,6 +54,7 @@ def resolve_modes(tasks: dict[str, str]) -> dict[str, str]:
 
 class Florence2Backend:
     tag_modes = frozenset({"tags"})
+    instructions = False  # task tokens / a text prefix, not free-text instructions
 
     def __init__(self, folder: Path, name: str, placement: Placement, *, quant: str | None = None):
         from transformers import AutoProcessor, Florence2ForConditionalGeneration

@@ -14,6 +14,7 @@ from .device import Placement, default_batch_size, quantization_kwargs
 class VisionEncoderDecoderBackend:
     modes = ("caption",)
     tag_modes: frozenset[str] = frozenset()
+    instructions = False  # task tokens / a text prefix, not free-text instructions
 
     def __init__(self, folder: Path, name: str, placement: Placement, *, quant: str | None = None):
         from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loracap.testing.chat_models import CHAT_ARCHS, build_chat_model
 from loracap.testing.tokenizer import (
     FLORENCE2_ADDED_TOKENS,
     build_bart_tokenizer,
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-ARCHS: tuple[str, ...] = ("florence2", "florence2-original", "blip", "vit-gpt2")
+ARCHS: tuple[str, ...] = ("florence2", "florence2-original", "blip", "vit-gpt2", *CHAT_ARCHS)
 SIZES: tuple[str, ...] = ("tiny", "full")
 WEIGHTS_FORMATS: tuple[str, ...] = ("safetensors", "bin")
 
@@ -159,6 +160,10 @@ def make_tiny_model(
         _mark_bart_tokenizer(out)
     elif arch == "florence2-original":
         _build_florence2_original(out, size=size, seed=seed, weights_format=weights_format)
+    elif arch in CHAT_ARCHS:
+        if size != "tiny":
+            raise ValueError(f"only size='tiny' is offered for {arch!r}")
+        build_chat_model(arch, out, seed=seed)
     elif arch == "blip":
         model, processor = _build_blip(size, seed)
         _save_hf(model, processor, out)

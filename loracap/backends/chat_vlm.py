@@ -1,0 +1,216 @@
+"""Chat vision-language models (JoyCaption / LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3 / SmolVLM, PaliGemma).
+
+One backend for every model that transformers loads through `AutoModelForImageTextToText`: the image goes
+inside the user message of the model's own chat template, the instruction (a caption style turned into
+words by the caller) is the message text, and only the newly generated tokens are decoded.
+
+Batches are left-padded: a decoder-only model continues from the last position of every row, so the prompt
+must end there, not be followed by padding.
+
+Qwen2-VL / 2.5-VL see each image at its own resolution (a varying number of image tokens per image). A batch
+of differently sized images is not resized to one size: the processor concatenates every image's patches
+and expands each image's placeholder to its own token count, and left padding evens out the text lengths.
+The resolution is capped (`QWEN_MAX_PIXELS`) so a 4K photo does not become 16k image tokens.
+
+PaliGemma has no chat template and follows task prompts ("caption en"), not instructions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import BackendError, GenerationSettings
+from .device import Placement, default_batch_size, quantization_kwargs
+
+DEFAULT_MAX_NEW_TOKENS = 256
+PALIGEMMA_PROMPT = "caption en"
+# ~1 megapixel: plenty for a caption, and ~1300 image tokens at most per image (28 px per merged token).
+QWEN_MAX_PIXELS = 1280 * 28 * 28
+# Processors whose hub class cannot be built without torchvision (they hold a video processor), by
+# config.json model_type; the video slot is left empty, which is all captioning needs.
+_LOC_SEG = re.compile(r"<(loc\d{4}|seg\d{3})>")
+_VIDEO_SLOT_PROCESSORS = {
+    "qwen2_vl": "Qwen2VLProcessor",
+    "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "smolvlm": "SmolVLMProcessor",
+    "idefics3": "Idefics3Processor",
+}
+
+
+class ChatVLMBackend:
+    tag_modes: frozenset[str] = frozenset()
+
+    def __init__(self, folder: Path, name: str, placement: Placement, *, quant: str | None = None):
+        from transformers import AutoModelForImageTextToText
+
+        self.name = name
+        self.placement = placement
+        self.model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+        self.paligemma = self.model_type == "paligemma"
+        # A chat model follows free-text instructions, so any caption style works; PaliGemma knows tasks.
+        self.instructions = not self.paligemma
+        self.modes: tuple[str, ...] = ("caption",) if self.paligemma else ("*",)
+        quantized = quantization_kwargs(quant, placement)
+        self.processor = load_processor(Path(folder), self.model_type)
+        self.tokenizer = self.processor.tokenizer
+        # Left padding: every row's prompt must end at the last position, where generation continues.
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=placement.dtype, **quantized)
+        if not quantized:
+            self.model.to(placement.device)
+        self.model.eval()
+        self.default_batch_size = default_batch_size(placement, gpu_batch=16)
+        image_processor = self.processor.image_processor
+        if hasattr(image_processor, "merge_size"):  # Qwen: native resolution, capped (see module doc)
+            size = dict(image_processor.size)
+            size["longest_edge"] = min(size.get("longest_edge", QWEN_MAX_PIXELS), QWEN_MAX_PIXELS)
+            image_processor.size = size
+        self.image_side = _image_side(image_processor)
+        # PaliGemma's <locXXXX> / <segXXX> tokens (boxes, masks) are not caption words; a user's own
+        # task prompt ("detect cat") keeps them.
+        self.non_caption_ids = [
+            i for t, i in self.tokenizer.get_vocab().items() if self.paligemma and _LOC_SEG.fullmatch(t)
+        ]
+
+    def prompt_text(self, prompt: str) -> str:
+        """The full text for one image: the chat template around the instruction, or PaliGemma's task."""
+        if self.paligemma:
+            return "<image>" + prompt
+        conversation = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+        ]
+        # Rendered through the tokenizer with the processor's template, not `processor.apply_chat_template`:
+        # SmolVLM's override of the latter reads its video processor, which is absent without torchvision.
+        template = self.processor.chat_template or self.tokenizer.chat_template
+        return self.tokenizer.apply_chat_template(
+            conversation, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+
+    def prepare(self, images: list, mode: str, prompt: str | list[str] | None = None) -> dict[str, Any]:
+        """`prompt`: one instruction for the batch, or one per image (styles with {tags} or {folder})."""
+        caption_only = prompt is None
+        if self.paligemma:
+            if mode != "caption":
+                raise BackendError(f"{self.name} cannot caption in mode {mode!r}; it can do: caption")
+            prompt = prompt or PALIGEMMA_PROMPT
+        elif prompt is None:
+            raise BackendError(f"{self.name} follows instructions: it needs a prompt saying what to write")
+        prompts = prompt if isinstance(prompt, list) else [prompt] * len(images)
+        texts = [self.prompt_text(p) for p in prompts]
+        # Templates that write the BOS themselves must not get a second one from the tokenizer.
+        bos = self.tokenizer.bos_token
+        add_special_tokens = not (bos and texts[0].startswith(bos))
+        # Idefics3 / SmolVLM take one list of images per sample.
+        batch_images = [[image] for image in images] if self.model_type in ("idefics3", "smolvlm") else images
+        batch = self.processor(
+            text=texts,
+            images=batch_images,
+            padding=True,
+            add_special_tokens=add_special_tokens,
+            return_tensors="pt",
+        )
+        # PaliGemma's processor also returns training `labels`; generation needs only the model inputs.
+        tensors = {
+            k: v.to(self.placement.dtype) if v.is_floating_point() else v
+            for k, v in batch.items()
+            if isinstance(v, torch.Tensor) and k != "labels"
+        }
+        if self.placement.device.type == "cuda":  # page-locked memory lets the copy overlap compute
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        return {"tensors": tensors, "caption_only": caption_only}
+
+    @torch.inference_mode()
+    def generate(self, inputs: dict[str, Any], settings: GenerationSettings) -> list[str]:
+        device = self.placement.device
+        batch = {k: v.to(device, non_blocking=True) for k, v in inputs["tensors"].items()}
+        kwargs = settings.generate_kwargs(DEFAULT_MAX_NEW_TOKENS)
+        kwargs["pad_token_id"] = self.tokenizer.pad_token_id
+        if inputs["caption_only"] and self.non_caption_ids:
+            kwargs["suppress_tokens"] = self.non_caption_ids
+        out = self.model.generate(**batch, **kwargs)
+        # generate returns prompt + continuation; with left padding every prompt ends at the same column.
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def load_processor(folder: Path, model_type: str | None) -> Any:
+    """`AutoProcessor`, or the processor class built from its image processor, tokenizer and template.
+
+    Without torchvision `AutoProcessor` fails for processors that hold a video processor (Qwen2-VL,
+    Qwen2.5-VL, SmolVLM); the parts it needs for images load fine on their own.
+    """
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(folder)
+    except (ImportError, AttributeError, ValueError) as err:
+        if model_type not in _VIDEO_SLOT_PROCESSORS:
+            raise BackendError(f"cannot load the processor of {folder}: {err}") from err
+    return processor_from_parts(folder, model_type)
+
+
+def processor_from_parts(folder: Path, model_type: str) -> Any:
+    """The model's processor class from `AutoImageProcessor` (PIL variant), `AutoTokenizer` and template."""
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    processor_class = getattr(transformers, _VIDEO_SLOT_PROCESSORS[model_type])
+    image_processor = AutoImageProcessor.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    kwargs: dict[str, Any] = {"chat_template": _read_chat_template(folder) or tokenizer.chat_template}
+    if "video_processor" in processor_class.get_attributes():
+        # The stock argument check looks the video processor's class up in a mapping that does not
+        # exist without torchvision; an empty video slot is fine for images.
+        processor_class = _without_video(processor_class)
+        kwargs["video_processor"] = None
+    if model_type in ("idefics3", "smolvlm"):
+        # image_seq_len lives in processor_config.json, which AutoProcessor would have read.
+        saved = _read_json(folder / "processor_config.json")
+        if "image_seq_len" in saved:
+            kwargs["image_seq_len"] = saved["image_seq_len"]
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+
+def _without_video(processor_class: type) -> type:
+    def check_argument_for_proper_class(self: Any, argument_name: str, argument: Any) -> Any:
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return processor_class.check_argument_for_proper_class(self, argument_name, argument)
+
+    return type(
+        processor_class.__name__,
+        (processor_class,),
+        {
+            "check_argument_for_proper_class": check_argument_for_proper_class,
+        },
+    )
+
+
+def _read_chat_template(folder: Path) -> str | None:
+    """The chat template as hub checkpoints ship it: chat_template.jinja, or chat_template.json."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    return _read_json(folder / "chat_template.json").get("chat_template")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _image_side(image_processor: Any) -> int:
+    """The longest side the model sees, so the pipeline decodes images no larger than that."""
+    size = dict(image_processor.size or {})
+    if "height" in size:
+        return max(size["height"], size.get("width", 0))
+    if hasattr(image_processor, "merge_size"):  # Qwen: the size bounds are areas in pixels
+        return math.isqrt(size["longest_edge"])
+    return size.get("longest_edge", size.get("shortest_edge", 0))
