@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
-from .backends import DEFAULT_MODEL, Backend, GenerationSettings, caption_images, load_backend
+from .backends import DEFAULT_MODEL, Backend, GenerationSettings, load_backend
 from .inputs import to_rgb
 from .postprocess import PostProcess, postprocess
+from .request import StyleChoice, resolve_request
+from .styles import Style
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -16,29 +19,37 @@ if TYPE_CHECKING:
 class Captioner:
     """A loaded model plus caption settings. Load once, call many times.
 
-    >>> captioner = Captioner(mode="tags", options=PostProcess(trigger="ohwx woman"))
+    >>> captioner = Captioner(style="tags", options=PostProcess(trigger="ohwx woman"))
     >>> captioner(Image.open("photo.jpg"))
     'ohwx woman, 1girl, solo, ...'
+
+    The style options are those of `loracap caption` (see `caption_folder`); `{tags}` and `{folder}`
+    render empty here, as in-memory images have neither.
     """
 
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
-        mode: str = "caption",
+        style: str | Path | Style = "caption",
         *,
+        mode: str | None = None,
+        length: str | None = None,
+        extras: Sequence[str] = (),
+        name: str | None = None,
+        prompt: str | None = None,
         options: PostProcess | None = None,
         generation: GenerationSettings | None = None,
-        prompt: str | None = None,
         batch_size: int | None = None,
         device: str | None = None,
         dtype: str | None = None,
         backend: Backend | None = None,
     ):
         self.backend = backend or load_backend(model, device=device, dtype=dtype)
-        self.mode = mode
         self.options = options or PostProcess()
         self.generation = generation or GenerationSettings()
-        self.prompt = prompt
+        extras = [extras] if isinstance(extras, str) else extras
+        choice = StyleChoice(mode or style, length, tuple(extras), name, prompt)
+        self.request = resolve_request(choice, self.backend, trigger=self.options.trigger)
         self.batch_size = batch_size or self.backend.default_batch_size
 
     @overload
@@ -49,10 +60,12 @@ class Captioner:
     def __call__(self, images):
         single = not isinstance(images, (list, tuple))
         batch = [to_rgb(im) for im in ([images] if single else images)]
-        tags = self.mode in self.backend.tag_modes
+        request = self.request
         captions = []
         for start in range(0, len(batch), self.batch_size):
             chunk = batch[start : start + self.batch_size]
-            raw = caption_images(self.backend, chunk, self.mode, self.generation, self.prompt)
-            captions.extend(postprocess(text, self.options, tags=tags) for text in raw)
+            raw = self.backend.generate(
+                self.backend.prepare(chunk, request.mode, request.prompt_for()), self.generation
+            )
+            captions.extend(postprocess(text, self.options, tags=request.tags) for text in raw)
         return captions[0] if single else captions

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from contextlib import closing, nullcontext
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .backends.registry import DEFAULT_MODEL, KNOWN_MODELS
+from .backends.registry import ANY_STYLE, DEFAULT_MODEL, KNOWN_MODELS, REMOTE_PREFIX
 
-MODES = ("tags", "caption", "detailed", "more_detailed", "mixed", "mixed_plus", "analyze")
+if TYPE_CHECKING:
+    from .backends import GenerationSettings
 
 
 def _split_list(values: list[str] | None) -> tuple[str, ...]:
@@ -31,15 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("dir", help="folder of images (searched recursively)")
     cap.add_argument(
         "--model",
-        help="hub id, local folder, or cached id (see `loracap models`); default: chosen by free GPU memory",
-    )
-    cap.add_argument("--mode", default="caption", choices=MODES, help="what kind of caption to write")
-    cap.add_argument(
-        "--prompt",
-        help="raw model prompt: a Florence-2 task token such as '<GENERATE_TAGS>', "
-        "or a text prefix BLIP continues ('a photo of')",
+        help="hub id, local folder, or cached id (see `loracap models`), or openai:MODEL for a remote "
+        "server (--api-base); default: chosen by free GPU memory",
     )
     cap.add_argument("--no-recursive", dest="recursive", action="store_false", help="only DIR itself")
+    _add_style_arguments(cap)
+
+    remote = cap.add_argument_group("remote model (--model openai:MODEL)")
+    remote.add_argument(
+        "--api-base",
+        default=os.environ.get("OPENAI_BASE_URL"),
+        help="an OpenAI-compatible server's URL, e.g. http://gpu-box:8000/v1 (default: $OPENAI_BASE_URL)",
+    )
+    remote.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        metavar="VAR",
+        help="environment variable holding the API key (the key itself is never printed)",
+    )
+    remote.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    remote.add_argument("--timeout", type=float, default=120, help="seconds per request")
+    remote.add_argument("--max-retries", type=int, default=4, help="retries with back-off per image")
 
     out = cap.add_argument_group("output")
     out.add_argument(
@@ -74,26 +90,122 @@ def build_parser() -> argparse.ArgumentParser:
     run = cap.add_argument_group("speed and hardware")
     run.add_argument("--batch-size", type=int, help="images per model call (default: 64 on a GPU, 4 on CPU)")
     run.add_argument("--workers", type=int, default=2, help="threads decoding images ahead of the model")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    run.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    run.add_argument("--quant", choices=("4bit", "8bit"), help="load through bitsandbytes (CUDA only)")
-    run.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default per mode)")
-    run.add_argument("--min-new-tokens", type=int, help="shortest caption in tokens")
-    run.add_argument(
-        "--num-beams", type=int, default=1, help="beam search width (3 is a little better, slower)"
-    )
+    _add_model_arguments(run)
     run.add_argument("--repetition-penalty", type=float)
-    run.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     commands.add_parser("models", help="list the models loracap knows and which are downloaded")
+    commands.add_parser("styles", help="list the caption styles and --extra options")
+    _add_serve_parser(commands)
     return parser
 
 
-def _caption(args: argparse.Namespace) -> int:
-    import os
+def _add_style_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("caption style (see `loracap styles`)")
+    group.add_argument(
+        "--style",
+        "--mode",
+        dest="style",
+        default="caption",
+        metavar="STYLE",
+        help="a shipped style (booru-tags, training-caption, descriptive, sd-prompt, ...; Florence-2 "
+        "modes such as tags or more_detailed) or the path of your own .toml style",
+    )
+    group.add_argument("--length", help="short, medium, long, or a word count such as 40-words (chat models)")
+    group.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="EXTRA",
+        help="an instruction added to the prompt: a named extra (lighting, camera-angle, no-text, name, "
+        "...) or a sentence in quotes; repeatable (chat models)",
+    )
+    group.add_argument("--name", help="fills {name}, e.g. with --extra name: 'refer to the person as NAME'")
+    group.add_argument(
+        "--prompt",
+        help="your own instruction for a chat model, with {trigger} {name} {tags} {folder} {length}; "
+        "for Florence-2 / BLIP the raw task prompt ('<GENERATE_TAGS>', 'a photo of')",
+    )
+    group.add_argument("--prompt-file", help="like --prompt, read from a text file")
+    group.add_argument(
+        "--tags-from",
+        metavar="EXT",
+        help="fill {tags} from each image's <stem>EXT file, e.g. .tags (default: its existing caption)",
+    )
 
-    from .backends import BackendError, GenerationSettings, ModelUnavailable
+
+def _add_model_arguments(group: argparse._ActionsContainer) -> None:
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    group.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    group.add_argument("--quant", choices=("4bit", "8bit"), help="load through bitsandbytes (CUDA only)")
+    group.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default per mode)")
+    group.add_argument("--min-new-tokens", type=int, help="shortest caption in tokens")
+    group.add_argument(
+        "--num-beams", type=int, default=1, help="beam search width (3 is a little better, slower)"
+    )
+    group.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
+
+
+def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    srv = commands.add_parser(
+        "serve",
+        help="serve a model as an OpenAI-compatible captioning endpoint",
+        description="Load a model once and caption for many clients over /v1/chat/completions "
+        "(base64 image_url content), with /v1/models and /health. Needs `pip install loracap[serve]`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    srv.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or cached id")
+    srv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    srv.add_argument("--port", type=int, default=8000)
+    _add_style_arguments(srv)
+    _add_model_arguments(srv)
+    srv.add_argument("--max-batch", type=int, default=16, help="requests captioned together at most")
+    srv.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with"
+    )
+    srv.add_argument("--max-image-pixels", type=int, help="larger images get 413 (default: Pillow's limit)")
+    srv.add_argument("--max-body-mb", type=float, default=32, help="larger request bodies get 413")
+    srv.add_argument("--served-model-name", help="the model name clients see (default: --model)")
+    srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def _generation(args: argparse.Namespace) -> GenerationSettings:
+    from .backends import GenerationSettings
+
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        num_beams=args.num_beams,
+        repetition_penalty=getattr(args, "repetition_penalty", None),
+    )
+
+
+def _style_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "style": args.style,
+        "length": args.length,
+        "extras": tuple(args.extra),
+        "name": args.name,
+        "prompt": args.prompt,
+        "prompt_file": args.prompt_file,
+    }
+
+
+def _remote_backend(args: argparse.Namespace):
+    from .backends import load_backend
+
+    return load_backend(
+        args.model,
+        api_base=args.api_base,
+        api_key_env=args.api_key_env,
+        concurrency=args.concurrency,
+        timeout_s=args.timeout,
+        max_retries=args.max_retries,
+    )
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from .backends import BackendError, ModelUnavailable
     from .pipeline import caption_folder
     from .postprocess import PostProcess, parse_replace_tags
 
@@ -110,32 +222,29 @@ def _caption(args: argparse.Namespace) -> int:
             max_tags=args.max_tags,
             underscores_to_spaces=args.underscores_to_spaces,
         )
-        generation = GenerationSettings(
-            max_new_tokens=args.max_new_tokens,
-            min_new_tokens=args.min_new_tokens,
-            num_beams=args.num_beams,
-            repetition_penalty=args.repetition_penalty,
-        )
-        summary = caption_folder(
-            args.dir,
-            model=args.model,
-            mode=args.mode,
-            recursive=args.recursive,
-            existing=args.existing,
-            format=args.format,
-            ext=args.ext,
-            metadata_file=args.metadata_file,
-            options=options,
-            generation=generation,
-            prompt=args.prompt,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            device=args.device,
-            dtype=args.dtype,
-            quant=args.quant,
-            errors_file=args.errors_file,
-            progress=not args.quiet,
-        )
+        backend = _remote_backend(args) if (args.model or "").startswith(REMOTE_PREFIX) else None
+        with closing(backend) if backend is not None else nullcontext():
+            summary = caption_folder(
+                args.dir,
+                model=args.model,
+                backend=backend,
+                **_style_kwargs(args),
+                tags_ext=args.tags_from,
+                recursive=args.recursive,
+                existing=args.existing,
+                format=args.format,
+                ext=args.ext,
+                metadata_file=args.metadata_file,
+                options=options,
+                generation=_generation(args),
+                batch_size=args.batch_size,
+                workers=args.workers,
+                device=args.device,
+                dtype=args.dtype,
+                quant=args.quant,
+                errors_file=args.errors_file,
+                progress=not args.quiet,
+            )
     except (FileNotFoundError, NotADirectoryError, ValueError, ModelUnavailable, BackendError) as exc:
         print(f"loracap: error: {exc}", file=sys.stderr)
         return 2
@@ -151,17 +260,77 @@ def _caption(args: argparse.Namespace) -> int:
 
 def _models() -> int:
     from .backends.hub import is_cached
+    from .styles import list_styles
 
-    print(f"{'model':47} {'family':22} {'bf16':>5} {'8bit':>5} {'4bit':>5}  {'cached':6}  modes")
+    styles = list_styles()
+    print(f"{'model':47} {'family':22} {'bf16':>5} {'8bit':>5} {'4bit':>5}  {'cached':6}  styles")
     for m in KNOWN_MODELS:
         cached = "yes" if is_cached(m.id) else "no"
         star = "*" if m.id == DEFAULT_MODEL else " "
         sizes = f"{m.memory_gb(2):5.1f} {m.memory_gb(1):5.1f} {m.memory_gb(0.5):5.1f}"
         extra = f"  NOT SUPPORTED: {m.unsupported}" if m.unsupported else (f"  ({m.note})" if m.note else "")
-        print(f"{star}{m.id:46} {m.family:22} {sizes}  {cached:6}  {', '.join(m.modes)}{extra}")
-    print("\nGB: weights alone; add 1-2 GB for activations. 8bit/4bit need a CUDA GPU (--quant).")
+        # A fixed-mode model writes the styles that map to one of its modes; a chat model writes any.
+        able = m.modes if m.modes == ANY_STYLE else [s.name for s in styles if s.florence_task in m.modes]
+        print(f"{star}{m.id:46} {m.family:22} {sizes}  {cached:6}  {', '.join(able)}{extra}")
+    print(
+        f"\n{REMOTE_PREFIX}MODEL --api-base URL: any OpenAI-compatible server (vLLM, Ollama, loracap serve)."
+    )
+    print("GB: weights alone; add 1-2 GB for activations. 8bit/4bit need a CUDA GPU (--quant).")
     print("* default on CPU and small GPUs; without --model loracap picks by free GPU memory.")
     print("Any local folder or hub checkpoint of these families works too: --model PATH_OR_ID.")
+    return 0
+
+
+def _styles() -> int:
+    from .styles import STYLES_DIR, extra_names, list_styles
+
+    print(f"{'style':18} {'output':6} {'Florence-2 mode':16} description")
+    for style in list_styles():
+        output = "tags" if style.tags else "prose"
+        task = style.florence_task or "-"
+        chat = "" if style.prompt else " (Florence-2 only)"
+        print(f"{style.name:18} {output:6} {task:16} {style.description}{chat}")
+    print(f"\nStyle files are in {STYLES_DIR}: copy one, edit it, pass its path to --style.")
+    print("Chat models write every style; fixed-mode models (Florence-2, BLIP, PaliGemma) the ones")
+    print("with a Florence-2 mode they have. --length short|medium|long|N-words applies to chat models.")
+    print("\n--extra options (or write your own sentence in quotes):")
+    for key, text in extra_names().items():
+        print(f"  {key:18} {text}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .backends import BackendError, ModelUnavailable
+
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from .serve import serve
+    except ImportError as exc:
+        print(f"loracap: error: serving needs {exc.name}: pip install 'loracap[serve]'", file=sys.stderr)
+        return 2
+    try:
+        serve(
+            args.model,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            dtype=args.dtype,
+            quant=args.quant,
+            log_level=args.log_level,
+            **_style_kwargs(args),
+            generation=_generation(args),
+            model_name=args.served_model_name,
+            max_batch=args.max_batch,
+            batch_wait_ms=args.batch_wait_ms,
+            max_image_pixels=args.max_image_pixels,
+            max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        )
+    except (ValueError, ModelUnavailable, BackendError) as exc:
+        print(f"loracap: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -169,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "caption":
         return _caption(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "styles":
+        return _styles()
     return _models()
 
 

@@ -10,14 +10,14 @@ import json
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from .backends.base import Backend, BackendError, GenerationSettings, check_mode
+from .backends.base import Backend, BackendError, GenerationSettings
 from .inputs import (
     ImageDecodeError,
     find_images,
@@ -26,6 +26,8 @@ from .inputs import (
     remove_stale_temp_files,
 )
 from .postprocess import PostProcess, merge_captions, postprocess
+from .request import CaptionRequest, StyleChoice, resolve_request
+from .styles import Style
 from .writers import atomic_write_text, key_collisions, open_store, sidecar_collisions
 
 EXISTING_POLICIES = ("skip", "overwrite", "prepend", "append")
@@ -75,7 +77,14 @@ def caption_folder(
     root: str | Path,
     *,
     model: str | None = None,
-    mode: str = "caption",
+    style: str | Path | Style = "caption",
+    mode: str | None = None,
+    length: str | None = None,
+    extras: Sequence[str] = (),
+    name: str | None = None,
+    prompt: str | None = None,
+    prompt_file: str | Path | None = None,
+    tags_ext: str | None = None,
     backend: Backend | None = None,
     recursive: bool = True,
     existing: str = "skip",
@@ -84,7 +93,6 @@ def caption_folder(
     metadata_file: str | Path | None = None,
     options: PostProcess | None = None,
     generation: GenerationSettings | None = None,
-    prompt: str | None = None,
     batch_size: int | None = None,
     workers: int = 2,
     device: str | None = None,
@@ -95,6 +103,9 @@ def caption_folder(
 ) -> RunSummary:
     """Caption every image under `root` and write what trainers read. Returns the run's summary.
 
+    `style`: a shipped caption style ("booru-tags", "training-caption"; `mode` is its old name) or a
+    style file; `length`, `extras`, `name` shape a chat model's instruction; `prompt` / `prompt_file`
+    replace it (for Florence-2 / BLIP: the raw task prompt); `tags_ext` names the file {tags} comes from.
     Raises FileNotFoundError / NotADirectoryError for a missing folder, ValueError for bad options,
     and the backends' ModelUnavailable / BackendError when the model cannot be used.
     """
@@ -103,6 +114,10 @@ def caption_folder(
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     root = Path(root).expanduser().resolve()
+    if isinstance(extras, str):  # one extra, not a sequence of letters
+        extras = [extras]
+    choice = StyleChoice(mode or style, length, tuple(extras), name, prompt, prompt_file, tags_ext)
+    chosen_style = choice.check()  # before anything is scanned or loaded
     options = options or PostProcess()
     generation = generation or GenerationSettings()
     started = time.perf_counter()
@@ -112,9 +127,12 @@ def caption_folder(
     remove_stale_temp_files(root, recursive=recursive)
     summary = RunSummary(total=len(images), model=model or getattr(backend, "name", ""))
     errors_path = Path(errors_file) if errors_file else root / "loracap-errors.jsonl"
-    tags = _is_tag_mode(mode, backend)
     store = open_store(
-        format, root, ext=ext, metadata_file=Path(metadata_file) if metadata_file else None, tags=tags
+        format,
+        root,
+        ext=ext,
+        metadata_file=Path(metadata_file) if metadata_file else None,
+        tags=chosen_style.tags,
     )
     try:
         todo = _plan(images, root, store, format, ext, existing, summary)
@@ -122,17 +140,14 @@ def caption_folder(
             if backend is None:
                 backend = _load(model, device=device, dtype=dtype, quant=quant)
                 summary.model = backend.name
-            check_mode(backend, mode)
-            tags = mode in backend.tag_modes
+            request = resolve_request(choice, backend, trigger=options.trigger)
             _run(
                 todo,
                 root,
                 backend,
                 store,
                 summary,
-                mode=mode,
-                prompt=prompt,
-                tags=tags,
+                request=request,
                 existing=existing,
                 options=options,
                 generation=generation,
@@ -159,10 +174,6 @@ def _load(model: str | None, *, device: str | None, dtype: str | None, quant: st
             file=sys.stderr,
         )
     return load_backend(model, device=device, dtype=dtype, quant=quant)
-
-
-def _is_tag_mode(mode: str, backend: Backend | None) -> bool:
-    return mode in backend.tag_modes if backend is not None else mode == "tags"
 
 
 def _plan(
@@ -207,9 +218,7 @@ def _run(
     store: Any,
     summary: RunSummary,
     *,
-    mode: str,
-    prompt: str | None,
-    tags: bool,
+    request: CaptionRequest,
     existing: str,
     options: PostProcess,
     generation: GenerationSettings,
@@ -219,6 +228,7 @@ def _run(
 ) -> None:
     from tqdm.auto import tqdm
 
+    tags = request.tags
     bare = replace(options, trigger=None, prefix="", suffix="")
     bar = tqdm(
         total=len(todo),
@@ -229,10 +239,10 @@ def _run(
         file=sys.stderr,
     )
     try:
-        for items, inputs, decode_errors in _prefetch(todo, backend, mode, prompt, batch_size, workers):
+        for items, inputs, decode_errors in _prefetch(todo, backend, request, batch_size, workers):
             for path, reason in decode_errors:
                 _fail(summary, root, path, "decode", reason, bar)
-            for item, raw in _generate(backend, items, inputs, mode, prompt, generation, summary, root, bar):
+            for item, raw in _generate(backend, items, inputs, request, generation, summary, root, bar):
                 if not postprocess(raw, bare, tags=tags):  # nothing left but what the user adds
                     _fail(summary, root, item.path, "caption", "the model returned an empty caption", bar)
                     continue
@@ -252,7 +262,7 @@ def _run(
 
 
 def _prefetch(
-    todo: list[_Item], backend: Backend, mode: str, prompt: str | None, batch_size: int, workers: int
+    todo: list[_Item], backend: Backend, request: CaptionRequest, batch_size: int, workers: int
 ) -> Iterator[tuple[list[_Item], Any, list[tuple[Path, str]]]]:
     """Decode and preprocess batches in worker threads, a few batches ahead of the model."""
     batches = iter([todo[i : i + batch_size] for i in range(0, len(todo), batch_size)])
@@ -267,7 +277,7 @@ def _prefetch(
                 good.append(item)
             except ImageDecodeError as exc:
                 bad.append((item.path, exc.reason))
-        return good, (backend.prepare(images, mode, prompt) if images else None), bad
+        return good, (_prepare(backend, request, good, images) if images else None), bad
 
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="loracap-decode")
     pending: deque[Future] = deque(pool.submit(load, b) for b in islice(batches, workers + 1))
@@ -284,8 +294,7 @@ def _generate(
     backend: Backend,
     items: list[_Item],
     inputs: Any,
-    mode: str,
-    prompt: str | None,
+    request: CaptionRequest,
     generation: GenerationSettings,
     summary: RunSummary,
     root: Path,
@@ -308,13 +317,19 @@ def _generate(
     for item in items:
         try:
             image = load_image(item.path, min_side=backend.image_side or None)
-            caption = backend.generate(backend.prepare([image], mode, prompt), generation)[0]
+            caption = backend.generate(_prepare(backend, request, [item], [image]), generation)[0]
         except (KeyboardInterrupt, BackendError):
             raise
         except Exception as exc:  # noqa: BLE001
             _fail(summary, root, item.path, "caption", f"{type(exc).__name__}: {exc}", bar)
         else:
             yield item, caption
+
+
+def _prepare(backend: Backend, request: CaptionRequest, items: list[_Item], images: list) -> Any:
+    if request.per_image:  # the prompt names this image's folder or existing tags
+        return backend.prepare(images, request.mode, [request.prompt_for(i.path, i.old) for i in items])
+    return backend.prepare(images, request.mode, request.prompt)
 
 
 def _fail(summary: RunSummary, root: Path, path: Path, stage: str, reason: str, bar: Any = None) -> None:

@@ -129,7 +129,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, tiny_model, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("loracap")]
     assert len(err) == 2  # one line per failed command
     assert err[0].startswith("loracap: error:") and "missing" in err[0]
-    assert "cannot caption in mode 'tags'" in err[-1]
+    assert "cannot write caption style 'tags'; it can write: caption" in err[-1]
     assert not (tmp_path / "a.txt").exists()
 
 

@@ -17,6 +17,7 @@ from loracap.inputs import (
     ImageDecodeError,
     find_images,
     load_image,
+    load_image_bytes,
     read_size,
     register_optional_formats,
     remove_stale_temp_files,
@@ -415,3 +416,81 @@ def test_concurrent_loads(tmp_path: Path) -> None:
     with ThreadPoolExecutor(max_workers=6) as pool:
         sizes = list(pool.map(lambda p: load_image(p, max_side=200).size, paths))
     assert sizes == [(200, round(300 * 200 / (400 + i))) for i in range(12)]
+
+
+# --- decoding from bytes ----------------------------------------------------------------------------
+
+
+def _rotated_jpeg_bytes() -> bytes:
+    stored = Image.new("RGB", (80, 40), RED)
+    stored.paste(BLUE, (40, 0, 80, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def _rgba_png_bytes() -> bytes:
+    rgba = Image.new("RGBA", (4, 1))
+    rgba.putdata([(0, 0, 255, 0), (255, 255, 255, 0), (255, 0, 0, 255), (255, 255, 255, 128)])
+    buf = io.BytesIO()
+    rgba.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "kwargs"),
+    [
+        ("rotated.jpg", _rotated_jpeg_bytes, {}),
+        ("rotated.jpg", _rotated_jpeg_bytes, {"max_side": 30}),
+        ("rgba.png", _rgba_png_bytes, {}),
+        ("wide.jpg", lambda: _jpeg_bytes((640, 200), BLUE), {"min_side": 50}),
+    ],
+)
+def test_load_image_bytes_matches_load_image(tmp_path: Path, name: str, make, kwargs: dict) -> None:
+    data = make()
+    from_file = load_image(_touch(tmp_path / name, data), **kwargs)
+    from_bytes = load_image_bytes(data, **kwargs)
+    assert from_bytes.mode == "RGB" and from_bytes.size == from_file.size
+    assert np.array_equal(np.asarray(from_bytes), np.asarray(from_file))
+
+
+def test_load_image_bytes_applies_the_rules() -> None:
+    im = load_image_bytes(_rotated_jpeg_bytes())
+    assert im.size == (40, 80) and _close(im.getpixel((20, 5)), RED)  # EXIF rotation applied
+    im = load_image_bytes(_rgba_png_bytes())
+    assert im.getpixel((0, 0)) == GREY and im.getpixel((2, 0)) == RED  # alpha on mid-grey
+
+
+def test_load_image_bytes_bad_data() -> None:
+    with pytest.raises(ImageDecodeError) as info:
+        load_image_bytes(b"")
+    assert info.value.reason == "empty image data (0 bytes)" and info.value.path == Path("<bytes>")
+    noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    with pytest.raises(ImageDecodeError) as info:
+        load_image_bytes(noise, label="<upload>")
+    assert info.value.reason == "not a recognised image format"
+    assert str(info.value) == f"{Path('<upload>')}: not a recognised image format"
+    with pytest.raises(ValueError):
+        load_image_bytes(_jpeg_bytes(), max_side=0)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_load_image_bytes_max_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 100)).save(buf, "PNG")
+    data = buf.getvalue()
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("pixels decoded")
+
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "load", no_decoding)  # the refusal comes from the header alone
+        m.setattr(ImageFile.ImageFile, "load", no_decoding)
+        with pytest.raises(ImageDecodeError, match="decompression bomb: 10000 pixels > limit 9999"):
+            load_image_bytes(data, max_pixels=9999)
+    assert load_image_bytes(data, max_pixels=10000).size == (100, 100)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # no max_pixels: Pillow's limit, read now
+    with pytest.raises(ImageDecodeError, match="10000 pixels > limit 6000"):
+        load_image_bytes(data)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from .base import Backend, BackendError, GenerationSettings, caption_images
 from .hub import ModelUnavailable, resolve_model
-from .registry import DEFAULT_MODEL, KNOWN_MODELS, KnownModel
+from .registry import DEFAULT_MODEL, KNOWN_MODELS, REMOTE_PREFIX, KnownModel
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -58,13 +59,29 @@ def load_backend(
     dtype: str | None = None,
     quant: str | None = None,
     offline: bool | None = None,
+    api_base: str | None = None,
+    **remote: Any,
 ) -> Backend:
     """Load `model` (hub id, local folder or cached id) onto the best device, or as told.
 
     `quant` ("4bit" / "8bit") loads through bitsandbytes on CUDA and is refused elsewhere.
+    `openai:MODEL` is a model on the OpenAI-compatible server at `api_base`; `remote` goes to
+    `OpenAIRemoteBackend` (api_key_env, concurrency, timeout_s, max_retries, ...).
     """
     import importlib
 
+    if model.startswith(REMOTE_PREFIX):
+        from .openai_remote import OpenAIRemoteBackend
+
+        remote_model = model[len(REMOTE_PREFIX) :]
+        if not remote_model or not api_base:
+            raise BackendError(
+                f"{model!r}: a remote model needs a name and a server: --model openai:MODEL "
+                "--api-base http://host:8000/v1 (or set OPENAI_BASE_URL)"
+            )
+        return OpenAIRemoteBackend(remote_model, api_base, **remote)
+    if api_base or remote:
+        raise ValueError(f"--api-base and the remote options only apply to --model {REMOTE_PREFIX}MODEL")
     from .device import choose_placement
 
     folder = resolve_model(model, offline=offline)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_MODEL = "MiaoshouAI/Florence-2-large-PromptGen-v1.5"
+# --model openai:MODEL captions through an OpenAI-compatible server (vLLM, Ollama, `loracap serve`).
+REMOTE_PREFIX = "openai:"
 
 _PROMPTGEN_MODES = ("tags", "caption", "detailed", "more_detailed", "mixed")
 _PROMPTGEN2_MODES = (*_PROMPTGEN_MODES, "mixed_plus", "analyze")

@@ -3,6 +3,7 @@
 from loracap.inputs.decode import (
     ImageDecodeError,
     load_image,
+    load_image_bytes,
     read_size,
     register_optional_formats,
     to_rgb,
@@ -19,6 +20,7 @@ __all__ = [
     "ImageDecodeError",
     "find_images",
     "load_image",
+    "load_image_bytes",
     "read_size",
     "register_optional_formats",
     "remove_stale_temp_files",

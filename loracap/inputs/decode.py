@@ -1,4 +1,4 @@
-"""Decode one image file into a plain RGB PIL image, or fail with a one-line reason.
+"""Decode one image file (or its bytes) into a plain RGB PIL image, or fail with a one-line reason.
 
 A captioning run over thousands of user files must not die on the one broken download, so every way a
 file can be bad ends as ImageDecodeError(path, reason) and the caller logs it and moves on. This runs in
@@ -8,6 +8,7 @@ filters, MAX_IMAGE_PIXELS is only read).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -15,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -137,21 +139,30 @@ def _as_decode_error(path: Path) -> Iterator[None]:
         raise ImageDecodeError(path, f"truncated or corrupt image data ({_detail(e)})") from e
 
 
-def _open_checked(path: Path, f) -> Image.Image:
-    """Image.open plus the emptiness and decompression-bomb checks, before any pixel is decoded."""
-    if os.fstat(f.fileno()).st_size == 0:
-        raise ImageDecodeError(path, "empty file (0 bytes)")
-    im = Image.open(f)
+def _open_checked(
+    path: Path, fp: IO[bytes], size: int, limit: int | None, *, empty: str = "empty file (0 bytes)"
+) -> Image.Image:
+    """Image.open plus the emptiness and decompression-bomb checks, before any pixel is decoded.
+
+    ``fp`` is an open file or a BytesIO of ``size`` bytes; ``limit`` is the largest pixel count accepted
+    (None: no limit); ``empty`` is the reason given when there are no bytes at all.
+    """
+    if size == 0:
+        raise ImageDecodeError(path, empty)
+    im = Image.open(fp)
     # Pillow only *warns* between 1x and 2x MAX_IMAGE_PIXELS; for a batch tool a huge image is a
-    # per-file error instead (it could exhaust memory in every worker at once). Read at call time so
-    # callers/tests can change the limit.
+    # per-file error instead (it could exhaust memory in every worker at once). Callers read
+    # MAX_IMAGE_PIXELS at call time so callers/tests can change the limit.
     if im.width < 1 or im.height < 1:
         raise ImageDecodeError(path, f"invalid image size {im.width}x{im.height}")
-    limit = Image.MAX_IMAGE_PIXELS
     pixels = im.width * im.height
     if limit is not None and pixels > limit:
         raise ImageDecodeError(path, _bomb_reason(pixels, limit))
     return im
+
+
+def _file_size(f: IO[bytes]) -> int:
+    return os.fstat(f.fileno()).st_size
 
 
 # --- size -------------------------------------------------------------------------------------------
@@ -170,7 +181,11 @@ def read_size(path: str | Path) -> tuple[int, int]:
     """(width, height) as the image will be displayed (EXIF rotation applied), from the header only."""
     register_optional_formats()
     path = Path(path)
-    with _as_decode_error(path), open(path, "rb") as f, _open_checked(path, f) as im:
+    with (
+        _as_decode_error(path),
+        open(path, "rb") as f,
+        _open_checked(path, f, _file_size(f), Image.MAX_IMAGE_PIXELS) as im,
+    ):
         width, height = im.size
         if _orientation(im) in _SWAPPING_ORIENTATIONS:
             width, height = height, width
@@ -260,6 +275,44 @@ def _scaled(size: tuple[int, int], scale: float, rounding: Callable[[float], flo
     return max(1, int(rounding(size[0] * scale))), max(1, int(rounding(size[1] * scale)))
 
 
+def _check_sides(max_side: int | None, min_side: int | None) -> None:
+    for name, value in (("max_side", max_side), ("min_side", min_side)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _decode(im: Image.Image, max_side: int | None, min_side: int | None) -> Image.Image:
+    """The shared body of load_image and load_image_bytes: an image from _open_checked to plain RGB.
+
+    Runs inside the caller's _as_decode_error, which turns whatever a bad image raises here into
+    ImageDecodeError.
+    """
+    stored_size = im.size
+    scale = _shrink_scale(stored_size, max_side, min_side)
+    if scale is not None:
+        # JPEG only (a no-op elsewhere): let libjpeg decode at 1/2, 1/4 or 1/8 scale, picking the
+        # smallest scale that still leaves the image at least the target size. Several times
+        # faster and smaller than decoding a 24 MP photo in full only to shrink it.
+        im.draft("RGB", _scaled(stored_size, scale, math.ceil))
+    im.load()  # frame 0 of animated/multi-page files: Image.open leaves us positioned there
+    orientation = _orientation(im)
+    if orientation != 1:
+        im = ImageOps.exif_transpose(im)
+    rgb = to_rgb(im)
+    if scale is not None:
+        # The target comes from the file's own size, not the drafted one: draft rounds up, and
+        # going via it could make the short side differ by a pixel from a non-JPEG of equal size.
+        target = _scaled(stored_size, scale, round)
+        if orientation in _SWAPPING_ORIENTATIONS:
+            target = target[::-1]
+        # What thumbnail() does, minus its in-place update of a file-backed image: a cheap integer
+        # reduce() first, then Lanczos for the rest.
+        rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    if rgb.mode != "RGB":  # defensive: a plugin handing back something unexpected
+        rgb = rgb.convert("RGB")
+    return rgb
+
+
 def load_image(path: str | Path, max_side: int | None = None, *, min_side: int | None = None) -> Image.Image:
     """Fully decode ``path`` to a mode "RGB" image, upright per EXIF, first frame of animations.
 
@@ -269,33 +322,39 @@ def load_image(path: str | Path, max_side: int | None = None, *, min_side: int |
     (what a model that resizes to min_side x min_side needs); with both, the gentler of the two.
     Raises ImageDecodeError for every kind of bad file.
     """
-    for name, value in (("max_side", max_side), ("min_side", min_side)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    _check_sides(max_side, min_side)
     register_optional_formats()
     path = Path(path)
-    with _as_decode_error(path), open(path, "rb") as f, _open_checked(path, f) as im:
-        stored_size = im.size
-        scale = _shrink_scale(stored_size, max_side, min_side)
-        if scale is not None:
-            # JPEG only (a no-op elsewhere): let libjpeg decode at 1/2, 1/4 or 1/8 scale, picking the
-            # smallest scale that still leaves the image at least the target size. Several times
-            # faster and smaller than decoding a 24 MP photo in full only to shrink it.
-            im.draft("RGB", _scaled(stored_size, scale, math.ceil))
-        im.load()  # frame 0 of animated/multi-page files: Image.open leaves us positioned there
-        orientation = _orientation(im)
-        if orientation != 1:
-            im = ImageOps.exif_transpose(im)
-        rgb = to_rgb(im)
-        if scale is not None:
-            # The target comes from the file's own size, not the drafted one: draft rounds up, and
-            # going via it could make the short side differ by a pixel from a non-JPEG of equal size.
-            target = _scaled(stored_size, scale, round)
-            if orientation in _SWAPPING_ORIENTATIONS:
-                target = target[::-1]
-            # What thumbnail() does, minus its in-place update of a file-backed image: a cheap integer
-            # reduce() first, then Lanczos for the rest.
-            rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=2.0)
-        if rgb.mode != "RGB":  # defensive: a plugin handing back something unexpected
-            rgb = rgb.convert("RGB")
-        return rgb
+    with (
+        _as_decode_error(path),
+        open(path, "rb") as f,
+        _open_checked(path, f, _file_size(f), Image.MAX_IMAGE_PIXELS) as im,
+    ):
+        return _decode(im, max_side, min_side)
+
+
+def load_image_bytes(
+    data: bytes,
+    max_side: int | None = None,
+    *,
+    min_side: int | None = None,
+    max_pixels: int | None = None,
+    label: str = "<bytes>",
+) -> Image.Image:
+    """The bytes of an image file (an upload, a data: URL) to a mode "RGB" image, like `load_image`.
+
+    Same rules as load_image: format from the content, EXIF rotation, alpha on mid-grey, first frame,
+    ``max_side``/``min_side`` shrinking. ``max_pixels`` is the decompression-bomb limit (default:
+    Pillow's MAX_IMAGE_PIXELS, read now), checked on the header before any pixel is decoded. Pillow
+    itself still refuses anything over twice its own MAX_IMAGE_PIXELS while opening, whatever
+    ``max_pixels`` says. Raises ImageDecodeError with ``Path(label)`` as its path for bad data.
+    """
+    _check_sides(max_side, min_side)
+    register_optional_formats()
+    path = Path(label)
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    with (
+        _as_decode_error(path),
+        _open_checked(path, io.BytesIO(data), len(data), limit, empty="empty image data (0 bytes)") as im,
+    ):
+        return _decode(im, max_side, min_side)

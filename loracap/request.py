@@ -1,0 +1,169 @@
+"""What to ask a loaded model for: a caption style, resolved against what that model can do.
+
+One surface for every backend (`--style`, `--mode` being its old name):
+
+* a chat model (`backend.instructions`: JoyCaption, Qwen2-VL, SmolVLM, a remote server) gets the style's
+  prompt rendered into an instruction, with `--length`, `--extra` and the placeholders filled in; a
+  prompt that uses `{tags}` or `{folder}` is rendered for each image;
+* a model with fixed modes (Florence-2, BLIP, ViT-GPT2, PaliGemma) gets the style's `florence_task` as
+  its mode, and a style it cannot write is a clear error naming the styles it can.
+
+`--prompt` / `--prompt-file` is the user's own instruction for a chat model, and the raw task prompt for
+the others (a Florence-2 task token, a BLIP prefix), as it was before styles existed.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backends.base import ANY_MODE, Backend, BackendError
+from .styles import (
+    PER_IMAGE_PLACEHOLDERS,
+    Style,
+    list_styles,
+    load_style,
+    render_prompt,
+    used_placeholders,
+    user_prompt_style,
+)
+
+__all__ = ["CaptionRequest", "StyleChoice", "resolve_request"]
+
+
+@dataclass(frozen=True)
+class StyleChoice:
+    """What the user asked for, before any model is loaded. `check()` validates it without a model."""
+
+    style: str | Path | Style = "caption"
+    length: str | None = None
+    extras: tuple[str, ...] = ()
+    name: str | None = None
+    """Fills {name}, e.g. the person a LoRA is trained on ("refer to the person as {name}")."""
+    prompt: str | None = None
+    prompt_file: str | Path | None = None
+    tags_ext: str | None = None
+    """Read {tags} from the image's `<stem><tags_ext>` file (default: its existing caption)."""
+
+    def load(self) -> Style:
+        return self.style if isinstance(self.style, Style) else load_style(self.style)
+
+    def user_style(self, tags: bool) -> Style | None:
+        """The user's own --prompt / --prompt-file as a style, or None when there is none."""
+        if self.prompt is None and self.prompt_file is None:
+            return None
+        return user_prompt_style(self.prompt, self.prompt_file, tags=tags)
+
+    def check(self) -> Style:
+        """Fail early (ValueError) on an unknown style, a bad length or extra, an unreadable prompt file."""
+        style = self.load()
+        chat_style = self.user_style(style.tags) or style
+        if chat_style.prompt is not None:
+            # Render once with sample values: every length, extra and placeholder problem shows now,
+            # not after minutes of model loading.
+            render_prompt(chat_style, length=self.length, extras=self.extras, name="x", tags="x", folder="x")
+        return style
+
+
+@dataclass(frozen=True)
+class CaptionRequest:
+    """A style resolved for one backend: the mode and prompt(s) its `prepare` gets."""
+
+    style: Style
+    mode: str
+    tags: bool
+    """The output is a tag list (tag clean-up applies)."""
+    prompt: str | None
+    """The prompt for every image; None with per_image (or for a fixed-mode model's default task)."""
+    per_image: bool = False
+    choice: StyleChoice = StyleChoice()
+    trigger: str | None = None
+
+    def prompt_for(self, image: Path | None = None, existing: str | None = None) -> str | None:
+        """The prompt for one image; `existing` is its current caption (the default source of {tags})."""
+        if not self.per_image:
+            return self.prompt
+        tags = existing
+        if self.choice.tags_ext and image is not None:
+            tags = _read_text(image.with_suffix(self.choice.tags_ext))
+        return render_prompt(
+            self.style,
+            length=self.choice.length,
+            extras=self.choice.extras,
+            trigger=self.trigger,
+            name=self.choice.name,
+            tags=tags,
+            folder=image.parent.name if image is not None else None,
+        )
+
+
+def resolve_request(choice: StyleChoice, backend: Backend, *, trigger: str | None = None) -> CaptionRequest:
+    """Turn the user's choice into what `backend` is asked. BackendError where it cannot write the style,
+    ValueError for options that do not apply to it."""
+    style = choice.check()
+    if getattr(backend, "instructions", False):
+        return _instruction_request(choice, style, backend, trigger)
+    return _mode_request(choice, style, backend, trigger)
+
+
+def _instruction_request(
+    choice: StyleChoice, style: Style, backend: Backend, trigger: str | None
+) -> CaptionRequest:
+    chat_style = choice.user_style(style.tags) or style
+    if chat_style.prompt is None:
+        raise BackendError(
+            f"{backend.name} follows instructions, but caption style {style.name!r} has no prompt: only "
+            f"Florence-2 writes it (mode {style.florence_task!r}). Pick another style or give --prompt."
+        )
+    fields = used_placeholders(chat_style, choice.extras)
+    for field, value, flag in (("name", choice.name, "--name"), ("trigger", trigger, "--trigger")):
+        if field in fields and not value:
+            print(f"loracap: warning: the prompt uses {{{field}}} but no {flag} was given", file=sys.stderr)
+    mode = ANY_MODE if ANY_MODE in backend.modes else backend.modes[0]
+    request = CaptionRequest(
+        style=chat_style,
+        mode=mode,
+        tags=chat_style.tags,
+        prompt=None,
+        per_image=bool(fields & PER_IMAGE_PLACEHOLDERS),
+        choice=choice,
+        trigger=trigger,
+    )
+    if request.per_image:
+        return request
+    rendered = render_prompt(
+        chat_style, length=choice.length, extras=choice.extras, trigger=trigger, name=choice.name
+    )
+    return CaptionRequest(chat_style, mode, chat_style.tags, rendered, False, choice, trigger)
+
+
+def _mode_request(choice: StyleChoice, style: Style, backend: Backend, trigger: str | None) -> CaptionRequest:
+    given = [
+        flag
+        for flag, value in (("--length", choice.length), ("--extra", choice.extras), ("--name", choice.name))
+        if value
+    ]
+    if given:
+        raise ValueError(
+            f"{backend.name} writes fixed caption modes and does not follow instructions, so "
+            f"{', '.join(given)} cannot apply; use a chat model (see `loracap models`) or leave them out"
+        )
+    mode = style.florence_task
+    if mode is None or (ANY_MODE not in backend.modes and mode not in backend.modes):
+        able = [s.name for s in list_styles() if s.florence_task in backend.modes]
+        raise BackendError(
+            f"{backend.name} cannot write caption style {style.name!r}; it can write: "
+            f"{', '.join(able) or 'none of the shipped styles'} (chat models write any style)"
+        )
+    raw_prompt = choice.prompt
+    if choice.prompt_file is not None:
+        raw_prompt = user_prompt_style(prompt_file=choice.prompt_file).prompt
+    return CaptionRequest(style, mode, mode in backend.tag_modes, raw_prompt, False, choice, trigger)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip() or None
+    except OSError:
+        return None

@@ -1,0 +1,21 @@
+"""`loracap serve`: an OpenAI-compatible captioning server, so one GPU box captions for many clients.
+
+fastapi and uvicorn are imported only when the server is created (`pip install loracap[serve]`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["create_app", "decode_image_bytes", "serve"]
+
+if TYPE_CHECKING:
+    from .app import create_app, decode_image_bytes, serve
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module 'loracap.serve' has no attribute {name!r}")
