@@ -7,6 +7,11 @@ caption files are included. The last line printed is `ratio <loracap images/s / 
 
     python benchmarks/caption_throughput.py --arch florence2 --size tiny --images 64
     python benchmarks/caption_throughput.py --arch florence2 --size full --images 8 --device cuda
+    python benchmarks/caption_throughput.py --arch qwen2-vl --size tiny --images 64
+
+Chat VLMs (llava, qwen2-vl, qwen2.5-vl, qwen3-vl, idefics3) get the `caption` style's instruction on
+both sides; the baseline is the model card loop: chat template, processor, generate, decode the new
+tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +27,11 @@ from PIL import Image
 
 from loracap.backends import GenerationSettings, caption_images, load_backend
 from loracap.pipeline import caption_folder
+from loracap.styles import load_style, render_prompt
 from loracap.testing import make_tiny_model
+
+CHAT_ARCHS = ("llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "idefics3")
+PROMPT = render_prompt(load_style("caption"))
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
@@ -45,10 +54,12 @@ def baseline_loop(
     """One processor call and one generate per image, as the model cards show."""
     from transformers import AutoProcessor, BlipForConditionalGeneration, Florence2ForConditionalGeneration
 
+    kwargs = {"max_new_tokens": tokens, "min_new_tokens": tokens, "num_beams": 1, "do_sample": False}
+    if arch in CHAT_ARCHS:
+        return _timed(_chat_loop(model_dir, dtype, device, kwargs), paths, device)
     model_class = {"florence2": Florence2ForConditionalGeneration, "blip": BlipForConditionalGeneration}[arch]
     processor = AutoProcessor.from_pretrained(model_dir)
     model = model_class.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    kwargs = {"max_new_tokens": tokens, "min_new_tokens": tokens, "num_beams": 1, "do_sample": False}
 
     def caption(path: Path) -> str:
         image = Image.open(path).convert("RGB")
@@ -62,6 +73,38 @@ def baseline_loop(
         inputs = processor(images=image, return_tensors="pt").to(device, dtype)
         return processor.decode(model.generate(**inputs, **kwargs)[0], skip_special_tokens=True)
 
+    return _timed(caption, paths, device)
+
+
+def _chat_loop(model_dir: Path, dtype: torch.dtype, device: str, kwargs: dict):
+    """The chat models' card loop. The processor comes from loracap's loader only because the stock one
+    needs torchvision for Qwen2-VL / SmolVLM; it is the same processor class either way."""
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    from loracap.backends.chat_vlm import load_processor
+
+    model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
+    processor = load_processor(model_dir, model_type)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    text = processor.tokenizer.apply_chat_template(
+        messages, chat_template=processor.chat_template, add_generation_prompt=True, tokenize=False
+    )
+    pad = processor.tokenizer.pad_token_id or processor.tokenizer.eos_token_id
+
+    def caption(path: Path) -> str:
+        image = Image.open(path).convert("RGB")
+        images = [[image]] if model_type in ("idefics3", "smolvlm") else [image]
+        inputs = processor(text=[text], images=images, return_tensors="pt").to(device)
+        out = model.generate(**inputs, **kwargs, pad_token_id=pad)
+        return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+
+    return caption
+
+
+def _timed(caption, paths: list[Path], device: str) -> float:
     with torch.inference_mode():
         caption(paths[0])  # warm-up: first-call allocations and kernel selection
         _sync(device)
@@ -84,12 +127,13 @@ def loracap_pipeline(
     backend = load_backend(str(model_dir), device=device, dtype=dtype)
     settings = GenerationSettings(max_new_tokens=tokens, min_new_tokens=tokens)
     warm = [Image.new("RGB", (640, 480), "grey")] * (batch_size or backend.default_batch_size)
-    caption_images(backend, warm, "caption", settings)  # warm-up at the batch shape used below
+    mode, prompt = ("*", PROMPT) if backend.instructions else ("caption", None)
+    caption_images(backend, warm, mode, settings, prompt)  # warm-up at the batch shape used below
     _sync(device)
     summary = caption_folder(
         images_dir,
         backend=backend,
-        mode="caption",
+        style="caption",
         generation=settings,
         existing="overwrite",
         batch_size=batch_size,
@@ -115,7 +159,7 @@ def _sync(device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="florence2", choices=("florence2", "blip"))
+    parser.add_argument("--arch", default="florence2", choices=("florence2", "blip", *CHAT_ARCHS))
     parser.add_argument("--size", default="tiny", choices=("tiny", "full"))
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=50, help="fixed decode length per caption")

@@ -1,8 +1,8 @@
 """loracap: caption image folders for LoRA / DreamBooth training.
 
     import loracap
-    summary = loracap.caption_folder("my_dataset", mode="tags", options=loracap.PostProcess(trigger="ohwx"))
-    captioner = loracap.Captioner(mode="caption"); captioner(pil_image)
+    summary = loracap.caption_folder("my_dataset", style="tags", options=loracap.PostProcess(trigger="ohwx"))
+    captioner = loracap.Captioner(style="caption"); captioner(pil_image)
 
 The import is kept light: torch and transformers load only when a model is used.
 """

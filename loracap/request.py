@@ -120,22 +120,14 @@ def _instruction_request(
     for field, value, flag in (("name", choice.name, "--name"), ("trigger", trigger, "--trigger")):
         if field in fields and not value:
             print(f"loracap: warning: the prompt uses {{{field}}} but no {flag} was given", file=sys.stderr)
+    per_image = bool(fields & PER_IMAGE_PLACEHOLDERS)
+    prompt = None
+    if not per_image:  # one instruction serves the whole run: render it once
+        prompt = render_prompt(
+            chat_style, length=choice.length, extras=choice.extras, trigger=trigger, name=choice.name
+        )
     mode = ANY_MODE if ANY_MODE in backend.modes else backend.modes[0]
-    request = CaptionRequest(
-        style=chat_style,
-        mode=mode,
-        tags=chat_style.tags,
-        prompt=None,
-        per_image=bool(fields & PER_IMAGE_PLACEHOLDERS),
-        choice=choice,
-        trigger=trigger,
-    )
-    if request.per_image:
-        return request
-    rendered = render_prompt(
-        chat_style, length=choice.length, extras=choice.extras, trigger=trigger, name=choice.name
-    )
-    return CaptionRequest(chat_style, mode, chat_style.tags, rendered, False, choice, trigger)
+    return CaptionRequest(chat_style, mode, chat_style.tags, prompt, per_image, choice, trigger)
 
 
 def _mode_request(choice: StyleChoice, style: Style, backend: Backend, trigger: str | None) -> CaptionRequest:

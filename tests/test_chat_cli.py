@@ -20,7 +20,7 @@ from loracap.postprocess import PostProcess, postprocess
 from loracap.styles import load_style, render_prompt
 
 SETTINGS = GenerationSettings(max_new_tokens=6, min_new_tokens=2)
-CHAT_ARCHS = ["llava", "qwen2-vl", "qwen2.5-vl", "idefics3", "smolvlm"]
+CHAT_ARCHS = ["llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "idefics3", "smolvlm"]
 NAMES = ["a.png", "b.jpg", "sub/c.webp"]
 
 
@@ -156,3 +156,16 @@ def test_models_command_shows_styles_memory_and_support(capsys):
     assert "training-caption" in florence and "booru-tags" not in florence  # no tags mode without PromptGen
     assert "booru-tags" in rows["MiaoshouAI/Florence-2-large-PromptGen-v1.5"]
     assert "NOT SUPPORTED: needs trust_remote_code" in rows["vikhyatk/moondream2"]
+
+
+def test_python_captioner_takes_the_same_style_options(tmp_path, tiny_model):
+    import loracap
+
+    model = tiny_model("qwen2.5-vl")
+    write_images(tmp_path, ["a.png", "b.png"])
+    captioner = loracap.Captioner(
+        str(model), style="descriptive", length="short", extras=["no-text"], generation=SETTINGS, device="cpu"
+    )
+    images = [load_image(tmp_path / name) for name in ("a.png", "b.png")]
+    prompt = render_prompt(load_style("descriptive"), length="short", extras=["no-text"])
+    assert captioner(images) == list(expected(model, tmp_path, ["a.png", "b.png"], [prompt] * 2).values())

@@ -14,6 +14,7 @@ MODEL_TYPES = {
     "llava": "llava",
     "qwen2-vl": "qwen2_vl",
     "qwen2.5-vl": "qwen2_5_vl",
+    "qwen3-vl": "qwen3_vl",
     "idefics3": "idefics3",
     "smolvlm": "idefics3",  # SmolVLM-v1 checkpoints are Idefics3 models
     "paligemma": "paligemma",

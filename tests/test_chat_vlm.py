@@ -45,7 +45,7 @@ def test_captions_a_mixed_size_batch_as_one_by_one(tiny_model, arch):
     assert captions == alone
 
 
-@pytest.mark.parametrize("arch", ["qwen2-vl", "qwen2.5-vl"])
+@pytest.mark.parametrize("arch", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def test_qwen_batches_images_with_different_token_counts(tiny_model, arch):
     backend = _backend(tiny_model, arch)
     inputs = backend.prepare(_images(), "*", INSTRUCTION)["tensors"]
@@ -90,6 +90,18 @@ def test_processor_from_parts_without_torchvision(tiny_model):
     got = parts(text=text, images=images, padding=True, add_special_tokens=False, return_tensors="pt")
     assert got["input_ids"].tolist() == expected["input_ids"].tolist()
     assert (got["pixel_values"] == expected["pixel_values"]).all()
+
+
+def test_qwen3_vl_processor_from_parts_gives_its_mrope_inputs(tiny_model):
+    # Qwen3-VL's processor (video slot, so built from parts here) marks image tokens in mm_token_type_ids,
+    # which the model needs for its 3D rope.
+    import transformers
+
+    qwen3 = _backend(tiny_model, "qwen3-vl")
+    assert isinstance(qwen3.processor, transformers.Qwen3VLProcessor)
+    tensors = qwen3.prepare(_images()[:1], "*", INSTRUCTION)["tensors"]
+    image_tokens = tensors["input_ids"] == qwen3.model.config.image_token_id
+    assert image_tokens.any() and (tensors["mm_token_type_ids"].bool() == image_tokens).all()
 
 
 def test_paligemma_captions_with_its_task_prompt(tiny_model):

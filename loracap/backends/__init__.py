@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 # config.json model_type -> backend. Chat VLMs not named here still load through the generic chat
-# backend when transformers maps their type to AutoModelForImageTextToText (LLaVA-NeXT, Qwen3-VL, ...).
+# backend when transformers maps their type to AutoModelForImageTextToText (LLaVA-NeXT, Gemma 3, ...).
 _CHAT = ("chat_vlm", "ChatVLMBackend")
 _FAMILIES = {
     "florence2": ("florence2", "Florence2Backend"),
@@ -32,6 +32,7 @@ _FAMILIES = {
     "llava": _CHAT,
     "qwen2_vl": _CHAT,
     "qwen2_5_vl": _CHAT,
+    "qwen3_vl": _CHAT,
     "idefics3": _CHAT,
     "smolvlm": _CHAT,
     "paligemma": _CHAT,

@@ -1,4 +1,4 @@
-"""Chat vision-language models (JoyCaption / LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3 / SmolVLM, PaliGemma).
+"""Chat vision-language models (JoyCaption / LLaVA, Qwen2-VL / 2.5-VL / 3-VL, Idefics3 / SmolVLM, PaliGemma).
 
 One backend for every model that transformers loads through `AutoModelForImageTextToText`: the image goes
 inside the user message of the model's own chat template, the instruction (a caption style turned into
@@ -7,9 +7,10 @@ words by the caller) is the message text, and only the newly generated tokens ar
 Batches are left-padded: a decoder-only model continues from the last position of every row, so the prompt
 must end there, not be followed by padding.
 
-Qwen2-VL / 2.5-VL see each image at its own resolution (a varying number of image tokens per image). A batch
-of differently sized images is not resized to one size: the processor concatenates every image's patches
-and expands each image's placeholder to its own token count, and left padding evens out the text lengths.
+Qwen2-VL / 2.5-VL / 3-VL see each image at its own resolution (a varying number of image tokens per
+image). A batch of differently sized images is not resized to one size: the processor concatenates every
+image's patches and expands each image's placeholder to its own token count, and left padding evens out
+the text lengths.
 The resolution is capped (`QWEN_MAX_PIXELS`) so a 4K photo does not become 16k image tokens.
 
 PaliGemma has no chat template and follows task prompts ("caption en"), not instructions.
@@ -30,7 +31,8 @@ from .device import Placement, default_batch_size, quantization_kwargs
 
 DEFAULT_MAX_NEW_TOKENS = 256
 PALIGEMMA_PROMPT = "caption en"
-# ~1 megapixel: plenty for a caption, and ~1300 image tokens at most per image (28 px per merged token).
+# ~1 megapixel: plenty for a caption, and ~1300 image tokens at most per image (28 px per merged token in
+# Qwen2-VL / 2.5-VL; ~980 in Qwen3-VL, whose merged tokens are 32 px, with the same image processor class).
 QWEN_MAX_PIXELS = 1280 * 28 * 28
 # Processors whose hub class cannot be built without torchvision (they hold a video processor), by
 # config.json model_type; the video slot is left empty, which is all captioning needs.
@@ -38,6 +40,7 @@ _LOC_SEG = re.compile(r"<(loc\d{4}|seg\d{3})>")
 _VIDEO_SLOT_PROCESSORS = {
     "qwen2_vl": "Qwen2VLProcessor",
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
     "smolvlm": "SmolVLMProcessor",
     "idefics3": "Idefics3Processor",
 }
@@ -145,7 +148,7 @@ def load_processor(folder: Path, model_type: str | None) -> Any:
     """`AutoProcessor`, or the processor class built from its image processor, tokenizer and template.
 
     Without torchvision `AutoProcessor` fails for processors that hold a video processor (Qwen2-VL,
-    Qwen2.5-VL, SmolVLM); the parts it needs for images load fine on their own.
+    Qwen2.5-VL, Qwen3-VL, SmolVLM); the parts it needs for images load fine on their own.
     """
     from transformers import AutoProcessor
 

@@ -1,13 +1,14 @@
 """Tiny random-weight chat vision-language models of the real architectures, saved as hub checkpoints are.
 
-LLaVA in JoyCaption's layout (SigLIP + Llama), Qwen2-VL, Qwen2.5-VL, Idefics3 (SmolVLM-v1) and PaliGemma.
-Each builder makes a tiny config, a byte-level BPE trained on the spot with the family's special tokens, the
-real image processor and (where it can be built) the real processor, and writes them with `save_pretrained`.
+LLaVA in JoyCaption's layout (SigLIP + Llama), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Idefics3 (SmolVLM-v1) and
+PaliGemma. Each builder makes a tiny config, a byte-level BPE trained on the spot with the family's special
+tokens, the real image processor and (where it can be built) the real processor, and writes them with
+`save_pretrained`.
 
-Without torchvision the Qwen2-VL / Qwen2.5-VL processors cannot be built (they carry a video processor), so
-for them this writes what the hub checkpoints ship besides: `preprocessor_config.json` (the image processor,
-naming its processor class), the tokenizer files and `chat_template.jinja`. A loader builds the processor
-from those parts, exactly as it must for the real checkpoints here.
+Without torchvision the Qwen2-VL / Qwen2.5-VL / Qwen3-VL processors cannot be built (they carry a video
+processor), so for them this writes what the hub checkpoints ship besides: `preprocessor_config.json` (the
+image processor, naming its processor class), the tokenizer files and `chat_template.jinja`. A loader builds
+the processor from those parts, exactly as it must for the real checkpoints here.
 
 torch and transformers are imported inside the functions so `import loracap.testing` stays light.
 """
@@ -24,7 +25,15 @@ from loracap.testing.tokenizer import train_byte_level_bpe
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-CHAT_ARCHS: tuple[str, ...] = ("llava", "qwen2-vl", "qwen2.5-vl", "idefics3", "smolvlm", "paligemma")
+CHAT_ARCHS: tuple[str, ...] = (
+    "llava",
+    "qwen2-vl",
+    "qwen2.5-vl",
+    "qwen3-vl",
+    "idefics3",
+    "smolvlm",
+    "paligemma",
+)
 
 # Wide enough init that a 32-wide random model's next token depends on its input (see `_seeded_init`).
 _SPREAD = 0.2
@@ -78,8 +87,9 @@ def build_chat_model(arch: str, out: Path, *, seed: int = 0) -> None:
     """Build the tiny `arch` chat VLM and save it into `out` (an existing folder)."""
     builders = {
         "llava": _build_llava,
-        "qwen2-vl": lambda o, s: _build_qwen_vl(o, s, v2_5=False),
-        "qwen2.5-vl": lambda o, s: _build_qwen_vl(o, s, v2_5=True),
+        "qwen2-vl": lambda o, s: _build_qwen_vl(o, s, version="2"),
+        "qwen2.5-vl": lambda o, s: _build_qwen_vl(o, s, version="2.5"),
+        "qwen3-vl": lambda o, s: _build_qwen_vl(o, s, version="3"),
         "idefics3": _build_idefics3,
         "smolvlm": _build_idefics3,  # SmolVLM-v1 checkpoints are Idefics3 models (model_type "idefics3")
         "paligemma": _build_paligemma,
@@ -208,11 +218,13 @@ def _build_llava(out: Path, seed: int) -> None:
     processor.save_pretrained(out)
 
 
-# --------------------------------------------------------------------------------------- Qwen2-VL / 2.5-VL
+# ---------------------------------------------------------------------------------- Qwen2-VL / 2.5-VL / 3-VL
+
+_QWEN_PROCESSORS = {"2": "Qwen2VLProcessor", "2.5": "Qwen2_5_VLProcessor", "3": "Qwen3VLProcessor"}
 
 
-def _build_qwen_vl(out: Path, seed: int, *, v2_5: bool) -> None:
-    """Qwen/Qwen2-VL-*-Instruct or Qwen2.5-VL-*-Instruct: native-resolution ViT, 2x2 merger, Qwen2 text."""
+def _build_qwen_vl(out: Path, seed: int, *, version: str) -> None:
+    """Qwen/Qwen2-VL-*, Qwen2.5-VL-* or Qwen3-VL-*-Instruct: native-resolution ViT, 2x2 merger, Qwen text."""
     from transformers import Qwen2VLImageProcessorPil
 
     specials = (
@@ -255,7 +267,32 @@ def _build_qwen_vl(out: Path, seed: int, *, v2_5: bool) -> None:
         "vision_start_token_id": ids["<|vision_start|>"],
         "vision_end_token_id": ids["<|vision_end|>"],
     }
-    if v2_5:
+    # Qwen2-VL normalizes with CLIP's mean and std (the image processor's defaults); Qwen3-VL with 0.5.
+    normalize: dict[str, Any] = {}
+    if version == "3":
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
+
+        # Qwen3 text: explicit head_dim, q/k norms, interleaved mrope (sections still sum to head_dim/2).
+        text["head_dim"] = 16
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [4, 2, 2],
+            "mrope_interleaved": True,
+        }
+        # Learned position grid (8x8, resampled to each image's grid) besides the 2D rope; deepstack: the
+        # merged features of vision block 0 are added to the first text layer's image positions.
+        vision = {
+            **common_vision,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "out_hidden_size": _TEXT_WIDTH,
+            "num_position_embeddings": 8 * 8,
+            "deepstack_visual_indexes": [0],
+        }
+        normalize = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    elif version == "2.5":
         from transformers import Qwen2_5_VLConfig as Config
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
 
@@ -281,14 +318,16 @@ def _build_qwen_vl(out: Path, seed: int, *, v2_5: bool) -> None:
     gen.bos_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out)
     # Pixels per image between 8x8 and 32x32 (factor patch*merge = 8): 1 to 16 merged image tokens.
+    # Qwen3-VL checkpoints ship this same image processor class (the auto mapping names it for qwen3_vl).
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=patch,
         merge_size=merge,
         temporal_patch_size=temporal,
         size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32},
+        **normalize,
     )
     image_processor.save_pretrained(out)
-    _name_processor_class(out, "Qwen2_5_VLProcessor" if v2_5 else "Qwen2VLProcessor")
+    _name_processor_class(out, _QWEN_PROCESSORS[version])
     tokenizer.save_pretrained(out)
     (out / "chat_template.jinja").write_text(_QWEN2_VL_TEMPLATE, encoding="utf-8")
 
