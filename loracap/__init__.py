@@ -12,7 +12,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Captioner", "GenerationSettings", "PostProcess", "RunSummary", "caption_folder", "load_backend"]
+__all__ = [
+    "Captioner",
+    "GenerationSettings",
+    "PostProcess",
+    "RunSummary",
+    "caption_folder",
+    "list_styles",
+    "load_backend",
+    "load_style",
+]
 
 _LAZY = {
     "Captioner": "loracap.captioner",
@@ -21,6 +30,8 @@ _LAZY = {
     "PostProcess": "loracap.postprocess",
     "GenerationSettings": "loracap.backends",
     "load_backend": "loracap.backends",
+    "list_styles": "loracap.styles",
+    "load_style": "loracap.styles",
 }
 
 if TYPE_CHECKING:
@@ -28,6 +39,7 @@ if TYPE_CHECKING:
     from .captioner import Captioner
     from .pipeline import RunSummary, caption_folder
     from .postprocess import PostProcess
+    from .styles import list_styles, load_style
 
 
 def __getattr__(name: str) -> Any:
