@@ -80,16 +80,16 @@ class PostProcess:
         self.remove_tags = tuple(self.remove_tags)
         if self.max_tags is not None and self.max_tags < 0:
             raise ValueError(f"max_tags must be 0 or more, got {self.max_tags}")
-        self._replace = {_tag_key(k): v for k, v in self.replace_tags.items() if _tag_key(k)}
+        self._replace = {tag_key(k): v for k, v in self.replace_tags.items() if tag_key(k)}
         # A cycle (a->b, b->a) has no fixed point, so no output would be stable.
         for start in self._replace:
             seen = {start}
-            key = _tag_key(self._replace[start])
-            while key in self._replace and key != _tag_key(self._replace[key]):
+            key = tag_key(self._replace[start])
+            while key in self._replace and key != tag_key(self._replace[key]):
                 if key in seen:
                     raise ValueError(f"replace_tags has a cycle through {start!r}")
                 seen.add(key)
-                key = _tag_key(self._replace[key])
+                key = tag_key(self._replace[key])
 
 
 def parse_replace_tags(specs: Iterable[str]) -> dict[str, str]:
@@ -151,7 +151,7 @@ def merge_captions(new: str, old: str, policy: str, *, tags: bool) -> str:
 # --- tags ---------------------------------------------------------------------------------------------
 
 
-def _tag_key(tag: str) -> str:
+def tag_key(tag: str) -> str:
     # Danbooru spells tags with underscores and most taggers with spaces; both mean the same tag.
     return " ".join(tag.replace("_", " ").split()).casefold()
 
@@ -167,7 +167,7 @@ def _dedupe(tags: list[str]) -> list[str]:
     seen: set[str] = set()
     out = []
     for tag in tags:
-        key = _tag_key(tag)
+        key = tag_key(tag)
         if key not in seen:
             seen.add(key)
             out.append(tag)
@@ -177,8 +177,8 @@ def _dedupe(tags: list[str]) -> list[str]:
 def _replace_tag(tag: str, options: PostProcess) -> str:
     # Follow chains to their end (cycles were rejected in __post_init__).
     for _ in range(len(options._replace) + 1):
-        new = options._replace.get(_tag_key(tag))
-        if new is None or _tag_key(new) == _tag_key(tag):
+        new = options._replace.get(tag_key(tag))
+        if new is None or tag_key(new) == tag_key(tag):
             break
         tag = new
     return _underscores(" ".join(tag.split()), options)
@@ -196,15 +196,15 @@ def _postprocess_tags(text: str, options: PostProcess) -> str:
     # Tags that the trigger, prefix and suffix add are taken out of the body, so they appear once and a
     # second pass finds the same body. This happens before replacements so a replacement cannot turn a
     # prefix tag into something else on the second pass.
-    decoration = {_tag_key(t) for t in split_tags(f"{trigger},{options.prefix},{options.suffix}")}
-    removed = {_tag_key(t) for t in options.remove_tags}
+    decoration = {tag_key(t) for t in split_tags(f"{trigger},{options.prefix},{options.suffix}")}
+    removed = {tag_key(t) for t in options.remove_tags}
     body = []
     for tag in split_tags(text):
         tag = _underscores(tag, options)
-        if _tag_key(tag) in decoration:
+        if tag_key(tag) in decoration:
             continue
         tag = _replace_tag(tag, options)
-        key = _tag_key(tag)
+        key = tag_key(tag)
         if key and key not in removed and key not in decoration:
             body.append(tag)
     body = _dedupe(body)

@@ -60,7 +60,7 @@ def _check_root(root: str | Path) -> Path:
     return path
 
 
-def _walk_files(root: Path, recursive: bool) -> Iterator[tuple[tuple[str, ...], os.DirEntry[str]]]:
+def walk_files(root: Path, recursive: bool) -> Iterator[tuple[tuple[str, ...], os.DirEntry[str]]]:
     """Yield (relative path parts, entry) for every file, hidden ones included, in visible folders.
 
     Symlinks to files are yielded (entry.is_file() follows them); broken links and symlinked folders
@@ -98,7 +98,7 @@ def find_images(root: str | Path, recursive: bool = True) -> list[Path]:
     base = _check_root(root)
     exts = supported_extensions()
     found: list[tuple[tuple[str, ...], Path]] = []
-    for rel, entry in _walk_files(base, recursive):
+    for rel, entry in walk_files(base, recursive):
         name = entry.name
         if name.startswith("."):
             continue
@@ -118,7 +118,7 @@ def remove_stale_temp_files(root: str | Path, recursive: bool = True) -> int:
     """
     base = _check_root(root)
     removed = 0
-    for _, entry in _walk_files(base, recursive):
+    for _, entry in walk_files(base, recursive):
         name = entry.name
         if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
             continue

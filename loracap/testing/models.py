@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loracap.testing.chat_models import CHAT_ARCHS, build_chat_model
+from loracap.testing.clip_models import CLIP_ARCHS, build_clip_model
 from loracap.testing.tokenizer import (
     FLORENCE2_ADDED_TOKENS,
     build_bart_tokenizer,
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-ARCHS: tuple[str, ...] = ("florence2", "florence2-original", "blip", "vit-gpt2", *CHAT_ARCHS)
+ARCHS: tuple[str, ...] = ("florence2", "florence2-original", "blip", "vit-gpt2", *CHAT_ARCHS, *CLIP_ARCHS)
 SIZES: tuple[str, ...] = ("tiny", "full")
 WEIGHTS_FORMATS: tuple[str, ...] = ("safetensors", "bin")
 
@@ -164,6 +165,10 @@ def make_tiny_model(
         if size != "tiny":
             raise ValueError(f"only size='tiny' is offered for {arch!r}")
         build_chat_model(arch, out, seed=seed)
+    elif arch in CLIP_ARCHS:
+        if size != "tiny":
+            raise ValueError(f"only size='tiny' is offered for {arch!r}")
+        build_clip_model(arch, out, seed=seed)
     elif arch == "blip":
         model, processor = _build_blip(size, seed)
         _save_hf(model, processor, out)

@@ -40,7 +40,7 @@ def store_file_label(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _key(file_name: str) -> str:
+def jsonl_key(file_name: str) -> str:
     # datasets normalises file_name the same way, so "./a.jpg" and "a.jpg" are one image.
     return posixpath.normpath(file_name.replace("\\", "/"))
 
@@ -76,8 +76,8 @@ class JsonlStore:
                 continue
             file_name = record.get("file_name")
             # The first record of an image is the one read and updated; a duplicate stays as it is.
-            if isinstance(file_name, str) and _key(file_name) not in self._index:
-                self._index[_key(file_name)] = len(self.records)
+            if isinstance(file_name, str) and jsonl_key(file_name) not in self._index:
+                self._index[jsonl_key(file_name)] = len(self.records)
             self.records.append(record)
         if self.corrupt_lines:
             self._original = data
@@ -93,7 +93,7 @@ class JsonlStore:
         return relative_posix(image, self.root)
 
     def existing(self, image: Path) -> str | None:
-        index = self._index.get(_key(self._file_name(image)))
+        index = self._index.get(jsonl_key(self._file_name(image)))
         text = self.records[index].get("text") if index is not None else None
         return text.strip() if isinstance(text, str) and text.strip() else None
 
@@ -101,9 +101,9 @@ class JsonlStore:
         if self._closed:
             raise ValueError(f"{self.path}: the caption store is closed")
         file_name = self._file_name(image)
-        index = self._index.get(_key(file_name))
+        index = self._index.get(jsonl_key(file_name))
         if index is None:
-            self._index[_key(file_name)] = len(self.records)
+            self._index[jsonl_key(file_name)] = len(self.records)
             self.records.append({"file_name": file_name, "text": text.strip()})
         else:
             self.records[index]["text"] = text.strip()  # other fields and their order stay

@@ -1,0 +1,258 @@
+"""Read a captioned dataset back, whatever layout loracap (or a trainer) wrote it in.
+
+`read_dataset` pairs each image with its caption and lists what a trainer would trip over: images with no
+caption, captions with no image (a renamed or deleted image leaves its caption behind, and trainers ignore it
+silently), and caption files that could not be read. It reuses the writers' own key functions and readers, so
+"has a caption" means exactly what `loracap caption --existing skip` means by it.
+
+    sidecar     <stem><ext> next to each image
+    jsonl       metadata.jsonl: {"file_name": "sub/a.jpg", "text": ...}
+    kohya-json  meta_cap.json: {"sub/a": {"caption": ..., "tags": ...}}
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loracap.inputs.discover import find_images, supported_extensions, walk_files
+from loracap.writers.jsonl import METADATA_FILE as JSONL_FILE
+from loracap.writers.jsonl import JsonlStore, jsonl_key, relative_posix
+from loracap.writers.kohya import METADATA_FILE as KOHYA_FILE
+from loracap.writers.kohya import KohyaJsonStore, kohya_key
+from loracap.writers.sidecar import caption_path, normalize_ext, read_caption_file
+
+LAYOUTS = ("auto", "sidecar", "jsonl", "kohya-json")
+
+__all__ = ["LAYOUTS", "CaptionProblem", "Dataset", "detect_layout", "read_dataset"]
+
+
+@dataclass
+class CaptionProblem:
+    """A caption source that could not be read as expected; the rest of the dataset is still read."""
+
+    path: str
+    """Relative to the dataset folder where possible ("sub/a.txt", "metadata.jsonl:7")."""
+    reason: str
+
+
+@dataclass
+class Dataset:
+    root: Path
+    layout: str
+    """The layout actually read: "sidecar", "jsonl" or "kohya-json" (never "auto")."""
+    source: Path | None = None
+    """The metadata file read (jsonl / kohya-json); None for sidecar captions."""
+    pairs: list[tuple[Path, str]] = field(default_factory=list)
+    """(image, caption) in find_images order. A caption that is empty or only whitespace is kept as "":
+    the file or entry exists, and a trainer trains that image unconditioned, which the text checks flag."""
+    missing: list[Path] = field(default_factory=list)
+    """Images with no caption file or entry at all."""
+    orphans: list[str] = field(default_factory=list)
+    """Captions naming no existing image: sidecar files (relative path), jsonl file_name, kohya keys."""
+    problems: list[CaptionProblem] = field(default_factory=list)
+    image_count: int = 0
+    """Images found; an image whose caption is unreadable is in neither pairs nor missing."""
+
+    @property
+    def captions(self) -> list[str]:
+        return [caption for _, caption in self.pairs]
+
+
+def detect_layout(root: Path, metadata_file: Path | None = None) -> str:
+    """Which layout a folder uses: a metadata file wins over sidecar files, since when both exist the
+    metadata file is the one a user pointed a jsonl/kohya trainer at; jsonl is checked first."""
+    if metadata_file is not None:
+        return "kohya-json" if Path(metadata_file).suffix.lower() == ".json" else "jsonl"
+    if (Path(root) / JSONL_FILE).is_file():
+        return "jsonl"
+    if (Path(root) / KOHYA_FILE).is_file():
+        return "kohya-json"
+    return "sidecar"
+
+
+def read_dataset(
+    root: str | Path,
+    *,
+    layout: str = "auto",
+    ext: str = ".txt",
+    metadata_file: str | Path | None = None,
+    recursive: bool = True,
+    kohya_field: str = "auto",
+) -> Dataset:
+    """Pair every image under `root` with its caption in `layout` (see module docstring).
+
+    `ext` is the sidecar extension (".txt", ".caption"); `metadata_file` overrides metadata.jsonl /
+    meta_cap.json in root. `kohya_field` is "caption", "tags" or "auto" (caption and tags joined as
+    sd-scripts' fine-tuning dataset does). Raises only for a missing root or a bad argument; an unreadable
+    caption becomes a `CaptionProblem`.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown caption layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if kohya_field not in ("auto", "caption", "tags"):
+        raise ValueError(f"kohya_field must be 'auto', 'caption' or 'tags', not {kohya_field!r}")
+    images = find_images(root, recursive)  # raises for a missing root, before anything else
+    base = Path(os.path.abspath(root))
+    meta = Path(metadata_file) if metadata_file is not None else None
+    if layout == "auto":
+        layout = detect_layout(base, meta)
+    if layout == "sidecar":
+        ds = _read_sidecar(base, images, normalize_ext(ext), recursive)
+    elif layout == "jsonl":
+        ds = _read_jsonl(base, images, meta)
+    else:
+        ds = _read_kohya(base, images, meta, kohya_field)
+    ds.image_count = len(images)
+    return ds
+
+
+# --- sidecar ------------------------------------------------------------------------------------------
+
+
+def _read_sidecar(root: Path, images: list[Path], ext: str, recursive: bool) -> Dataset:
+    ds = Dataset(root=root, layout="sidecar")
+    claimed: set[str] = set()
+    for image in images:
+        path = caption_path(image, ext)
+        claimed.add(os.path.normcase(str(path)))
+        try:
+            text = read_caption_file(path)
+        except OSError as e:  # permission denied, a folder named a.txt: this image only
+            ds.problems.append(CaptionProblem(_rel(path, root), f"unreadable: {e.strerror or e}"))
+            continue
+        if text is None:
+            ds.missing.append(image)
+        else:
+            ds.pairs.append((image, text.strip()))
+    # Orphans: caption files in the folders find_images visits that no image claims. Hidden files are
+    # skipped as discovery skips them (".DS_Store"-style junk is not a caption).
+    for rel, entry in walk_files(root, recursive):
+        name = entry.name
+        if name.startswith(".") or os.path.splitext(name)[1].lower() != ext:
+            continue
+        if os.path.normcase(str(root.joinpath(*rel))) not in claimed:
+            ds.orphans.append("/".join(rel))
+    ds.orphans.sort()
+    return ds
+
+
+# --- metadata.jsonl -----------------------------------------------------------------------------------
+
+
+def _read_jsonl(root: Path, images: list[Path], metadata_file: Path | None) -> Dataset:
+    path = metadata_file or root / JSONL_FILE
+    ds = Dataset(root=root, layout="jsonl", source=path)
+    try:
+        # The store warns about lines that are not JSON objects; here they are problems to report.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            store = JsonlStore(root, path, flush_interval_s=float("inf"))
+    except OSError as e:
+        ds.problems.append(CaptionProblem(_rel(path, root), f"unreadable: {e.strerror or e}"))
+        ds.missing.extend(images)
+        return ds
+    label = _rel(path, root)
+    for number, _ in store.corrupt_lines:
+        ds.problems.append(CaptionProblem(f"{label}:{number}", "not a JSON object"))
+    # First record of a file name wins, as in JsonlStore; later ones are reported, not read.
+    texts: dict[str, object] = {}
+    names: dict[str, str] = {}
+    for record in store.records:
+        file_name = record.get("file_name")
+        if not isinstance(file_name, str):
+            ds.problems.append(CaptionProblem(label, f"record without a file_name: {_short(record)}"))
+            continue
+        key = jsonl_key(file_name)
+        if key in texts:
+            ds.problems.append(CaptionProblem(label, f"duplicate entry for {file_name!r}: the first is used"))
+            continue
+        texts[key] = record.get("text")
+        names[key] = file_name
+    seen: set[str] = set()
+    for image in images:
+        key = jsonl_key(relative_posix(image, root))
+        seen.add(key)
+        if key not in texts:
+            ds.missing.append(image)
+            continue
+        text = texts[key]
+        if text is None or isinstance(text, str):
+            ds.pairs.append((image, (text or "").strip()))
+        else:
+            ds.problems.append(CaptionProblem(names[key], f"text is {type(text).__name__}, not a string"))
+    for key, file_name in names.items():
+        # Not discovered (hidden, non-recursive run) is not the same as not there: check the disk.
+        if key not in seen and not (root / key).is_file():
+            ds.orphans.append(file_name)
+    return ds
+
+
+# --- kohya meta_cap.json ------------------------------------------------------------------------------
+
+
+def _read_kohya(root: Path, images: list[Path], metadata_file: Path | None, field_name: str) -> Dataset:
+    path = metadata_file or root / KOHYA_FILE
+    ds = Dataset(root=root, layout="kohya-json", source=path)
+    try:
+        entries = KohyaJsonStore(root, path).entries
+    except (OSError, ValueError) as e:
+        # One broken byte makes the whole JSON file unreadable (see KohyaJsonStore._load).
+        ds.problems.append(CaptionProblem(_rel(path, root), str(e)))
+        ds.missing.extend(images)
+        return ds
+    keys: set[str] = set()
+    for image in images:
+        key = kohya_key(image, root)
+        keys.add(key)
+        if key not in entries:
+            ds.missing.append(image)
+            continue
+        text = _kohya_text(entries[key], field_name)
+        if text is None:
+            ds.problems.append(CaptionProblem(key, f"entry has no usable {field_name!r} text"))
+        else:
+            ds.pairs.append((image, text))
+    exts = supported_extensions()
+    for key in entries:
+        if key in keys:
+            continue
+        # sd-scripts globs <root>/<key>.<image ext>; an image we did not discover may still be there.
+        folder, stem = os.path.split(root / key)
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            names = []
+        if not any(os.path.splitext(n)[0] == stem and os.path.splitext(n)[1].lower() in exts for n in names):
+            ds.orphans.append(key)
+    return ds
+
+
+def _kohya_text(entry: object, field_name: str) -> str | None:
+    """The caption sd-scripts trains on for one entry; None when there is none it can use."""
+    if not isinstance(entry, dict):
+        return None
+    caption, tags = entry.get("caption"), entry.get("tags")
+    caption = caption.strip() if isinstance(caption, str) else None
+    tags = tags.strip() if isinstance(tags, str) else None
+    if field_name == "caption":
+        return caption
+    if field_name == "tags":
+        return tags
+    # sd-scripts' FineTuningDataset: the caption, then ", " and the tags when both are there.
+    if caption is None:
+        return tags
+    return f"{caption}, {tags}" if tags else caption
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return relative_posix(path, root)
+    except ValueError:
+        return str(path)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

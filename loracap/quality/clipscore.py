@@ -1,0 +1,368 @@
+"""CLIPScore: how well each caption describes its image, with any CLIP or SigLIP checkpoint.
+
+CLIPScore (Hessel et al., 2021, as torchmetrics computes it) is ``100 * max(cos(image_emb, text_emb), 0)``
+with both embeddings from the model's projection heads (`get_image_features` / `get_text_features`). Hessel's
+paper scales by 2.5 instead of 100; only the scale differs. Scores from different models are not comparable:
+SigLIP's cosines are much smaller than CLIP's, so its scores sit lower. Rank within one model.
+
+Captions longer than the text tower's window (77 tokens for CLIP, 64 for SigLIP) are cut there and the pair is
+marked `truncated`: the part after the cut did not count. Images are decoded (`loracap.inputs.load_image`) and
+preprocessed in worker threads a few batches ahead of the model; a file that cannot be decoded becomes a
+per-file error and every other pair is still scored.
+
+Scores are cached in a JSON file keyed by (model, SHA-256 of the image file, caption text): a re-run only
+scores pairs whose image or caption changed, and loads no model at all when nothing did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, TypeVar
+
+from loracap.backends.base import BackendError
+from loracap.backends.hub import resolve_model
+from loracap.inputs import ImageDecodeError, load_image
+from loracap.writers import atomic_write_text
+
+DEFAULT_MODEL = "openai/clip-vit-large-patch14"
+CACHE_FILE = "clipscore-cache.json"
+_CACHE_VERSION = 1
+# SigLIP's text tower reads the last position and was trained on texts padded to the full window.
+_PAD_TO_WINDOW = frozenset({"siglip", "siglip2"})
+# Decode at most this many times the model's input side; its own resize does the final filtering.
+_DECODE_MARGIN = 2
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class ScoredPair:
+    """One image-caption pair: `score` in [0, 100] (None when `error` says why it could not be scored)."""
+
+    path: Path
+    caption: str
+    score: float | None
+    cosine: float | None = None
+    truncated: bool = False  # the caption was longer than the model's text window and was cut
+    cached: bool = False  # taken from the cache, not computed in this run
+    error: str | None = None
+
+
+@dataclass
+class ClipScoreRun:
+    """The pairs in input order plus what the run did: how many were computed, cached, failed, truncated."""
+
+    pairs: list[ScoredPair]
+    model: str
+    computed: int = 0  # pairs sent through the model in this run
+    cached: int = 0
+    failed: int = 0
+    truncated: int = 0
+    seconds: float = 0.0
+    cache_path: Path | None = None
+    errors: list[ScoredPair] = field(default_factory=list)
+
+    def lowest_first(self) -> list[ScoredPair]:
+        return lowest_first(self.pairs)
+
+
+def lowest_first(pairs: Iterable[ScoredPair]) -> list[ScoredPair]:
+    """Scored pairs, lowest score first (the captions to look at first); ties by path. Errors are left out."""
+    return sorted((p for p in pairs if p.score is not None), key=lambda p: (p.score, str(p.path), p.caption))
+
+
+def default_cache_path() -> Path:
+    """`$LORACAP_CACHE/clipscore-cache.json` (default `~/.cache/loracap/`)."""
+    root = os.environ.get("LORACAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loracap")
+    return Path(root) / CACHE_FILE
+
+
+def clip_scores(
+    pairs: Sequence[tuple[str | Path, str]],
+    *,
+    model: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int | None = None,
+    workers: int = 2,
+    cache_path: str | Path | None = None,
+    cache: bool = True,
+    progress: bool = True,
+) -> ClipScoreRun:
+    """Score every (image path, caption) pair; see the module docstring.
+
+    `model`: a hub id or a local folder, found through `resolve_model` (offline mode raises
+    `ModelUnavailable` with the one-line fix); loaded only if some pair is not in the cache. `cache_path`
+    defaults to `default_cache_path()`; `cache=False` neither reads nor writes one. `batch_size` defaults to
+    64 on a GPU, 8 on a CPU. Raises `BackendError` for a checkpoint that is not an image-text dual encoder.
+    """
+    started = time.perf_counter()
+    model_dir = resolve_model(model)
+    model_key = f"{model}|{_fingerprint(model_dir)}"
+    items = [(Path(p), str(c)) for p, c in pairs]
+    path_cache = (Path(cache_path) if cache_path is not None else default_cache_path()) if cache else None
+    entries = _read_cache(path_cache) if path_cache else {}
+
+    results: list[ScoredPair | None] = [None] * len(items)
+    hashes = list(_map_ahead(lambda it: _file_hash(it[0]), items, workers))
+    todo: dict[str, list[int]] = {}  # cache key -> indices of the pairs it scores (duplicates scored once)
+    for i, ((path, caption), digest) in enumerate(zip(items, hashes, strict=True)):
+        if isinstance(digest, ImageDecodeError):
+            results[i] = ScoredPair(path, caption, None, error=digest.reason)
+            continue
+        key = _cache_key(model_key, digest, caption)
+        hit = entries.get(key)
+        if _valid_entry(hit):
+            results[i] = ScoredPair(path, caption, hit["score"], hit["cosine"], hit["truncated"], cached=True)
+        else:
+            todo.setdefault(key, []).append(i)
+
+    computed = 0
+    if todo:
+        scorer = _Scorer(model_dir, device=device, dtype=dtype, batch_size=batch_size)
+        jobs = [(key, items[idx[0]][0], items[idx[0]][1]) for key, idx in todo.items()]
+        try:
+            for key, outcome in scorer.score(jobs, workers=workers, progress=progress):
+                for i in todo[key]:
+                    path, caption = items[i]
+                    if isinstance(outcome, str):
+                        results[i] = ScoredPair(path, caption, None, error=outcome)
+                    else:
+                        cosine, truncated = outcome
+                        results[i] = ScoredPair(path, caption, _clipscore(cosine), cosine, truncated)
+                if not isinstance(outcome, str):
+                    computed += 1
+                    entries[key] = {
+                        "model": model_key,
+                        "score": _clipscore(outcome[0]),
+                        "cosine": outcome[0],
+                        "truncated": outcome[1],
+                    }
+        finally:  # an interrupted run keeps what it computed
+            if path_cache is not None:
+                _write_cache(path_cache, entries)
+
+    done = [r for r in results if r is not None]
+    errors = [r for r in done if r.error is not None]
+    for e in errors:
+        print(f"loracap: clipscore error: {e.path}: {e.error}", file=sys.stderr)
+    return ClipScoreRun(
+        pairs=done,
+        model=model,
+        computed=computed,
+        cached=sum(r.cached for r in done),
+        failed=len(errors),
+        truncated=sum(r.truncated for r in done),
+        seconds=time.perf_counter() - started,
+        cache_path=path_cache,
+        errors=errors,
+    )
+
+
+def _clipscore(cosine: float) -> float:
+    return 100.0 * max(cosine, 0.0)
+
+
+# -------------------------------------------------------------------------------------------------- the model
+
+
+class _Scorer:
+    """A loaded dual encoder: decodes images ahead in threads, embeds batches, returns cosines."""
+
+    def __init__(self, model_dir: Path, *, device: str | None, dtype: str | None, batch_size: int | None):
+        from transformers import AutoModel, AutoProcessor
+
+        from loracap.backends.device import choose_placement, default_batch_size
+
+        self.placement = choose_placement(device, dtype)
+        self.model = AutoModel.from_pretrained(model_dir, dtype=self.placement.dtype)
+        if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):
+            raise BackendError(
+                f"{model_dir} is a {type(self.model).__name__}, not an image-text model like CLIP or SigLIP"
+            )
+        self.model.to(self.placement.device).eval()
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.tokenizer = self.processor.tokenizer
+        self.image_processor = self.processor.image_processor
+        self.batch_size = batch_size or default_batch_size(self.placement, gpu_batch=64, cpu_batch=8)
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        window = getattr(text_config, "max_position_embeddings", None) or 77
+        self.max_length = min(window, self.tokenizer.model_max_length or window)
+        self.pad_to_window = self.model.config.model_type in _PAD_TO_WINDOW
+        side = _image_side(self.image_processor)
+        self.min_side = side * _DECODE_MARGIN if side else None
+
+    def score(
+        self, jobs: list[tuple[str, Path, str]], *, workers: int, progress: bool
+    ) -> Iterator[tuple[str, tuple[float, bool] | str]]:
+        """Yield (key, (cosine, truncated)) or (key, error reason) for every job."""
+        from tqdm.auto import tqdm
+
+        batches = [jobs[i : i + self.batch_size] for i in range(0, len(jobs), self.batch_size)]
+        bar = tqdm(total=len(jobs), unit="pair", desc="clipscore", disable=not progress, file=sys.stderr)
+        try:
+            for batch, pixels, bad in _map_ahead(self._load, batches, workers):
+                yield from bad
+                if batch:
+                    yield from self._embed(batch, pixels)
+                bar.update(len(batch) + len(bad))
+        finally:
+            bar.close()
+
+    def _load(self, batch: list[tuple[str, Path, str]]) -> tuple[list, Any, list[tuple[str, str]]]:
+        """Worker thread: decode and preprocess one batch of images; bad files come back as (key, reason)."""
+        good, images, bad = [], [], []
+        for job in batch:
+            try:
+                images.append(load_image(job[1], min_side=self.min_side))
+                good.append(job)
+            except ImageDecodeError as exc:
+                bad.append((job[0], exc.reason))
+        pixels = self.image_processor(images=images, return_tensors="pt") if images else None
+        return good, pixels, bad
+
+    def _embed(self, batch: list[tuple[str, Path, str]], pixels: Any) -> Iterator[tuple[str, Any]]:
+        try:
+            cosines, truncated = self._cosines([c for _, _, c in batch], pixels)
+        except (KeyboardInterrupt, BackendError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - find the pair that breaks the model, keep the rest
+            if len(batch) == 1:
+                yield batch[0][0], f"{type(exc).__name__}: {exc}"
+                return
+            for job in batch:
+                _, one, bad = self._load([job])
+                yield from bad
+                if one is not None:
+                    yield from self._embed([job], one)
+            return
+        for job, cosine, cut in zip(batch, cosines, truncated, strict=True):
+            yield job[0], (cosine, cut)
+
+    def _cosines(self, captions: list[str], pixels: Any) -> tuple[list[float], list[bool]]:
+        import torch
+
+        full = self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]
+        truncated = [len(ids) > self.max_length for ids in full]
+        text = self.tokenizer(
+            captions,
+            padding="max_length" if self.pad_to_window else True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        device, dtype = self.placement.device, self.placement.dtype
+        with torch.inference_mode():
+            image_inputs = {
+                k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in pixels.items()
+            }
+            image_emb = _features(self.model.get_image_features(**image_inputs))
+            text_emb = _features(self.model.get_text_features(**{k: v.to(device) for k, v in text.items()}))
+            image_emb = torch.nn.functional.normalize(image_emb.float(), dim=-1)
+            text_emb = torch.nn.functional.normalize(text_emb.float(), dim=-1)
+            cosines = (image_emb * text_emb).sum(dim=-1)
+        return cosines.cpu().tolist(), truncated
+
+
+def _features(out: Any) -> Any:
+    """The projected embedding: transformers 5 returns a model output from get_*_features (its
+    pooler_output), 4.x returned the tensor."""
+    return out if hasattr(out, "dim") else out.pooler_output
+
+
+def _image_side(image_processor: Any) -> int | None:
+    """The model's input side (`size` / `crop_size` is a dict in 4.x, a SizeDict in 5.x)."""
+    sides = []
+    for attr in ("size", "crop_size"):
+        size = getattr(image_processor, attr, None)
+        for name in ("shortest_edge", "height", "width"):
+            value = size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+            if isinstance(value, int):
+                sides.append(value)
+    return max(sides) if sides else None
+
+
+# ------------------------------------------------------------------------------------------ threads and cache
+
+
+def _map_ahead(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """`map(fn, items)` in input order, run in `workers` threads at most `workers + 1` items ahead.
+
+    The same bounded look-ahead as `loracap.pipeline._prefetch`, without its captioning types.
+    """
+    source = iter(items)
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="loracap-clipscore")
+    pending: deque[Future] = deque(pool.submit(fn, x) for x in islice(source, max(1, workers) + 1))
+    try:
+        while pending:
+            ready = pending.popleft().result()
+            pending.extend(pool.submit(fn, x) for x in islice(source, 1))
+            yield ready
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _file_hash(path: Path) -> str | ImageDecodeError:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        return ImageDecodeError(path, f"cannot read file: {exc.strerror or exc}")
+    return digest.hexdigest()
+
+
+def _fingerprint(model_dir: Path) -> str:
+    """Changes when the checkpoint's config or weights change (a rebuilt local folder, a new hub revision)."""
+    digest = hashlib.sha256()
+    for f in sorted(model_dir.iterdir()):
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin"):
+            st = f.stat()
+            digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _cache_key(model_key: str, file_hash: str, caption: str) -> str:
+    return hashlib.sha256(json.dumps([model_key, file_hash, caption]).encode()).hexdigest()
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("score"), float | int)
+        and isinstance(entry.get("cosine"), float | int)
+        and isinstance(entry.get("truncated"), bool)
+    )
+
+
+def _read_cache(path: Path) -> dict[str, dict[str, Any]]:
+    """The cache entries; a missing, unreadable or other-version file is an empty cache."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION:
+        return {}
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def _write_cache(path: Path, entries: dict[str, dict[str, Any]]) -> None:
+    """Every entry is kept (one cache may serve several folders and models); about 200 bytes each."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1) + "\n")
+    except OSError as exc:
+        print(f"loracap: cannot write the CLIPScore cache {path}: {exc}", file=sys.stderr)

@@ -1,0 +1,527 @@
+"""Image-level dataset checks: near-duplicates, resolutions, aspect ratios and a kohya bucketing preview.
+
+Everything here works on the files alone (no captions, no model). One pass over the files reads each
+header (display size), a hash of the bytes and a perceptual hash of a shrunken decode; every other check
+is pure arithmetic on those results, so it can be unit-tested without images.
+
+A file that cannot be decoded becomes an ImageError and is left out of every statistic: a trainer would
+fail on it (or skip it) too, and one bad download must not stop a report over thousands of files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from loracap.inputs import ImageDecodeError, load_image, read_size
+
+# Shorter-side minimum per base model: below it a trainer upscales the image (blurry training data).
+SIDE_PRESETS: dict[str, int] = {"sd15": 512, "sd1.5": 512, "sdxl": 1024, "flux": 1024}
+
+# 6 differing bits out of 64 is the usual "same picture" cut-off for phash: re-encodes, resizes and
+# small colour edits stay well under it, unrelated photos sit around 32.
+DEFAULT_THRESHOLD_64 = 6
+
+# Perceptual hashing only looks at a 32x32 (hash_size * 4) greyscale thumbnail, so decoding at full size
+# is wasted work; 256 px keeps a resampling margin and lets libjpeg decode at 1/8 scale.
+DEFAULT_HASH_SIDE = 256
+
+# Shorter-side bin edges for the resolution histogram, chosen around the training resolutions.
+RESOLUTION_EDGES: tuple[int, ...] = (256, 512, 768, 1024, 1536, 2048, 3072, 4096)
+
+# Named aspect ratios (width:height) for the aspect histogram, from tall to wide.
+ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
+    (9, 21),
+    (9, 16),
+    (2, 3),
+    (3, 4),
+    (1, 1),
+    (4, 3),
+    (3, 2),
+    (16, 9),
+    (21, 9),
+)
+
+_CHUNK = 1 << 20
+
+
+# --- results ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One decodable image: display size (EXIF rotation applied), file digest and perceptual hash."""
+
+    path: Path
+    width: int
+    height: int
+    sha256: str
+    phash: np.ndarray = field(repr=False, compare=False)  # flat bool array, hash_size**2 bits
+
+    @property
+    def short_side(self) -> int:
+        return min(self.width, self.height)
+
+    @property
+    def aspect(self) -> float:
+        return self.width / self.height
+
+
+@dataclass(frozen=True)
+class ImageError:
+    """A file left out of the report, with the one-line reason from the decoder."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Files showing the same picture. ``exact``: all byte-identical. ``max_distance``: the largest
+    Hamming distance between two members (it can exceed the threshold: grouping is transitive).
+    ``keep``: the member with the most pixels, the one to keep when pruning."""
+
+    paths: tuple[Path, ...]
+    exact: bool
+    max_distance: int
+    keep: Path
+
+
+@dataclass(frozen=True)
+class HistogramBin:
+    """``low <= value < high`` holds ``count`` images."""
+
+    label: str
+    low: float
+    high: float
+    count: int
+
+
+@dataclass(frozen=True)
+class SmallImage:
+    path: Path
+    width: int
+    height: int
+
+    @property
+    def short_side(self) -> int:
+        return min(self.width, self.height)
+
+
+@dataclass(frozen=True)
+class BucketAssignment:
+    """Where kohya would put one image: bucket (w, h), the size it is resized to before the crop."""
+
+    path: Path
+    bucket: tuple[int, int]
+    resized: tuple[int, int]
+    aspect_error: float  # bucket aspect minus image aspect: how much gets cropped away
+
+
+@dataclass(frozen=True)
+class Bucket:
+    width: int
+    height: int
+    paths: tuple[Path, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.paths)
+
+    @property
+    def single(self) -> bool:
+        # A one-image bucket is a batch of one every epoch (batch size silently drops), and with
+        # batch_size > 1 the image is trained less evenly: worth cropping it into a common bucket.
+        return self.count == 1
+
+
+@dataclass(frozen=True)
+class BucketSettings:
+    """kohya sd-scripts' bucket arguments (--resolution, --min/max_bucket_reso, --bucket_reso_steps,
+    --bucket_no_upscale)."""
+
+    resolution: int = 1024
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 2048
+    bucket_reso_steps: int = 64
+    no_upscale: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bucket_reso_steps < 1:
+            raise ValueError(f"bucket_reso_steps must be >= 1, got {self.bucket_reso_steps}")
+        if not 0 < self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
+            raise ValueError(
+                "need 0 < min_bucket_reso <= resolution <= max_bucket_reso, got "
+                f"{self.min_bucket_reso}, {self.resolution}, {self.max_bucket_reso}"
+            )
+
+    @property
+    def max_area(self) -> int:
+        return self.resolution * self.resolution
+
+
+@dataclass
+class ImageReport:
+    images: list[ImageInfo]
+    errors: list[ImageError]
+    duplicate_groups: list[DuplicateGroup]
+    resolution_histogram: list[HistogramBin]
+    aspect_histogram: list[HistogramBin]
+    min_side: int
+    small_images: list[SmallImage]
+    bucket_settings: BucketSettings
+    assignments: list[BucketAssignment]
+    buckets: list[Bucket]  # most populated first
+
+    @property
+    def single_image_buckets(self) -> list[Bucket]:
+        return [b for b in self.buckets if b.single]
+
+
+# --- scanning ---------------------------------------------------------------------------------------
+
+
+def resolve_side(value: int | str) -> int:
+    """A pixel count, or a preset name ("sd15", "sdxl", "flux") for it."""
+    if isinstance(value, str):
+        try:
+            return SIDE_PRESETS[value.lower()]
+        except KeyError:
+            raise ValueError(f"unknown preset {value!r}; known: {', '.join(sorted(SIDE_PRESETS))}") from None
+    if value < 1:
+        raise ValueError(f"side must be >= 1, got {value}")
+    return value
+
+
+def default_threshold(hash_size: int) -> int:
+    """DEFAULT_THRESHOLD_64 scaled to the hash's bit count (a 16x16 hash has 4x the bits)."""
+    return max(1, round(DEFAULT_THRESHOLD_64 * hash_size * hash_size / 64))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _imagehash():
+    # Optional dependency (the "report" extra): captioning alone must not need it.
+    try:
+        import imagehash
+    except ImportError as e:
+        raise ImportError('image checks need imagehash: pip install "loracap[report]"') from e
+    return imagehash
+
+
+def scan_image(path: str | Path, *, hash_size: int = 8, hash_side: int = DEFAULT_HASH_SIDE) -> ImageInfo:
+    """Size, byte digest and perceptual hash of one file. Raises ImageDecodeError for a bad file."""
+    imagehash = _imagehash()
+    path = Path(path)
+    width, height = read_size(path)  # header only: the full-size decode never happens
+    image = load_image(path, max_side=hash_side)  # upright per EXIF, so rotated copies hash alike
+    bits = np.asarray(imagehash.phash(image, hash_size=hash_size).hash, dtype=bool).ravel()
+    try:
+        sha = _file_sha256(path)
+    except OSError as e:  # vanished or unreadable between decode and digest
+        raise ImageDecodeError(path, f"cannot read file: {e.strerror or e}") from e
+    return ImageInfo(path=path, width=width, height=height, sha256=sha, phash=bits)
+
+
+def scan_images(
+    paths: Iterable[str | Path],
+    *,
+    hash_size: int = 8,
+    hash_side: int = DEFAULT_HASH_SIDE,
+    workers: int = 2,
+) -> tuple[list[ImageInfo], list[ImageError]]:
+    """scan_image over many files in a thread pool (decoding releases the GIL), in input order."""
+    if hash_size < 2:
+        raise ValueError(f"hash_size must be >= 2, got {hash_size}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    _imagehash()  # fail once, up front, rather than in every worker
+    paths = [Path(p) for p in paths]
+
+    def one(path: Path) -> ImageInfo | ImageError:
+        try:
+            return scan_image(path, hash_size=hash_size, hash_side=hash_side)
+        except ImageDecodeError as e:
+            return ImageError(path=e.path, reason=e.reason)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loracap-scan") as pool:
+        results = list(pool.map(one, paths))
+    infos = [r for r in results if isinstance(r, ImageInfo)]
+    errors = [r for r in results if isinstance(r, ImageError)]
+    return infos, errors
+
+
+# --- duplicates -------------------------------------------------------------------------------------
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]  # path halving keeps the trees flat
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _distance_rows(packed: np.ndarray, i: int, others: np.ndarray | slice) -> np.ndarray:
+    """Hamming distances from hash i to the hashes at ``others`` (packed uint8 rows)."""
+    return _POPCOUNT[packed[others] ^ packed[i]].sum(axis=1, dtype=np.int32)
+
+
+def find_duplicate_groups(
+    infos: Sequence[ImageInfo], threshold: int | None = None, *, hash_size: int | None = None
+) -> list[DuplicateGroup]:
+    """Groups of 2+ images whose phashes are within ``threshold`` bits, or whose bytes are identical.
+
+    Grouping is transitive (A~B and B~C puts A, B, C together): a chain of small edits is one picture
+    to a trainer. All pairs are compared, vectorised per row: ~1 s for 10k images. ``threshold``
+    defaults to default_threshold() for the hashes' size.
+    """
+    n = len(infos)
+    if n < 2:
+        return []
+    bits = {info.phash.size for info in infos}
+    if len(bits) != 1:
+        raise ValueError(f"all hashes must have the same size, got {sorted(bits)}")
+    nbits = bits.pop()
+    if threshold is None:
+        threshold = default_threshold(hash_size or math.isqrt(nbits))
+    if not 0 <= threshold <= nbits:
+        raise ValueError(f"threshold must be in 0..{nbits}, got {threshold}")
+
+    packed = np.packbits(np.stack([info.phash for info in infos]), axis=1)
+    uf = _UnionFind(n)
+    by_digest: dict[str, int] = {}
+    for i, info in enumerate(infos):
+        first = by_digest.setdefault(info.sha256, i)
+        if first != i:
+            uf.union(first, i)
+    for i in range(n - 1):
+        close = np.nonzero(_distance_rows(packed, i, slice(i + 1, n)) <= threshold)[0]
+        for j in close:
+            uf.union(i, i + 1 + int(j))
+
+    members: dict[int, list[int]] = defaultdict(list)
+    for i in range(n):
+        members[uf.find(i)].append(i)
+    groups = []
+    for idx in members.values():
+        if len(idx) < 2:
+            continue
+        arr = np.array(idx)
+        max_distance = max(int(_distance_rows(packed, i, arr).max()) for i in idx)
+        best = max(idx, key=lambda k: (infos[k].width * infos[k].height, -k))
+        groups.append(
+            DuplicateGroup(
+                paths=tuple(infos[k].path for k in idx),
+                exact=len({infos[k].sha256 for k in idx}) == 1,
+                max_distance=max_distance,
+                keep=infos[best].path,
+            )
+        )
+    return groups  # in order of each group's first file, since union-find roots are the smallest index
+
+
+# --- sizes ------------------------------------------------------------------------------------------
+
+
+def resolution_histogram(
+    sizes: Iterable[tuple[int, int]], edges: Sequence[int] = RESOLUTION_EDGES
+) -> list[HistogramBin]:
+    """Counts of shorter sides per bin: ``<e0``, ``e0-e1``, ..., ``>=eN`` (every bin listed, even empty)."""
+    bounds = [0, *edges, math.inf]
+    if any(a >= b for a, b in zip(bounds, bounds[1:], strict=False)):
+        raise ValueError(f"edges must be positive and increasing, got {list(edges)}")
+    counts = Counter(int(np.searchsorted(edges, min(w, h), side="right")) for w, h in sizes)
+    bins = []
+    for k, (low, high) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        if k == 0:
+            label = f"<{high}"
+        elif high == math.inf:
+            label = f">={low}"
+        else:
+            label = f"{low}-{high - 1}"
+        bins.append(HistogramBin(label=label, low=low, high=high, count=counts.get(k, 0)))
+    return bins
+
+
+def aspect_histogram(
+    sizes: Iterable[tuple[int, int]], ratios: Sequence[tuple[int, int]] = ASPECT_RATIOS
+) -> list[HistogramBin]:
+    """Counts per named aspect ratio; each image goes to the nearest one (compared in log space, so 1:2
+    and 2:1 are equally far from 1:1). Bin bounds are the geometric midpoints between neighbours."""
+    logs = np.log([w / h for w, h in ratios])
+    if np.any(np.diff(logs) <= 0):
+        raise ValueError("ratios must be listed from tallest to widest, without repeats")
+    mids = np.exp((logs[1:] + logs[:-1]) / 2)
+    counts = Counter(int(np.searchsorted(mids, w / h, side="right")) for w, h in sizes)
+    bounds = [0.0, *map(float, mids), math.inf]
+    return [
+        HistogramBin(label=f"{w}:{h}", low=bounds[k], high=bounds[k + 1], count=counts.get(k, 0))
+        for k, (w, h) in enumerate(ratios)
+    ]
+
+
+def find_small_images(infos: Iterable[ImageInfo], min_side: int | str = 1024) -> list[SmallImage]:
+    """Images whose shorter side is below ``min_side`` (pixels or a preset name: sd15 512, sdxl/flux 1024)."""
+    limit = resolve_side(min_side)
+    return [SmallImage(i.path, i.width, i.height) for i in infos if i.short_side < limit]
+
+
+# --- kohya bucketing --------------------------------------------------------------------------------
+
+
+def make_bucket_resolutions(settings: BucketSettings) -> list[tuple[int, int]]:
+    """The (width, height) buckets sd-scripts predefines: for each width from min to max bucket reso in
+    steps, the tallest height (a multiple of steps, within the limits) keeping the area <= resolution^2,
+    plus its transpose and the square."""
+    step, area = settings.bucket_reso_steps, settings.max_area
+    side = int(math.sqrt(area) // step) * step
+    resos = {(side, side)}
+    for width in range(settings.min_bucket_reso, settings.max_bucket_reso + 1, step):
+        height = min(settings.max_bucket_reso, (area // width) // step * step)
+        if height >= settings.min_bucket_reso:
+            resos.add((width, height))
+            resos.add((height, width))
+    return sorted(resos)
+
+
+def _round_to_steps(x: float, step: int) -> int:
+    rounded = int(x + 0.5)
+    return rounded - rounded % step
+
+
+def select_bucket(
+    width: int, height: int, settings: BucketSettings, resos: Sequence[tuple[int, int]] | None = None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(bucket, resized size) for an image of ``width`` x ``height``, the way sd-scripts' BucketManager
+    picks them. The image is later resized to ``resized`` and centre-cropped to ``bucket``.
+
+    Default: the predefined bucket with the nearest aspect ratio (an exact size match wins), the image
+    scaled (up or down) to cover it. ``no_upscale``: images over the area are first shrunk to it, with
+    whichever side rounded to steps keeps the aspect closer; the bucket is the size floored to steps.
+    """
+    aspect = width / height
+    step = settings.bucket_reso_steps
+    if not settings.no_upscale:
+        resos = make_bucket_resolutions(settings) if resos is None else resos
+        if (width, height) in resos:
+            bucket = (width, height)
+        else:
+            # First minimum, like numpy's argmin over the sorted list: ties go to the narrower bucket.
+            bucket = min(resos, key=lambda r: abs(r[0] / r[1] - aspect))
+        scale = bucket[1] / height if aspect > bucket[0] / bucket[1] else bucket[0] / width
+        resized = (int(width * scale + 0.5), int(height * scale + 0.5))
+        return bucket, resized
+
+    if width * height > settings.max_area:
+        target_w = math.sqrt(settings.max_area * aspect)
+        target_h = settings.max_area / target_w
+        w_rounded = _round_to_steps(target_w, step)
+        h_in_w = _round_to_steps(w_rounded / aspect, step)
+        h_rounded = _round_to_steps(target_h, step)
+        w_in_h = _round_to_steps(h_rounded * aspect, step)
+        err_w = abs(w_rounded / h_in_w - aspect) if h_in_w else math.inf
+        err_h = abs(w_in_h / h_rounded - aspect) if h_rounded else math.inf
+        if err_w < err_h:
+            resized = (w_rounded, int(w_rounded / aspect + 0.5))
+        else:
+            resized = (int(h_rounded * aspect + 0.5), h_rounded)
+    else:
+        resized = (width, height)
+    bucket = (resized[0] - resized[0] % step, resized[1] - resized[1] % step)
+    return bucket, resized
+
+
+def bucket_preview(
+    infos: Iterable[ImageInfo], settings: BucketSettings | None = None
+) -> tuple[list[BucketAssignment], list[Bucket]]:
+    """Every image's bucket, and the buckets in use, most populated first (then by width, height)."""
+    settings = settings or BucketSettings()
+    resos = None if settings.no_upscale else make_bucket_resolutions(settings)
+    assignments = []
+    for info in infos:
+        bucket, resized = select_bucket(info.width, info.height, settings, resos)
+        # no_upscale can floor a tiny image's side to 0; kohya would fail on it, so it shows here as is.
+        error = bucket[0] / bucket[1] - info.aspect if bucket[1] else math.inf
+        assignments.append(BucketAssignment(info.path, bucket, resized, error))
+    by_bucket: dict[tuple[int, int], list[Path]] = defaultdict(list)
+    for a in assignments:
+        by_bucket[a.bucket].append(a.path)
+    buckets = [Bucket(w, h, tuple(paths)) for (w, h), paths in by_bucket.items()]
+    buckets.sort(key=lambda b: (-b.count, b.width, b.height))
+    return assignments, buckets
+
+
+# --- everything -------------------------------------------------------------------------------------
+
+
+def image_report(
+    paths: Iterable[str | Path],
+    *,
+    min_side: int | str = 1024,
+    resolution: int | str = 1024,
+    hash_size: int = 8,
+    threshold: int | None = None,
+    workers: int = 2,
+    hash_side: int = DEFAULT_HASH_SIDE,
+    min_bucket_reso: int = 256,
+    max_bucket_reso: int = 2048,
+    bucket_reso_steps: int = 64,
+    bucket_no_upscale: bool = False,
+) -> ImageReport:
+    """All image checks over ``paths``: one scan, then duplicates, histograms, small images, buckets.
+
+    ``min_side`` and ``resolution`` take pixels or a preset ("sd15" 512, "sdxl"/"flux" 1024).
+    ``threshold`` (Hamming bits) defaults to 6 per 64 hash bits. Bad files end up in ``errors``.
+    """
+    settings = BucketSettings(
+        resolution=resolve_side(resolution),
+        min_bucket_reso=min_bucket_reso,
+        max_bucket_reso=max_bucket_reso,
+        bucket_reso_steps=bucket_reso_steps,
+        no_upscale=bucket_no_upscale,
+    )
+    limit = resolve_side(min_side)  # validate everything before the (long) scan
+    if threshold is None:
+        threshold = default_threshold(hash_size)
+    if not 0 <= threshold <= hash_size * hash_size:
+        raise ValueError(f"threshold must be in 0..{hash_size * hash_size}, got {threshold}")
+    infos, errors = scan_images(paths, hash_size=hash_size, hash_side=hash_side, workers=workers)
+    sizes = [(i.width, i.height) for i in infos]
+    assignments, buckets = bucket_preview(infos, settings)
+    return ImageReport(
+        images=infos,
+        errors=errors,
+        duplicate_groups=find_duplicate_groups(infos, threshold),
+        resolution_histogram=resolution_histogram(sizes),
+        aspect_histogram=aspect_histogram(sizes),
+        min_side=limit,
+        small_images=find_small_images(infos, limit),
+        bucket_settings=settings,
+        assignments=assignments,
+        buckets=buckets,
+    )

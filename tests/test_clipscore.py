@@ -1,0 +1,145 @@
+"""CLIPScore with the tiny CLIP and SigLIP checkpoints: equal to transformers computed directly, cached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import write_images
+from PIL import Image
+
+from loracap.backends.hub import ModelUnavailable
+from loracap.quality.clipscore import clip_scores, lowest_first
+
+ARCHS = ["clip", "siglip-clip"]
+LONG = " ".join(["a red car parked next to a wooden house"] * 20)  # > 77 tokens for either tokenizer
+
+
+def _pairs(folder: Path, n: int = 5) -> list[tuple[Path, str]]:
+    # 48x40: smaller than twice the 32 px input, so loracap decodes it at full size, as PIL does directly.
+    paths = write_images(folder, [f"img{i}.png" for i in range(n)])
+    captions = ["a photo of a cat", "a dog running on the beach", "1girl, solo, smile", "a robot", LONG]
+    return [(p, captions[i % len(captions)]) for i, p in enumerate(paths)]
+
+
+def _direct_cosine(model_dir: Path, path: Path, caption: str) -> float:
+    """Reference: one pair through AutoModel/AutoProcessor, get_*_features, normalised dot product."""
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    siglip = model.config.model_type == "siglip"
+    window = model.config.text_config.max_position_embeddings
+    text = processor.tokenizer(
+        [caption],
+        padding="max_length" if siglip else False,
+        truncation=True,
+        max_length=window,
+        return_tensors="pt",
+    )
+    pixels = processor.image_processor(images=[Image.open(path).convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        image = model.get_image_features(**pixels)
+        words = model.get_text_features(**text)
+    # transformers 5 returns output objects whose pooler_output is the projected embedding
+    image = image if isinstance(image, torch.Tensor) else image.pooler_output
+    words = words if isinstance(words, torch.Tensor) else words.pooler_output
+    return float(torch.nn.functional.cosine_similarity(image, words)[0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scores_equal_direct_transformers_computation(tiny_model, tmp_path: Path, arch: str) -> None:
+    model_dir = tiny_model(arch)
+    pairs = _pairs(tmp_path)
+    run = clip_scores(pairs, model=str(model_dir), batch_size=2, workers=2, cache=False, progress=False)
+    assert run.computed == len(pairs) and run.cached == 0 and run.failed == 0
+    assert [(p.path, p.caption) for p in run.pairs] == pairs  # input order
+    for pair in run.pairs:
+        expected = _direct_cosine(model_dir, pair.path, pair.caption)
+        assert pair.cosine == pytest.approx(expected, abs=1e-5)
+        assert pair.score == pytest.approx(100 * max(expected, 0.0), abs=1e-3)
+        assert 0.0 <= pair.score <= 100.0
+        assert pair.truncated == (pair.caption == LONG)
+    assert run.truncated == 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_checkpoint_layout(tiny_model, arch: str) -> None:
+    from transformers import AutoModel, AutoProcessor
+
+    model_dir = tiny_model(arch)
+    model = AutoModel.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    names = (type(model).__name__, type(processor).__name__, type(processor.image_processor).__name__)
+    if arch == "clip":
+        assert names == ("CLIPModel", "CLIPProcessor", "CLIPImageProcessorPil")
+        assert processor.tokenizer.model_max_length == 77 == model.config.text_config.max_position_embeddings
+        # CLIP pools the text at the first <|endoftext|>: the config must name the tokenizer's id.
+        eos = processor.tokenizer.eos_token_id
+        assert model.config.text_config.eos_token_id == eos == len(processor.tokenizer) - 1
+    else:
+        assert names == ("SiglipModel", "SiglipProcessor", "SiglipImageProcessorPil")
+        assert processor.tokenizer.model_max_length == 64 == model.config.text_config.max_position_embeddings
+        assert list(processor.tokenizer("a cat")) == ["input_ids"]  # no attention mask, as on the hub
+    assert model.config.text_config.vocab_size == len(processor.tokenizer)
+
+
+def test_cache_scores_only_what_changed(tiny_model, tmp_path: Path) -> None:
+    model = str(tiny_model("clip"))
+    pairs = _pairs(tmp_path / "images")
+    cache = tmp_path / "out" / "clipscore-cache.json"
+
+    first = clip_scores(pairs, model=model, cache_path=cache, progress=False)
+    assert (first.computed, first.cached) == (5, 0) and cache.is_file()
+
+    again = clip_scores(pairs, model=model, cache_path=cache, progress=False)
+    assert (again.computed, again.cached) == (0, 5)
+    assert [p.score for p in again.pairs] == [p.score for p in first.pairs]
+    assert [p.truncated for p in again.pairs] == [p.truncated for p in first.pairs]
+    assert all(p.cached for p in again.pairs)
+
+    # One caption edited, one image file rewritten with other pixels: exactly those two are scored again.
+    pairs[1] = (pairs[1][0], "a dog sleeping on a sofa")
+    Image.new("RGB", (48, 40), (250, 10, 10)).save(pairs[3][0])
+    changed = clip_scores(pairs, model=model, cache_path=cache, progress=False)
+    assert (changed.computed, changed.cached) == (2, 3)
+    assert [p.cached for p in changed.pairs] == [True, False, True, False, True]
+    fresh = clip_scores(pairs, model=model, cache=False, progress=False)
+    assert [p.score for p in changed.pairs] == pytest.approx([p.score for p in fresh.pairs], abs=1e-4)
+
+    # Another model never reuses these entries.
+    other = clip_scores(pairs, model=str(tiny_model("siglip-clip")), cache_path=cache, progress=False)
+    assert (other.computed, other.cached) == (5, 0)
+
+
+def test_broken_images_are_per_file_errors(tiny_model, tmp_path: Path) -> None:
+    pairs = _pairs(tmp_path, n=3)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    bad = [(tmp_path / "empty.png", "a cat"), (tmp_path / "text.jpg", "a dog"), (tmp_path / "gone.png", "x")]
+    run = clip_scores(
+        [pairs[0], *bad, *pairs[1:]], model=str(tiny_model("clip")), batch_size=2, cache=False, progress=False
+    )
+    assert run.failed == 3 and run.computed == 3
+    assert [p.path.name for p in run.errors] == ["empty.png", "text.jpg", "gone.png"]
+    assert all(p.score is None and p.error for p in run.errors)
+    assert all(p.score is not None for p in run.pairs if p not in run.errors)
+    # Errors are left out of the ranking; a re-run tries them again (they are never cached).
+    assert len(lowest_first(run.pairs)) == 3
+
+
+def test_lowest_first(tiny_model, tmp_path: Path) -> None:
+    pairs = _pairs(tmp_path)
+    run = clip_scores(pairs, model=str(tiny_model("clip")), cache=False, progress=False)
+    ranked = run.lowest_first()
+    scores = [p.score for p in ranked]
+    assert scores == sorted(scores) and len(ranked) == len(pairs)
+    assert ranked == lowest_first(reversed(run.pairs))
+
+
+def test_offline_hub_model_gives_the_one_line_fix(tmp_path: Path) -> None:
+    pairs = _pairs(tmp_path, n=1)
+    with pytest.raises(ModelUnavailable, match="offline mode is on") as info:
+        clip_scores(pairs, cache=False, progress=False)  # the default openai/clip-vit-large-patch14
+    assert "openai/clip-vit-large-patch14" in str(info.value) and "\n" not in str(info.value)

@@ -1,0 +1,321 @@
+"""Caption reading (every layout loracap writes) and caption text checks, with a real CLIP tokenizer.
+
+The tokenizer is a genuine `CLIPTokenizer` (CLIP's normalizer, pre-tokenizer, `</w>` end-of-word BPE and
+BOS/EOS post-processor) whose merges are trained here on the test kit's caption corpus, so token counts,
+truncation and trigger fusion behave as with openai/clip-vit-large-patch14, only with a smaller vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import write_images
+
+from loracap.quality.captions import read_dataset
+from loracap.quality.text import (
+    analyze_text,
+    audit_trigger,
+    count_sensitive,
+    find_duplicates,
+    gini,
+    normalized_entropy,
+    tag_stats,
+    token_lengths,
+    top_k_share,
+)
+from loracap.writers import open_store
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer():
+    from tokenizers import pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    from loracap.testing.tokenizer import caption_corpus
+
+    # Train with CLIPTokenizer's own pipeline, then hand the vocab and merges to a fresh CLIPTokenizer: the
+    # trainer must know the "</w>" suffix that CLIP's BPE model adds at the end of each word.
+    backend = CLIPTokenizer().backend_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=700,
+        min_frequency=2,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    backend.train_from_iterator(caption_corpus(), trainer=trainer)
+    model = json.loads(backend.to_str())["model"]
+    # CLIP's vocab holds every byte both inside a word and as a word's end ("x" and "x</w>"); the trainer
+    # only seeds the first kind, and without the second a word ending in a rare letter becomes <unk>.
+    vocab = model["vocab"]
+    for char in pre_tokenizers.ByteLevel.alphabet():
+        vocab.setdefault(char + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in model["merges"]], model_max_length=77)
+
+
+# --- reading datasets ---------------------------------------------------------------------------------
+
+
+def test_sidecar_pairs_missing_and_orphans(tmp_path):
+    a, b, c = write_images(tmp_path, ["a.jpg", "sub/b.png", "c.webp"])
+    (tmp_path / "a.txt").write_text("ohwx, smiling\n", encoding="utf-8")
+    (tmp_path / "sub" / "b.txt").write_text("ohwx, outdoors", encoding="utf-8")
+    (tmp_path / "deleted.txt").write_text("caption of an image that is gone", encoding="utf-8")
+    (tmp_path / "sub" / "gone.txt").write_text("another", encoding="utf-8")
+    (tmp_path / ".hidden.txt").write_text("not a caption", encoding="utf-8")
+
+    ds = read_dataset(tmp_path)
+
+    assert ds.layout == "sidecar"
+    assert dict(ds.pairs) == {a: "ohwx, smiling", b: "ohwx, outdoors"}
+    assert ds.missing == [c]
+    assert ds.orphans == ["deleted.txt", "sub/gone.txt"]
+    assert ds.image_count == 3
+    assert ds.problems == []
+
+
+def test_sidecar_custom_ext_non_recursive_and_unreadable_file(tmp_path):
+    a, b, _ = write_images(tmp_path, ["a.jpg", "b.jpg", "sub/c.jpg"])
+    (tmp_path / "a.caption").write_text("a cat", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("ignored: wrong extension", encoding="utf-8")
+    (tmp_path / "b.caption").mkdir()  # a folder where the caption should be: unreadable, not a crash
+
+    ds = read_dataset(tmp_path, ext="caption", recursive=False)
+
+    assert ds.pairs == [(a, "a cat")]
+    assert ds.missing == []
+    assert [p.path for p in ds.problems] == ["b.caption"]
+    assert ds.image_count == 2
+
+
+def test_jsonl_layout_written_by_loracap(tmp_path):
+    a, b, c = write_images(tmp_path, ["a.jpg", "sub/b.jpg", "c.jpg"])
+    with open_store("jsonl", tmp_path) as store:
+        store.write(a, "ohwx, red dress")
+        store.write(b, "ohwx, blue dress")
+    with open(tmp_path / "metadata.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"file_name": "./gone.png", "text": "orphan"}) + "\n")
+        f.write('{"file_name": "broken\n')
+
+    ds = read_dataset(tmp_path)
+
+    assert ds.layout == "jsonl"
+    assert ds.source == tmp_path / "metadata.jsonl"
+    assert dict(ds.pairs) == {a: "ohwx, red dress", b: "ohwx, blue dress"}
+    assert ds.missing == [c]
+    assert ds.orphans == ["./gone.png"]
+    assert [p.reason for p in ds.problems] == ["not a JSON object"]
+
+
+def test_kohya_layout_with_caption_and_tags(tmp_path):
+    a, b, c = write_images(tmp_path, ["a.jpg", "sub/b.png", "c.jpg"])
+    with open_store("kohya-json", tmp_path) as store:
+        store.write(a, "a photo of ohwx")
+        store.write(b, "ohwx outdoors")
+    with open_store("kohya-json", tmp_path, tags=True) as store:
+        store.write(a, "1girl, smile")
+    meta = json.loads((tmp_path / "meta_cap.json").read_text(encoding="utf-8"))
+    meta["old/removed"] = {"caption": "no image"}
+    (tmp_path / "meta_cap.json").write_text(json.dumps(meta), encoding="utf-8")
+
+    ds = read_dataset(tmp_path)
+
+    assert ds.layout == "kohya-json"
+    assert dict(ds.pairs) == {a: "a photo of ohwx, 1girl, smile", b: "ohwx outdoors"}
+    assert ds.missing == [c]
+    assert ds.orphans == ["old/removed"]
+    assert dict(read_dataset(tmp_path, layout="kohya-json", kohya_field="tags").pairs) == {a: "1girl, smile"}
+
+
+def test_broken_kohya_file_is_a_problem_not_a_crash(tmp_path):
+    (a,) = write_images(tmp_path, ["a.jpg"])
+    (tmp_path / "meta_cap.json").write_text('{"a": {"caption": "x"', encoding="utf-8")
+
+    ds = read_dataset(tmp_path)
+
+    assert ds.layout == "kohya-json"
+    assert ds.missing == [a]
+    assert len(ds.problems) == 1 and "not valid JSON" in ds.problems[0].reason
+
+
+def test_unknown_layout_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown caption layout"):
+        read_dataset(tmp_path, layout="csv")
+
+
+# --- token lengths ------------------------------------------------------------------------------------
+
+
+def test_long_caption_is_truncated_and_empty_one_flagged(clip_tokenizer):
+    long = ", ".join(["a woman with long black hair standing in a field of flowers"] * 12)
+    captions = ["ohwx, a woman, smiling", long, "   ", "a cat"]
+
+    report = token_lengths(captions, clip_tokenizer)
+
+    assert report.max_length == 77 and report.content_limit == 75
+    assert report.truncated == [1]
+    assert report.counts[1] > 77
+    assert report.empty == [2]
+    assert report.counts[3] == 4  # <|startoftext|> a cat <|endoftext|>
+
+
+def test_second_tokenizer_window_is_a_parameter(clip_tokenizer):
+    captions = ["a cat " * 40, "a dog"]
+
+    report = token_lengths(captions, clip_tokenizer, t5_tokenizer=clip_tokenizer, t5_max_length=50)
+
+    assert report.t5_max_length == 50
+    assert report.t5_truncated == [0]
+    assert report.truncated == [0]  # 82 tokens: over CLIP's 77 as well
+    assert (
+        token_lengths(captions, clip_tokenizer, t5_tokenizer=clip_tokenizer, t5_max_length=512).t5_truncated
+        == []
+    )
+
+
+# --- trigger ------------------------------------------------------------------------------------------
+
+
+def test_fused_trigger_is_caught_and_clean_one_is_not(clip_tokenizer):
+    captions = [
+        "ohwx, 1girl, smile",  # clean, first tag
+        "1girl, ohwxwoman, smile",  # glued to the next word: different tokens
+        "1girl, smile, Ohwx",  # clean (CLIP lower-cases), last tag
+        "1girl, smile, outdoors",  # no trigger
+        "1girl, xohwx, smile",  # part of a longer word
+        "1girl, smile, ohwxsmile",  # glued to the next word, at the end
+    ]
+
+    report = audit_trigger(captions, clip_tokenizer, "ohwx")
+
+    assert report.with_trigger == 5
+    assert report.without == [3]
+    assert report.fused == [1, 5]
+    assert report.glued == [1, 4, 5]
+    by_caption = {hit.index: hit for hit in report.hits}
+    assert by_caption[0].fused is False and by_caption[2].fused is False
+    assert by_caption[1].tokens != report.trigger_tokens
+    assert (by_caption[0].where, by_caption[1].where, by_caption[2].where) == ("first_tag", "middle", "end")
+    assert (by_caption[1].position, by_caption[2].position) == (1, 2)
+    assert report.case_mismatch == [2]
+
+
+def test_trigger_position_in_prose(clip_tokenizer):
+    captions = [
+        "ohwx woman standing in a field.",
+        "A photo of ohwx woman on the beach.",
+        "A woman on the beach, ohwx woman.",
+    ]
+
+    report = audit_trigger(captions, clip_tokenizer, "ohwx woman")
+
+    assert [(h.where, h.position) for h in report.hits] == [("start", 0), ("middle", 3), ("end", 5)]
+    assert report.fused == []
+
+
+# --- duplicates ---------------------------------------------------------------------------------------
+
+
+def test_duplicates_exact_and_near():
+    captions = [
+        "ohwx, 1girl, red dress, smile, outdoors",
+        "ohwx, 1boy, jacket, night",
+        "ohwx, 1girl, red dress, smile, outdoors",  # exact copy of 0
+        "ohwx, outdoors, smile, red dress, 1girl",  # same tags, other order
+        "ohwx, 1girl, red dress, smile, outdoors, sky",  # 5 of 6 tags shared: Jaccard 0.83
+        "ohwx, cat, indoors, window",
+    ]
+
+    report = find_duplicates(captions, threshold=0.8)
+
+    assert [g.indices for g in report.exact] == [[0, 2]]
+    assert [g.indices for g in report.near] == [[0, 2, 3, 4]]
+    assert report.near[0].similarity == pytest.approx(5 / 6)
+    assert find_duplicates(captions, threshold=0.9).near[0].indices == [0, 2, 3]
+
+
+def test_near_duplicates_scale_to_a_few_thousand_captions():
+    captions = [f"ohwx, tag{i}, tag{i + 1}, other{i % 7}, thing{i}" for i in range(3000)]
+    captions.append(captions[10].replace("ohwx, ", "ohwx,  "))
+
+    report = find_duplicates(captions, threshold=0.8)
+
+    assert [g.indices for g in report.near] == [[10, 3000]]
+
+
+# --- tags ---------------------------------------------------------------------------------------------
+
+
+def test_tag_in_every_caption_and_singletons_are_flagged():
+    captions = [
+        "ohwx, white background, smile",
+        "ohwx, white_background, outdoors",  # underscore spelling is the same tag
+        "ohwx, White Background, smile",
+        "ohwx, white background, hat",
+    ]
+
+    stats = tag_stats(captions)
+
+    assert stats.mode == "tags"
+    assert stats.common == [("ohwx", 1.0), ("white background", 1.0)]
+    assert stats.singletons == ["hat", "outdoors"]
+    assert stats.counts["smile"] == 2
+    assert tag_stats(captions, ignore=["ohwx"]).common == [("white background", 1.0)]
+
+
+def test_prose_captions_count_words_without_stopwords():
+    stats = tag_stats(["A woman in a red dress.", "A woman on the beach."])
+
+    assert stats.mode == "words"
+    assert stats.common == [("woman", 1.0)]
+    assert "a" not in stats.counts
+
+
+def test_imbalance_measures():
+    assert gini([5, 5, 5, 5]) == pytest.approx(0.0)
+    assert gini([1, 1, 1, 1, 1, 1, 1, 1, 1, 200]) > 0.8
+    assert normalized_entropy([3, 3, 3]) == pytest.approx(1.0)
+    assert normalized_entropy([1, 1, 1000]) < 0.1
+    assert top_k_share([10, 5, 3, 2], k=1) == pytest.approx(0.5)
+
+    skewed = tag_stats(["ohwx, smile"] * 20 + ["ohwx, hat"])
+    assert skewed.gini > tag_stats(["ohwx, smile", "ohwx, hat"]).gini
+
+
+# --- sensitive terms ----------------------------------------------------------------------------------
+
+
+def test_sensitive_terms_whole_words_any_case():
+    captions = [
+        "A young Woman wearing a hijab",
+        "an old man and a woman, smiling",
+        "a snowman next to a mankind poster",  # neither "man" counts
+        "a cat",
+    ]
+
+    report = count_sensitive(captions)
+
+    assert report.terms["woman"].occurrences == 2 and report.terms["woman"].captions == 2
+    assert report.terms["man"].occurrences == 1
+    assert report.terms["old man"].captions == 1
+    assert report.categories["gender"].captions == 2
+    assert report.categories["age"].captions == 2  # "young", "old man"
+    assert report.categories["religion"].occurrences == 1
+    assert report.categories["ethnicity"].occurrences == 0
+
+    custom = count_sensitive(captions, {"headwear": ["hijab", "hat"]})
+    assert set(custom.categories) == {"headwear"} and custom.categories["headwear"].captions == 1
+
+
+def test_analyze_text_puts_it_together(clip_tokenizer):
+    captions = ["ohwx, 1girl, smile", "ohwx, 1girl, smile", "ohwx, 1girl, hat", "ohwxgirl, 1girl, outdoors"]
+
+    report = analyze_text(captions, clip_tokenizer, trigger="ohwx")
+
+    assert report.tags_mode
+    assert report.trigger is not None and report.trigger.fused == [3]
+    assert [g.indices for g in report.duplicates.exact] == [[0, 1]]
+    assert ("ohwx", 0.75) not in report.tags.common and report.tags.common == [("1girl", 1.0)]
+    assert report.sensitive.terms["1girl"].captions == 4
