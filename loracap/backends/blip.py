@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .base import BackendError, GenerationSettings
-from .device import Placement, default_batch_size, quantization_kwargs
+from .device import Placement, default_batch_size, load_model
 
 
 class BlipBackend:
@@ -22,11 +22,7 @@ class BlipBackend:
         self.name = name
         self.placement = placement
         self.processor = BlipProcessor.from_pretrained(folder)
-        quantized = quantization_kwargs(quant, placement)
-        self.model = BlipForConditionalGeneration.from_pretrained(folder, dtype=placement.dtype, **quantized)
-        if not quantized:
-            self.model.to(placement.device)
-        self.model.eval()
+        self.model = load_model(BlipForConditionalGeneration, folder, placement, quant)
         self.default_batch_size = default_batch_size(placement, gpu_batch=64)
         size = self.processor.image_processor.size
         self.image_side = max(size.get("height", 0), size.get("width", 0))

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .base import BackendError, GenerationSettings
-from .device import Placement, default_batch_size, quantization_kwargs
+from .device import Placement, default_batch_size, load_model, quantization_kwargs
 
 DEFAULT_MAX_NEW_TOKENS = 256
 PALIGEMMA_PROMPT = "caption en"
@@ -59,17 +59,14 @@ class ChatVLMBackend:
         # A chat model follows free-text instructions, so any caption style works; PaliGemma knows tasks.
         self.instructions = not self.paligemma
         self.modes: tuple[str, ...] = ("caption",) if self.paligemma else ("*",)
-        quantized = quantization_kwargs(quant, placement)
+        quantization_kwargs(quant, placement)  # refuse a --quant that cannot work before loading anything
         self.processor = load_processor(Path(folder), self.model_type)
         self.tokenizer = self.processor.tokenizer
         # Left padding: every row's prompt must end at the last position, where generation continues.
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=placement.dtype, **quantized)
-        if not quantized:
-            self.model.to(placement.device)
-        self.model.eval()
+        self.model = load_model(AutoModelForImageTextToText, folder, placement, quant)
         self.default_batch_size = default_batch_size(placement, gpu_batch=16)
         image_processor = self.processor.image_processor
         if hasattr(image_processor, "merge_size"):  # Qwen: native resolution, capped (see module doc)

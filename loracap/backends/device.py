@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,3 +85,15 @@ def quantization_kwargs(quant: str | None, placement: Placement) -> dict:
         )
     # Quantized weights are placed while loading; moving the model afterwards is not allowed.
     return {"quantization_config": config, "device_map": {"": placement.device}}
+
+
+def load_model(model_class: Any, folder: Path, placement: Placement, quant: str | None = None) -> Any:
+    """`model_class.from_pretrained(folder)` in the placement's dtype, on its device, in eval mode.
+
+    With `quant` the weights are quantized and placed while loading (see `quantization_kwargs`).
+    """
+    quantized = quantization_kwargs(quant, placement)
+    model = model_class.from_pretrained(folder, dtype=placement.dtype, **quantized)
+    if not quantized:
+        model.to(placement.device)
+    return model.eval()

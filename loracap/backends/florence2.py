@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .base import BackendError, GenerationSettings
-from .device import Placement, default_batch_size, quantization_kwargs
+from .device import Placement, default_batch_size, load_model
 from .florence2_convert import (
     FLORENCE_ADDED_TOKENS,
     IMAGE_TOKEN,
@@ -63,13 +63,7 @@ class Florence2Backend:
         self.name = name
         self.placement = placement
         self.processor = AutoProcessor.from_pretrained(folder)
-        quantized = quantization_kwargs(quant, placement)
-        self.model = Florence2ForConditionalGeneration.from_pretrained(
-            folder, dtype=placement.dtype, **quantized
-        )
-        if not quantized:
-            self.model.to(placement.device)
-        self.model.eval()
+        self.model = load_model(Florence2ForConditionalGeneration, folder, placement, quant)
         # The stock tasks the native processor knows, then what this checkpoint itself declares.
         self.tasks = dict(self.processor.task_prompts_without_inputs)
         declared = folder / TASKS_FILE

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .base import BackendError, GenerationSettings
-from .device import Placement, default_batch_size, quantization_kwargs
+from .device import Placement, default_batch_size, load_model
 
 
 class VisionEncoderDecoderBackend:
@@ -23,11 +23,7 @@ class VisionEncoderDecoderBackend:
         self.placement = placement
         self.image_processor = AutoImageProcessor.from_pretrained(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        quantized = quantization_kwargs(quant, placement)
-        self.model = VisionEncoderDecoderModel.from_pretrained(folder, dtype=placement.dtype, **quantized)
-        if not quantized:
-            self.model.to(placement.device)
-        self.model.eval()
+        self.model = load_model(VisionEncoderDecoderModel, folder, placement, quant)
         self.default_batch_size = default_batch_size(placement, gpu_batch=128)
         size = self.image_processor.size
         self.image_side = max(size.get("height", 0), size.get("width", 0), size.get("shortest_edge", 0))
