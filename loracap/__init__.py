@@ -3,6 +3,7 @@
     import loracap
     summary = loracap.caption_folder("my_dataset", style="tags", options=loracap.PostProcess(trigger="ohwx"))
     captioner = loracap.Captioner(style="caption"); captioner(pil_image)
+    rep = loracap.report("my_dataset", trigger="ohwx", fail_on=["truncated", "clip<20"]); rep.passed
 
 The import is kept light: torch and transformers load only when a model is used.
 """
@@ -17,10 +18,12 @@ __all__ = [
     "GenerationSettings",
     "PostProcess",
     "RunSummary",
+    "build_report",
     "caption_folder",
     "list_styles",
     "load_backend",
     "load_style",
+    "report",
 ]
 
 _LAZY = {
@@ -32,6 +35,8 @@ _LAZY = {
     "load_backend": "loracap.backends",
     "list_styles": "loracap.styles",
     "load_style": "loracap.styles",
+    "report": "loracap.quality.report",
+    "build_report": "loracap.quality.report",
 }
 
 if TYPE_CHECKING:
@@ -39,6 +44,7 @@ if TYPE_CHECKING:
     from .captioner import Captioner
     from .pipeline import RunSummary, caption_folder
     from .postprocess import PostProcess
+    from .quality.report import build_report, report
     from .styles import list_styles, load_style
 
 

@@ -1,4 +1,5 @@
-"""The `loracap` command. Exit status: 0 all captioned or skipped, 1 some files failed, 2 usage error."""
+"""The `loracap` command. Exit status: 0 ok, 1 some files failed (caption) or a --fail-on rule broke (report),
+2 usage error."""
 
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("models", help="list the models loracap knows and which are downloaded")
     commands.add_parser("styles", help="list the caption styles and --extra options")
     _add_serve_parser(commands)
+    _add_report_parser(commands)
     return parser
 
 
@@ -167,6 +169,121 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-body-mb", type=float, default=32, help="larger request bodies get 413")
     srv.add_argument("--served-model-name", help="the model name clients see (default: --model)")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def _add_report_parser(commands: argparse._SubParsersAction) -> None:
+    rep = commands.add_parser(
+        "report",
+        help="check a captioned dataset before training on it",
+        description="Check the captions and images under DIR: CLIP score per pair (lowest first), token "
+        "lengths against the text encoder's window, duplicates, trigger word, tag balance, sensitive terms, "
+        "image sizes, near-duplicate images and aspect buckets. Writes report.html and report.json and "
+        "prints a summary. Exit status: 0 ok, 1 a --fail-on rule failed, 2 usage error.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    rep.add_argument("dir", help="the dataset folder")
+    rep.add_argument("--out", help="where report.html and report.json go (default: DIR/loracap-report)")
+    rep.add_argument(
+        "--fail-on",
+        action="append",
+        default=[],
+        metavar="RULES",
+        help="exit 1 when a rule breaks, e.g. 'missing-caption,truncated>3,clip<20,duplicate-image'; "
+        "repeatable (names: see README)",
+    )
+    src = rep.add_argument_group("captions")
+    src.add_argument("--layout", default="auto", choices=("auto", "sidecar", "jsonl", "kohya-json"))
+    src.add_argument("--ext", default=".txt", help="sidecar extension (.txt, .caption)")
+    src.add_argument("--metadata-file", help="metadata.jsonl or kohya JSON to read (default: found in DIR)")
+    src.add_argument("--no-recursive", dest="recursive", action="store_false", help="only DIR itself")
+    text = rep.add_argument_group("text checks")
+    text.add_argument("--trigger", help="audit this trigger word: presence, position, tokenizer fusion")
+    text.add_argument(
+        "--tokenizer", help="tokenizer for token counts and the trigger audit (default: --clip-model's)"
+    )
+    text.add_argument("--max-length", type=int, help="token window (default: the tokenizer's, 77 for CLIP)")
+    text.add_argument("--t5-tokenizer", help="also count T5 tokens (Flux/SD3), e.g. google/t5-v1_1-xxl")
+    text.add_argument(
+        "--t5-max-length", type=int, default=512, help="T5 window: 512 Flux-dev, 256 schnell/SD3"
+    )
+    text.add_argument(
+        "--terms", help="TOML file of sensitive terms, one list per category (default: built in)"
+    )
+    text.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard for near-duplicate captions")
+    clip = rep.add_argument_group("CLIP score")
+    clip.add_argument(
+        "--clip-model", default="openai/clip-vit-large-patch14", help="any CLIP or SigLIP checkpoint"
+    )
+    clip.add_argument("--no-clip", dest="clip", action="store_false", help="skip CLIP scoring")
+    clip.add_argument("--no-cache", dest="cache", action="store_false", help="rescore everything")
+    clip.add_argument("--batch-size", type=int, help="pairs per model call (default: 64 on a GPU, 8 on CPU)")
+    clip.add_argument("--workers", type=int, default=2, help="threads decoding images ahead of the model")
+    clip.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    clip.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    clip.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
+    img = rep.add_argument_group("image checks")
+    img.add_argument("--no-images", dest="images", action="store_false", help="skip the image checks")
+    img.add_argument("--min-side", default="1024", help="smallest shorter side in px, or sd15 / sdxl / flux")
+    img.add_argument("--resolution", default="1024", help="training resolution for the bucket preview")
+    img.add_argument("--hash-threshold", type=int, help="phash bits apart that still count as duplicates (6)")
+    img.add_argument("--thumbnails", type=int, default=24, help="worst pairs shown with thumbnails")
+    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _pixels_or_preset(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .backends import BackendError, ModelUnavailable
+    from .quality.report import build_report, load_terms, print_summary, write_report
+
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        rep = build_report(
+            args.dir,
+            layout=args.layout,
+            ext=args.ext,
+            metadata_file=args.metadata_file,
+            recursive=args.recursive,
+            clip_model=args.clip_model,
+            clip=args.clip,
+            tokenizer=args.tokenizer,
+            t5_tokenizer=args.t5_tokenizer,
+            t5_max_length=args.t5_max_length,
+            max_length=args.max_length,
+            trigger=args.trigger,
+            sensitive_terms=load_terms(args.terms) if args.terms else None,
+            near_threshold=args.near_threshold,
+            images=args.images,
+            min_side=_pixels_or_preset(args.min_side),
+            resolution=_pixels_or_preset(args.resolution),
+            hash_threshold=args.hash_threshold,
+            device=args.device,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            cache=args.cache,
+            fail_on=args.fail_on,
+            progress=not args.quiet,
+        )
+        write_report(rep, args.out, thumbnails=args.thumbnails)
+    except (FileNotFoundError, NotADirectoryError, ValueError, ModelUnavailable, BackendError) as exc:
+        print(f"loracap: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"loracap: error: the report needs {exc.name}: pip install 'loracap[report]'", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\nloracap: interrupted; CLIP scores computed so far are cached for the next run.",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"loracap report: {args.dir}")
+    print_summary(rep)
+    return 0 if rep.passed else 1
 
 
 def _generation(args: argparse.Namespace) -> GenerationSettings:
@@ -342,6 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "styles":
         return _styles()
+    if args.command == "report":
+        return _report(args)
     return _models()
 
 

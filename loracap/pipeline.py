@@ -9,19 +9,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from .backends.base import Backend, BackendError, GenerationSettings
 from .inputs import (
-    ImageDecodeError,
     find_images,
     load_image,
+    prefetch_batches,
     register_optional_formats,
     remove_stale_temp_files,
 )
@@ -239,10 +236,20 @@ def _run(
         file=sys.stderr,
     )
     try:
-        for items, inputs, decode_errors in _prefetch(todo, backend, request, batch_size, workers):
-            for path, reason in decode_errors:
-                _fail(summary, root, path, "decode", reason, bar)
-            for item, raw in _generate(backend, items, inputs, request, generation, summary, root, bar):
+        batches = prefetch_batches(
+            todo,
+            batch_size,
+            path_of=lambda item: item.path,
+            prepare=lambda items, images: _prepare(backend, request, items, images),
+            # Decode a bit larger than the model's input so its own resize does the final, better filtering.
+            min_side=backend.image_side or None,
+            workers=workers,
+        )
+        for batch in batches:
+            items = batch.items
+            for item, reason in batch.errors:
+                _fail(summary, root, item.path, "decode", reason, bar)
+            for item, raw in _generate(backend, items, batch.inputs, request, generation, summary, root, bar):
                 if not postprocess(raw, bare, tags=tags):  # nothing left but what the user adds
                     _fail(summary, root, item.path, "caption", "the model returned an empty caption", bar)
                     continue
@@ -256,38 +263,9 @@ def _run(
                     summary.captioned += 1
                 except OSError as exc:
                     _fail(summary, root, item.path, "write", f"cannot write caption: {exc}", bar)
-            bar.update(len(items) + len(decode_errors))
+            bar.update(len(items) + len(batch.errors))
     finally:
         bar.close()
-
-
-def _prefetch(
-    todo: list[_Item], backend: Backend, request: CaptionRequest, batch_size: int, workers: int
-) -> Iterator[tuple[list[_Item], Any, list[tuple[Path, str]]]]:
-    """Decode and preprocess batches in worker threads, a few batches ahead of the model."""
-    batches = iter([todo[i : i + batch_size] for i in range(0, len(todo), batch_size)])
-    # Decode a bit larger than the model's input so its own resize does the final, better filtering.
-    min_side = backend.image_side or None
-
-    def load(batch: list[_Item]) -> tuple[list[_Item], Any, list[tuple[Path, str]]]:
-        good, images, bad = [], [], []
-        for item in batch:
-            try:
-                images.append(load_image(item.path, min_side=min_side))
-                good.append(item)
-            except ImageDecodeError as exc:
-                bad.append((item.path, exc.reason))
-        return good, (_prepare(backend, request, good, images) if images else None), bad
-
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="loracap-decode")
-    pending: deque[Future] = deque(pool.submit(load, b) for b in islice(batches, workers + 1))
-    try:
-        while pending:
-            ready = pending.popleft().result()
-            pending.extend(pool.submit(load, b) for b in islice(batches, 1))  # keep the workers busy
-            yield ready
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _generate(

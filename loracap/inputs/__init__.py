@@ -14,8 +14,13 @@ from loracap.inputs.discover import (
     remove_stale_temp_files,
     supported_extensions,
 )
+from loracap.inputs.prefetch import DecodedBatch, decode_batch, map_ahead, prefetch_batches
 
 __all__ = [
+    "DecodedBatch",
+    "decode_batch",
+    "map_ahead",
+    "prefetch_batches",
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
     "find_images",

@@ -6,9 +6,9 @@ paper scales by 2.5 instead of 100; only the scale differs. Scores from differen
 SigLIP's cosines are much smaller than CLIP's, so its scores sit lower. Rank within one model.
 
 Captions longer than the text tower's window (77 tokens for CLIP, 64 for SigLIP) are cut there and the pair is
-marked `truncated`: the part after the cut did not count. Images are decoded (`loracap.inputs.load_image`) and
-preprocessed in worker threads a few batches ahead of the model; a file that cannot be decoded becomes a
-per-file error and every other pair is still scored.
+marked `truncated`: the part after the cut did not count. Images are decoded and preprocessed in worker
+threads a few batches ahead of the model (`loracap.inputs.prefetch_batches`, the look-ahead captioning uses);
+a file that cannot be decoded becomes a per-file error and every other pair is still scored.
 
 Scores are cached in a JSON file keyed by (model, SHA-256 of the image file, caption text): a re-run only
 scores pairs whose image or caption changed, and loads no model at all when nothing did.
@@ -21,17 +21,14 @@ import json
 import os
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from loracap.backends.base import BackendError
 from loracap.backends.hub import resolve_model
-from loracap.inputs import ImageDecodeError, load_image
+from loracap.inputs import ImageDecodeError, decode_batch, map_ahead, prefetch_batches
 from loracap.writers import atomic_write_text
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
@@ -41,9 +38,6 @@ _CACHE_VERSION = 1
 _PAD_TO_WINDOW = frozenset({"siglip", "siglip2"})
 # Decode at most this many times the model's input side; its own resize does the final filtering.
 _DECODE_MARGIN = 2
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -66,7 +60,7 @@ class ClipScoreRun:
     pairs: list[ScoredPair]
     model: str
     computed: int = 0  # pairs sent through the model in this run
-    cached: int = 0
+    cached: int = 0  # scores taken from the cache (cached decode failures count in `failed`)
     failed: int = 0
     truncated: int = 0
     seconds: float = 0.0
@@ -115,7 +109,7 @@ def clip_scores(
     entries = _read_cache(path_cache) if path_cache else {}
 
     results: list[ScoredPair | None] = [None] * len(items)
-    hashes = list(_map_ahead(lambda it: _file_hash(it[0]), items, workers))
+    hashes = list(map_ahead(lambda it: _file_hash(it[0]), items, workers, name="loracap-hash"))
     todo: dict[str, list[int]] = {}  # cache key -> indices of the pairs it scores (duplicates scored once)
     for i, ((path, caption), digest) in enumerate(zip(items, hashes, strict=True)):
         if isinstance(digest, ImageDecodeError):
@@ -125,6 +119,8 @@ def clip_scores(
         hit = entries.get(key)
         if _valid_entry(hit):
             results[i] = ScoredPair(path, caption, hit["score"], hit["cosine"], hit["truncated"], cached=True)
+        elif isinstance(hit, dict) and isinstance(hit.get("undecodable"), str):
+            results[i] = ScoredPair(path, caption, None, cached=True, error=hit["undecodable"])
         else:
             todo.setdefault(key, []).append(i)
 
@@ -136,12 +132,15 @@ def clip_scores(
             for key, outcome in scorer.score(jobs, workers=workers, progress=progress):
                 for i in todo[key]:
                     path, caption = items[i]
-                    if isinstance(outcome, str):
-                        results[i] = ScoredPair(path, caption, None, error=outcome)
+                    if isinstance(outcome, str | _Undecodable):
+                        results[i] = ScoredPair(path, caption, None, error=str(outcome))
                     else:
                         cosine, truncated = outcome
                         results[i] = ScoredPair(path, caption, _clipscore(cosine), cosine, truncated)
-                if not isinstance(outcome, str):
+                if isinstance(outcome, _Undecodable):
+                    # Same bytes, same failure: a re-run must not load the model just to fail again.
+                    entries[key] = {"model": model_key, "undecodable": outcome.reason}
+                elif not isinstance(outcome, str):
                     computed += 1
                     entries[key] = {
                         "model": model_key,
@@ -161,13 +160,23 @@ def clip_scores(
         pairs=done,
         model=model,
         computed=computed,
-        cached=sum(r.cached for r in done),
+        cached=sum(r.cached and r.error is None for r in done),
         failed=len(errors),
         truncated=sum(r.truncated for r in done),
         seconds=time.perf_counter() - started,
         cache_path=path_cache,
         errors=errors,
     )
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """A scoring outcome: the image could not be decoded (cached, unlike a model error)."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 def _clipscore(cosine: float) -> float:
@@ -206,31 +215,29 @@ class _Scorer:
     def score(
         self, jobs: list[tuple[str, Path, str]], *, workers: int, progress: bool
     ) -> Iterator[tuple[str, tuple[float, bool] | str]]:
-        """Yield (key, (cosine, truncated)) or (key, error reason) for every job."""
+        """Yield (key, (cosine, truncated)), (key, _Undecodable) or (key, model error reason) per job."""
         from tqdm.auto import tqdm
 
-        batches = [jobs[i : i + self.batch_size] for i in range(0, len(jobs), self.batch_size)]
         bar = tqdm(total=len(jobs), unit="pair", desc="clipscore", disable=not progress, file=sys.stderr)
+        batches = prefetch_batches(
+            jobs,
+            self.batch_size,
+            path_of=lambda job: job[1],
+            prepare=self._pixels,
+            min_side=self.min_side,
+            workers=workers,
+        )
         try:
-            for batch, pixels, bad in _map_ahead(self._load, batches, workers):
-                yield from bad
-                if batch:
-                    yield from self._embed(batch, pixels)
-                bar.update(len(batch) + len(bad))
+            for batch in batches:
+                yield from ((job[0], _Undecodable(reason)) for job, reason in batch.errors)
+                if batch.items:
+                    yield from self._embed(batch.items, batch.inputs)
+                bar.update(len(batch.items) + len(batch.errors))
         finally:
             bar.close()
 
-    def _load(self, batch: list[tuple[str, Path, str]]) -> tuple[list, Any, list[tuple[str, str]]]:
-        """Worker thread: decode and preprocess one batch of images; bad files come back as (key, reason)."""
-        good, images, bad = [], [], []
-        for job in batch:
-            try:
-                images.append(load_image(job[1], min_side=self.min_side))
-                good.append(job)
-            except ImageDecodeError as exc:
-                bad.append((job[0], exc.reason))
-        pixels = self.image_processor(images=images, return_tensors="pt") if images else None
-        return good, pixels, bad
+    def _pixels(self, jobs: list[tuple[str, Path, str]], images: list[Any]) -> Any:
+        return self.image_processor(images=images, return_tensors="pt")
 
     def _embed(self, batch: list[tuple[str, Path, str]], pixels: Any) -> Iterator[tuple[str, Any]]:
         try:
@@ -242,10 +249,10 @@ class _Scorer:
                 yield batch[0][0], f"{type(exc).__name__}: {exc}"
                 return
             for job in batch:
-                _, one, bad = self._load([job])
-                yield from bad
-                if one is not None:
-                    yield from self._embed([job], one)
+                one = decode_batch([job], lambda j: j[1], self._pixels, self.min_side)
+                yield from ((j[0], _Undecodable(reason)) for j, reason in one.errors)
+                if one.items:
+                    yield from self._embed(one.items, one.inputs)
             return
         for job, cosine, cut in zip(batch, cosines, truncated, strict=True):
             yield job[0], (cosine, cut)
@@ -294,23 +301,6 @@ def _image_side(image_processor: Any) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ threads and cache
-
-
-def _map_ahead(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
-    """`map(fn, items)` in input order, run in `workers` threads at most `workers + 1` items ahead.
-
-    The same bounded look-ahead as `loracap.pipeline._prefetch`, without its captioning types.
-    """
-    source = iter(items)
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="loracap-clipscore")
-    pending: deque[Future] = deque(pool.submit(fn, x) for x in islice(source, max(1, workers) + 1))
-    try:
-        while pending:
-            ready = pending.popleft().result()
-            pending.extend(pool.submit(fn, x) for x in islice(source, 1))
-            yield ready
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _file_hash(path: Path) -> str | ImageDecodeError:

@@ -14,13 +14,12 @@ import hashlib
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from loracap.inputs import ImageDecodeError, load_image, read_size
+from loracap.inputs import ImageDecodeError, load_image, map_ahead, read_size
 
 # Shorter-side minimum per base model: below it a trainer upscales the image (blurry training data).
 SIDE_PRESETS: dict[str, int] = {"sd15": 512, "sd1.5": 512, "sdxl": 1024, "flux": 1024}
@@ -243,7 +242,7 @@ def scan_images(
     hash_side: int = DEFAULT_HASH_SIDE,
     workers: int = 2,
 ) -> tuple[list[ImageInfo], list[ImageError]]:
-    """scan_image over many files in a thread pool (decoding releases the GIL), in input order."""
+    """scan_image over many files in worker threads (decoding releases the GIL), in input order."""
     if hash_size < 2:
         raise ValueError(f"hash_size must be >= 2, got {hash_size}")
     if workers < 1:
@@ -257,8 +256,7 @@ def scan_images(
         except ImageDecodeError as e:
             return ImageError(path=e.path, reason=e.reason)
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loracap-scan") as pool:
-        results = list(pool.map(one, paths))
+    results = list(map_ahead(one, paths, workers, name="loracap-scan"))
     infos = [r for r in results if isinstance(r, ImageInfo)]
     errors = [r for r in results if isinstance(r, ImageError)]
     return infos, errors

@@ -1,0 +1,534 @@
+"""`loracap report`: every dataset check in one run, written as report.html, report.json and a summary.
+
+    rep = build_report("my_dataset", trigger="ohwx")      # read, score, check; writes nothing
+    write_report(rep, "my_dataset/loracap-report")        # report.html + report.json
+    rep = report("my_dataset", trigger="ohwx", fail_on=["truncated", "clip<20"])   # both, like the CLI
+
+`DatasetReport.data` is the JSON document: every number the HTML shows, with paths relative to the
+dataset folder, so a script can gate on it or diff two runs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from loracap.backends.hub import resolve_model
+from loracap.inputs import find_images
+from loracap.quality.captions import Dataset, read_dataset
+from loracap.quality.clipscore import DEFAULT_MODEL, ClipScoreRun, clip_scores
+from loracap.quality.gates import Rule, evaluate, parse_rules
+from loracap.quality.images import ImageReport, image_report
+from loracap.quality.text import TextReport, analyze_text
+from loracap.writers import atomic_write_text
+
+__all__ = [
+    "DEFAULT_OUT_DIR",
+    "DatasetReport",
+    "build_report",
+    "load_terms",
+    "load_tokenizer",
+    "report",
+    "write_report",
+]
+
+DEFAULT_OUT_DIR = "loracap-report"
+SCORE_BIN = 5  # CLIP score histogram bin width (scores are 0..100)
+
+
+@dataclass
+class DatasetReport:
+    root: Path
+    dataset: Dataset
+    text: TextReport
+    images: ImageReport | None
+    clip: ClipScoreRun | None
+    data: dict[str, Any]
+    """The JSON document (see module docstring)."""
+    rules: list[Rule] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    """One line per broken --fail-on rule; empty when the dataset passes."""
+    html_path: Path | None = None
+    json_path: Path | None = None
+
+    @property
+    def checks(self) -> dict[str, int]:
+        return self.data["checks"]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def load_tokenizer(spec: str) -> Any:
+    """A tokenizer from a hub id or a folder (a CLIP/SigLIP checkpoint, or a tokenizer folder such as
+    google/t5-v1_1-xxl), found the same way models are, so offline mode gives the same one-line fix."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(spec))
+
+
+def load_terms(path: str | Path) -> dict[str, list[str]]:
+    """A sensitive-term list from TOML: one array per category, e.g. `gender = ["woman", "man"]`."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read term list {path}: {exc}") from exc
+    bad = [k for k, v in data.items() if not (isinstance(v, list) and all(isinstance(t, str) for t in v))]
+    if bad:
+        raise ValueError(f"{path}: each category must be a list of strings; not so for {', '.join(bad)}")
+    return data
+
+
+def build_report(
+    root: str | Path,
+    *,
+    layout: str = "auto",
+    ext: str = ".txt",
+    metadata_file: str | Path | None = None,
+    recursive: bool = True,
+    clip_model: str = DEFAULT_MODEL,
+    clip: bool = True,
+    tokenizer: str | None = None,
+    t5_tokenizer: str | None = None,
+    t5_max_length: int = 512,
+    max_length: int | None = None,
+    trigger: str | None = None,
+    sensitive_terms: Mapping[str, Iterable[str]] | None = None,
+    near_threshold: float = 0.8,
+    common_share: float = 0.9,
+    images: bool = True,
+    min_side: int | str = 1024,
+    resolution: int | str = 1024,
+    hash_threshold: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int | None = None,
+    workers: int = 2,
+    cache: bool = True,
+    cache_path: str | Path | None = None,
+    fail_on: Sequence[str] = (),
+    progress: bool = True,
+) -> DatasetReport:
+    """Run every check on the dataset in `root` (see `loracap report --help` for what each option does).
+
+    Token counts use `tokenizer` (default: `clip_model`'s, the CLIP window SD 1.x/SDXL train with), plus
+    `t5_tokenizer` when given (Flux/SD3). `fail_on` rules are parsed before any work starts.
+    """
+    rules = parse_rules(fail_on, trigger=bool(trigger), clip=clip)
+    root = Path(root)
+    ds = read_dataset(root, layout=layout, ext=ext, metadata_file=metadata_file, recursive=recursive)
+    tok_name = tokenizer or clip_model
+    tok = load_tokenizer(tok_name)
+    t5 = load_tokenizer(t5_tokenizer) if t5_tokenizer else None
+    captions = ds.captions
+    text = analyze_text(
+        captions,
+        tok,
+        trigger=trigger,
+        t5_tokenizer=t5,
+        t5_max_length=t5_max_length,
+        max_length=max_length,
+        near_threshold=near_threshold,
+        common_share=common_share,
+        sensitive_terms=sensitive_terms,
+    )
+    started = time.perf_counter()
+    img = (
+        image_report(
+            find_images(root, recursive),
+            min_side=min_side,
+            resolution=resolution,
+            threshold=hash_threshold,
+            workers=workers,
+        )
+        if images
+        else None
+    )
+    image_seconds = time.perf_counter() - started
+    run = None
+    if clip:
+        scorable = [(path, caption) for path, caption in ds.pairs if caption.strip()]
+        run = clip_scores(
+            scorable,
+            model=clip_model,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            workers=workers,
+            cache=cache,
+            cache_path=cache_path,
+            progress=progress,
+        )
+    data = _document(ds, text, img, run, tokenizer=tok_name, t5_tokenizer=t5_tokenizer, trigger=trigger)
+    data["timing"] = {
+        "image_checks_s": round(image_seconds, 3),
+        "clip_s": round(run.seconds, 3) if run else None,
+    }
+    scores = [p.score for p in run.pairs if p.score is not None] if run else []
+    failures = evaluate(rules, data["checks"], scores)
+    data["fail_on"] = {"rules": [str(r) for r in rules], "failed": failures}
+    return DatasetReport(root, ds, text, img, run, data, rules, failures)
+
+
+def write_report(rep: DatasetReport, out: str | Path | None = None, *, thumbnails: int = 24) -> Path:
+    """Write report.html and report.json into `out` (default `<root>/loracap-report`); returns the folder."""
+    from loracap.quality.html import render_html
+
+    folder = Path(out) if out is not None else rep.root / DEFAULT_OUT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    rep.json_path = folder / "report.json"
+    rep.html_path = folder / "report.html"
+    atomic_write_text(rep.json_path, json.dumps(rep.data, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(rep.html_path, render_html(rep.data, rep.root, thumbnails=thumbnails))
+    return folder
+
+
+def report(
+    root: str | Path, *, out: str | Path | None = None, thumbnails: int = 24, **options: Any
+) -> DatasetReport:
+    """`build_report` then `write_report`: what `loracap report DIR` does, minus the terminal summary."""
+    rep = build_report(root, **options)
+    write_report(rep, out, thumbnails=thumbnails)
+    return rep
+
+
+# --- the JSON document ---------------------------------------------------------------------------------
+
+
+def _document(
+    ds: Dataset,
+    text: TextReport,
+    img: ImageReport | None,
+    run: ClipScoreRun | None,
+    *,
+    tokenizer: str,
+    t5_tokenizer: str | None,
+    trigger: str | None,
+) -> dict[str, Any]:
+    from loracap import __version__
+
+    root = ds.root
+    rel = _relative(root)
+    paths = [rel(p) for p, _ in ds.pairs]
+    captions = ds.captions
+    tokens = text.tokens
+    scores = {rel(p.path): p for p in run.pairs} if run else {}
+
+    pairs = []
+    truncated, empty = set(tokens.truncated), set(tokens.empty)
+    fused = set(text.trigger.fused) | set(text.trigger.glued) if text.trigger else set()
+    without = set(text.trigger.without) if text.trigger else set()
+    for i, (path, caption) in enumerate(zip(paths, captions, strict=True)):
+        scored = scores.get(path)
+        pairs.append(
+            {
+                "path": path,
+                "caption": caption,
+                "clip": _round(scored.score) if scored else None,
+                "clip_error": scored.error if scored else None,
+                "tokens": tokens.counts[i],
+                "t5_tokens": tokens.t5_counts[i] if tokens.t5_counts else None,
+                "truncated": i in truncated,
+                "empty": i in empty,
+                "trigger": None
+                if not text.trigger
+                else ("fused" if i in fused else "missing" if i in without else "ok"),
+            }
+        )
+    # Lowest CLIP score first (the captions to fix), unscored pairs last.
+    pairs.sort(key=lambda p: (p["clip"] is None, p["clip"] if p["clip"] is not None else 0.0, p["path"]))
+
+    trig = text.trigger
+    checks = {
+        "missing-caption": len(ds.missing),
+        "orphan-caption": len(ds.orphans),
+        "caption-error": len(ds.problems),
+        "empty-caption": len(tokens.empty),
+        "truncated": len(tokens.truncated),
+        "t5-truncated": len(tokens.t5_truncated),
+        "duplicate-caption": len(text.duplicates.exact),
+        "near-duplicate-caption": len(text.duplicates.near),
+        "duplicate-image": len(img.duplicate_groups) if img else 0,
+        "small-image": len(img.small_images) if img else 0,
+        "image-error": len(img.errors) if img else 0,
+        "single-image-bucket": len(img.single_image_buckets) if img else 0,
+        "common-tag": len(text.tags.common),
+        "sensitive-term": sum(c.occurrences for c in text.sensitive.terms.values()),
+        "no-trigger": len(trig.without) if trig else 0,
+        "fused-trigger": len(fused),
+        "clip-error": run.failed if run else 0,
+    }
+    return {
+        "loracap_version": __version__,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "root": str(root),
+        "checks": checks,
+        "dataset": {
+            "layout": ds.layout,
+            "source": rel(ds.source) if ds.source else None,
+            "images": ds.image_count,
+            "captioned": len(ds.pairs),
+            "missing": [rel(p) for p in ds.missing],
+            "orphans": list(ds.orphans),
+            "problems": [{"path": p.path, "reason": p.reason} for p in ds.problems],
+        },
+        "clip": _clip_section(run, rel),
+        "pairs": pairs,
+        "tokens": _token_section(tokens, paths, tokenizer, t5_tokenizer),
+        "duplicates": {
+            "threshold": text.duplicates.threshold,
+            "exact": [
+                {"paths": [paths[i] for i in g.indices], "caption": captions[g.indices[0]]}
+                for g in text.duplicates.exact
+            ],
+            "near": [
+                {
+                    "paths": [paths[i] for i in g.indices],
+                    "similarity": _round(g.similarity, 3),
+                    "captions": [captions[i] for i in g.indices],
+                }
+                for g in text.duplicates.near
+            ],
+        },
+        "trigger": _trigger_section(trig, paths, captions) if trigger and trig else None,
+        "tags": _tag_section(text),
+        "sensitive": {
+            "categories": {
+                k: {"occurrences": v.occurrences, "captions": v.captions}
+                for k, v in text.sensitive.categories.items()
+            },
+            "terms": {
+                term: {
+                    "category": text.sensitive.category_of[term],
+                    "occurrences": c.occurrences,
+                    "captions": c.captions,
+                }
+                for term, c in sorted(
+                    text.sensitive.terms.items(), key=lambda kv: (-kv[1].occurrences, kv[0])
+                )
+            },
+        },
+        "images": _image_section(img, rel) if img else None,
+    }
+
+
+def _relative(root: Path):
+    def rel(path: Path | str) -> str:
+        p = Path(path)
+        return p.relative_to(root).as_posix() if p.is_absolute() and p.is_relative_to(root) else p.as_posix()
+
+    return rel
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    if value is None or isinstance(value, int):  # token counts stay whole numbers
+        return value
+    return round(float(value), digits)
+
+
+def _stats(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "median": None, "min": None, "max": None, "p05": None, "p95": None}
+    ordered = sorted(values)
+    q = lambda f: ordered[min(len(ordered) - 1, int(f * len(ordered)))]  # noqa: E731 - nearest-rank
+    return {
+        "mean": _round(statistics.fmean(ordered)),
+        "median": _round(statistics.median(ordered)),
+        "min": _round(ordered[0]),
+        "max": _round(ordered[-1]),
+        "p05": _round(q(0.05)),
+        "p95": _round(q(0.95)),
+    }
+
+
+def _clip_section(run: ClipScoreRun | None, rel) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    scores = [p.score for p in run.pairs if p.score is not None]
+    histogram = [0] * (100 // SCORE_BIN)
+    for s in scores:
+        histogram[min(int(s // SCORE_BIN), len(histogram) - 1)] += 1
+    return {
+        "model": run.model,
+        "scored": len(scores),
+        "computed": run.computed,
+        "cached": run.cached,
+        "failed": run.failed,
+        "truncated": run.truncated,
+        "seconds": round(run.seconds, 3),
+        **_stats(scores),
+        "histogram": {"bin_width": SCORE_BIN, "counts": histogram},
+        "errors": [{"path": rel(e.path), "reason": e.error} for e in run.errors],
+    }
+
+
+def _token_section(tokens, paths: list[str], tokenizer: str, t5_tokenizer: str | None) -> dict[str, Any]:
+    section = {
+        "tokenizer": tokenizer,
+        "max_length": tokens.max_length,
+        "content_limit": tokens.content_limit,
+        **_stats(tokens.counts),
+        "counts": dict(zip(paths, tokens.counts, strict=True)),
+        "truncated": [{"path": paths[i], "tokens": tokens.counts[i]} for i in tokens.truncated],
+        "empty": [paths[i] for i in tokens.empty],
+        "t5": None,
+    }
+    if tokens.t5_counts is not None:
+        section["t5"] = {
+            "tokenizer": t5_tokenizer,
+            "max_length": tokens.t5_max_length,
+            **_stats(tokens.t5_counts),
+            "truncated": [{"path": paths[i], "tokens": tokens.t5_counts[i]} for i in tokens.t5_truncated],
+        }
+    return section
+
+
+def _trigger_section(trig, paths: list[str], captions: list[str]) -> dict[str, Any]:
+    fused_hits = [h for h in trig.hits if h.fused or h.glued]
+    return {
+        "trigger": trig.trigger,
+        "tokens": trig.trigger_tokens,
+        "with_trigger": trig.with_trigger,
+        "captions": len(captions),
+        "positions": dict(trig.positions),
+        "without": [paths[i] for i in trig.without],
+        "fused": [
+            {
+                "path": paths[h.index],
+                "text": _context(captions[h.index], h.start, h.end),
+                "spelled": h.text,
+                "tokens": h.tokens,
+                "glued": h.glued,
+            }
+            for h in fused_hits
+        ],
+        "case_mismatch": [paths[i] for i in trig.case_mismatch],
+    }
+
+
+def _context(caption: str, start: int, end: int, margin: int = 20) -> str:
+    """The match with a little text either side, so the fusion is visible in a table cell."""
+    left = max(0, start - margin)
+    right = min(len(caption), end + margin)
+    return ("…" if left else "") + caption[left:right] + ("…" if right < len(caption) else "")
+
+
+def _tag_section(text: TextReport) -> dict[str, Any]:
+    tags = text.tags
+    ranked = sorted(tags.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return {
+        "mode": tags.mode,
+        "captions": tags.captions,
+        "distinct": len(tags.counts),
+        "gini": _round(tags.gini, 4),
+        "entropy": _round(tags.entropy, 4),
+        "top_k": tags.top_k,
+        "top_k_share": _round(tags.top_k_share, 4),
+        "common": [{"tag": t, "share": _round(share, 4)} for t, share in tags.common],
+        "singletons": tags.singletons,
+        "counts": dict(ranked),
+    }
+
+
+def _image_section(img: ImageReport, rel) -> dict[str, Any]:
+    s = img.bucket_settings
+    return {
+        "scanned": len(img.images) + len(img.errors),
+        "errors": [{"path": rel(e.path), "reason": e.reason} for e in img.errors],
+        "min_side": img.min_side,
+        "small": [{"path": rel(i.path), "width": i.width, "height": i.height} for i in img.small_images],
+        "duplicate_groups": [
+            {
+                "paths": [rel(p) for p in g.paths],
+                "exact": g.exact,
+                "max_distance": g.max_distance,
+                "keep": rel(g.keep),
+            }
+            for g in img.duplicate_groups
+        ],
+        "resolution_histogram": [{"label": b.label, "count": b.count} for b in img.resolution_histogram],
+        "aspect_histogram": [{"label": b.label, "count": b.count} for b in img.aspect_histogram],
+        "buckets": {
+            "resolution": s.resolution,
+            "min_bucket_reso": s.min_bucket_reso,
+            "max_bucket_reso": s.max_bucket_reso,
+            "bucket_reso_steps": s.bucket_reso_steps,
+            "no_upscale": s.no_upscale,
+            "buckets": [{"width": b.width, "height": b.height, "count": b.count} for b in img.buckets],
+            "single_image": [rel(b.paths[0]) for b in img.single_image_buckets],
+        },
+    }
+
+
+# --- terminal summary ------------------------------------------------------------------------------------
+
+
+def summary_lines(rep: DatasetReport) -> list[str]:
+    """The short summary `loracap report` prints: one line per section, problems first in each."""
+    d, c = rep.data, rep.checks
+    ds = d["dataset"]
+    source = f"{ds['layout']} {ds['source']}" if ds["source"] else ds["layout"]
+    lines = [
+        f"{ds['images']} images, {ds['captioned']} captioned ({source}); "
+        f"{c['missing-caption']} without caption, {c['orphan-caption']} caption(s) without image"
+    ]
+    if d["clip"]:
+        clip = d["clip"]
+        if clip["scored"]:
+            worst = d["pairs"][0]
+            lines.append(
+                f"CLIP score ({clip['model']}): mean {clip['mean']:.1f}, lowest {clip['min']:.1f} "
+                f"({worst['path']}); {clip['computed']} computed, {clip['cached']} cached "
+                f"in {clip['seconds']:.1f}s"
+            )
+        else:
+            lines.append(f"CLIP score ({clip['model']}): nothing scored")
+    t = d["tokens"]
+    lines.append(
+        f"tokens ({t['max_length']}-token window): {c['truncated']} truncated, {c['empty-caption']} empty, "
+        f"longest {t['max'] if t['max'] is not None else 0}"
+        + (f"; T5 ({t['t5']['max_length']}): {c['t5-truncated']} truncated" if t["t5"] else "")
+    )
+    lines.append(
+        f"duplicates: {c['duplicate-caption']} identical caption group(s), "
+        f"{c['near-duplicate-caption']} near; {c['duplicate-image']} image group(s)"
+    )
+    if d["trigger"]:
+        tr = d["trigger"]
+        lines.append(
+            f"trigger {tr['trigger']!r}: in {tr['with_trigger']}/{tr['captions']} captions, "
+            f"{c['fused-trigger']} fused with neighbouring text"
+        )
+    tags = d["tags"]
+    common = ", ".join(x["tag"] for x in tags["common"][:5]) or "none"
+    lines.append(
+        f"{tags['mode']}: {tags['distinct']} distinct, {len(tags['singletons'])} seen once, "
+        f"in ~every caption: {common}; gini {tags['gini']:.2f}"
+    )
+    if d["images"]:
+        im = d["images"]
+        lines.append(
+            f"images: {c['small-image']} below {im['min_side']} px, {c['image-error']} unreadable, "
+            f"{len(im['buckets']['buckets'])} bucket(s), {c['single-image-bucket']} holding one image"
+        )
+    return lines
+
+
+def print_summary(rep: DatasetReport, file: Any = None) -> None:
+    file = file or sys.stdout
+    for line in summary_lines(rep):
+        print(f"  {line}", file=file)
+    if rep.html_path:
+        print(f"report: {rep.html_path} (numbers in {rep.json_path.name})", file=file)
+    for failure in rep.failures:
+        print(f"FAIL {failure}", file=file)

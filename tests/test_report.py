@@ -1,0 +1,210 @@
+"""`loracap report` end to end, on a planted dataset, with tiny CLIP and SigLIP checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import loracap
+from loracap.cli import main
+from loracap.quality.gates import Rule, evaluate, parse_rules
+
+TRIGGER = "ohwx"
+LONG_CAPTION = f"{TRIGGER}, " + " ".join(f"detail{i}" for i in range(120))
+
+
+def texture(seed: int, size: tuple[int, int]) -> Image.Image:
+    """A random blocky texture: unrelated seeds give perceptual hashes about 32 bits apart."""
+    cells = np.random.default_rng(seed).integers(0, 256, (10, 10, 3), dtype=np.uint8)
+    return Image.fromarray(cells).resize(size, Image.BILINEAR)
+
+
+def planted_dataset(root: Path) -> Path:
+    """Eight textures with sidecar captions, plus one of each problem the report must find."""
+    root.mkdir(parents=True)
+    for i in range(8):
+        texture(i, (96 + 16 * i, 80)).save(root / f"img{i}.jpg", quality=95)
+        (root / f"img{i}.txt").write_text(f"{TRIGGER}, photo, subject{i}, outdoors", encoding="utf-8")
+    texture(0, (96, 80)).resize((150, 125)).save(root / "copy_resized.png")  # near-duplicate of img0
+    shutil.copyfile(root / "img1.jpg", root / "copy_exact.jpg")  # byte copy of img1 ...
+    shutil.copyfile(root / "img1.txt", root / "copy_exact.txt")  # ... with the same caption
+    (root / "copy_resized.txt").write_text(f"{TRIGGER}, photo, a resized copy", encoding="utf-8")
+    (root / "img2.txt").write_text(LONG_CAPTION, encoding="utf-8")
+    (root / "img3.txt").write_text(f"{TRIGGER}woman, smiling, photo", encoding="utf-8")
+    texture(99, (64, 64)).save(root / "nocap.jpg")
+    (root / "orphan.txt").write_text(f"{TRIGGER}, the image was deleted", encoding="utf-8")
+    (root / "broken.jpg").write_bytes(b"")
+    (root / "broken.txt").write_text(f"{TRIGGER}, unreadable", encoding="utf-8")
+    return root
+
+
+def run_report(root: Path, out: Path, model: Path, *extra: str) -> tuple[int, dict]:
+    rc = main(["report", str(root), "--clip-model", str(model), "--out", str(out), "--quiet", *extra])
+    data = (
+        json.loads((out / "report.json").read_text(encoding="utf-8"))
+        if (out / "report.json").exists()
+        else {}
+    )
+    return rc, data
+
+
+@pytest.mark.parametrize("arch", ["clip", "siglip-clip"])
+def test_report_finds_every_planted_problem(tiny_model, tmp_path: Path, arch: str, capsys) -> None:
+    root = planted_dataset(tmp_path / "ds")
+    out = tmp_path / "out"
+    rc, data = run_report(root, out, tiny_model(arch), "--trigger", TRIGGER, "--fail-on", "missing-caption")
+
+    assert rc == 1  # nocap.jpg breaks the missing-caption rule
+    printed = capsys.readouterr().out
+    assert "FAIL missing-caption" in printed and str(out / "report.html") in printed
+
+    assert data["dataset"]["missing"] == ["nocap.jpg"]
+    assert data["dataset"]["orphans"] == ["orphan.txt"]
+    groups = {frozenset(g["paths"]): g["exact"] for g in data["images"]["duplicate_groups"]}
+    assert groups == {
+        frozenset({"img0.jpg", "copy_resized.png"}): False,
+        frozenset({"img1.jpg", "copy_exact.jpg"}): True,
+    }
+    assert [e["path"] for e in data["images"]["errors"]] == ["broken.jpg"]
+    assert [t["path"] for t in data["tokens"]["truncated"]] == ["img2.jpg"]
+    assert [g["paths"] for g in data["duplicates"]["exact"]] == [["copy_exact.jpg", "img1.jpg"]]
+    assert [f["path"] for f in data["trigger"]["fused"]] == ["img3.jpg"]
+    assert data["trigger"]["with_trigger"] == data["dataset"]["captioned"]
+
+    scored = [p for p in data["pairs"] if p["clip"] is not None]
+    assert len(scored) == data["dataset"]["captioned"] - 1  # all but the unreadable image
+    assert [p["clip"] for p in scored] == sorted(p["clip"] for p in scored)  # lowest first
+    assert all(0 <= p["clip"] <= 100 for p in scored)
+    assert data["pairs"][-1]["path"] == "broken.jpg" and data["pairs"][-1]["clip_error"]
+    assert data["checks"]["fused-trigger"] == 1 and data["checks"]["truncated"] == 1
+
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/jpeg;base64,") >= len(scored)  # worst pairs and duplicate groups
+    assert scored[0]["path"] in html and "<svg" in html
+
+
+def test_rerun_scores_only_changed_pairs(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LORACAP_CACHE", str(tmp_path / "cache"))  # not the scores of the other tests
+    root = planted_dataset(tmp_path / "ds")
+    model = tiny_model("clip")
+    _, first = run_report(root, tmp_path / "a", model, "--no-images")
+    # copy_exact.jpg is img1.jpg's bytes with its caption: one model call scores both.
+    assert first["clip"]["computed"] == first["clip"]["scored"] - 1 > 0
+
+    _, second = run_report(root, tmp_path / "b", model, "--no-images")
+    assert second["clip"]["computed"] == 0 and second["clip"]["cached"] == first["clip"]["scored"]
+    assert second["clip"]["failed"] == first["clip"]["failed"] == 1  # the broken image, also remembered
+    assert [p["clip"] for p in second["pairs"]] == [p["clip"] for p in first["pairs"]]
+
+    (root / "img4.txt").write_text(f"{TRIGGER}, a new caption", encoding="utf-8")
+    _, third = run_report(root, tmp_path / "c", model, "--no-images")
+    assert third["clip"]["computed"] == 1
+
+
+def test_rules_that_hold_exit_zero(tiny_model, tmp_path: Path) -> None:
+    root = planted_dataset(tmp_path / "ds")
+    rules = "duplicate-image>2,truncated>1,orphan-caption>1,clip<0.0,fused-trigger>1"
+    rc, data = run_report(
+        root, tmp_path / "out", tiny_model("clip"), "--trigger", TRIGGER, "--fail-on", rules
+    )
+    assert rc == 0
+    assert data["fail_on"]["failed"] == [] and len(data["fail_on"]["rules"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--fail-on", "missing-captions"], "unknown --fail-on rule"),
+        (["--fail-on", "clip<20", "--no-clip"], "--no-clip"),
+        (["--fail-on", "fused-trigger"], "needs --trigger"),
+        (["--fail-on", "clip>20"], "clip<SCORE"),
+    ],
+)
+def test_bad_rules_fail_before_any_work(tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    root = planted_dataset(tmp_path / "ds")
+    # A model path that does not exist: the rule must be refused before anything is loaded.
+    rc, _ = run_report(root, tmp_path / "out", tmp_path / "no-model", *args)
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_jsonl_layout_custom_terms_and_t5_window(tiny_model, tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    root.mkdir()
+    rows = []
+    for i in range(4):
+        texture(i, (80, 80)).save(root / f"{i}.png")
+        rows.append(
+            {
+                "file_name": f"{i}.png",
+                "text": f"a woman in a red coat, {LONG_CAPTION if i == 1 else 'elderly'}",
+            }
+        )
+    rows.append({"file_name": "gone.png", "text": "missing image"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[1:]), encoding="utf-8")
+    terms = tmp_path / "terms.toml"
+    terms.write_text('clothing = ["red coat"]\nage = ["elderly", "young"]\n', encoding="utf-8")
+    t5 = tiny_model("siglip-clip")  # a sentencepiece-style tokenizer standing in for T5's
+
+    rc, data = run_report(
+        root, tmp_path / "out", tiny_model("clip"), "--no-clip", "--terms", str(terms),
+        "--t5-tokenizer", str(t5), "--t5-max-length", "40", "--fail-on", "t5-truncated",
+    )  # fmt: skip
+    assert rc == 1
+    assert data["dataset"]["layout"] == "jsonl"
+    assert data["dataset"]["missing"] == ["0.png"] and data["dataset"]["orphans"] == ["gone.png"]
+    assert data["sensitive"]["categories"] == {
+        "clothing": {"occurrences": 3, "captions": 3},
+        "age": {"occurrences": 2, "captions": 2},
+    }
+    assert data["tokens"]["t5"]["max_length"] == 40
+    assert [t["path"] for t in data["tokens"]["t5"]["truncated"]] == ["1.png"] and data["clip"] is None
+
+
+def test_python_api_matches_the_cli(tiny_model, tmp_path: Path) -> None:
+    root = planted_dataset(tmp_path / "ds")
+    rep = loracap.report(root, clip_model=str(tiny_model("clip")), trigger=TRIGGER, fail_on=["truncated"],
+                         progress=False)  # fmt: skip
+    assert not rep.passed and rep.failures == [rep.data["fail_on"]["failed"][0]]
+    assert rep.html_path == root / "loracap-report" / "report.html" and rep.html_path.is_file()
+    assert rep.checks["truncated"] == 1
+    # The report folder is not mistaken for dataset content on the next run.
+    assert (
+        loracap.build_report(root, clip=False, images=False, clip_model=str(tiny_model("clip"))).data[
+            "dataset"
+        ]["images"]
+        == rep.data["dataset"]["images"]
+    )
+
+
+def test_rule_parsing_and_evaluation() -> None:
+    rules = parse_rules(["missing-caption, truncated>3", "clip<20.5", "mean-clip<25"])
+    assert rules == [
+        Rule("missing-caption", 0),
+        Rule("truncated", 3),
+        Rule("clip", 20.5),
+        Rule("mean-clip", 25),
+    ]
+    assert [str(r) for r in rules] == ["missing-caption", "truncated>3", "clip<20.5", "mean-clip<25"]
+    failures = evaluate(rules, {"missing-caption": 0, "truncated": 4}, [30.0, 19.0, 40.0])
+    assert [f.split(":")[0] for f in failures] == ["truncated>3", "clip<20.5"]
+    assert evaluate(rules, {"missing-caption": 1, "truncated": 3}, [10.0, 20.0])[0].startswith(
+        "missing-caption"
+    )
+    with pytest.raises(ValueError, match="needs --trigger"):
+        parse_rules(["no-trigger"], trigger=False)
+
+
+def test_missing_clip_model_offline_gives_the_one_line_fix(tmp_path: Path, capsys) -> None:
+    root = planted_dataset(tmp_path / "ds")
+    rc = main(["report", str(root), "--out", str(tmp_path / "out"), "--quiet"])  # the default CLIP model
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "openai/clip-vit-large-patch14" in err and "hf download" in err
+    assert not (tmp_path / "out").exists()
