@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -241,6 +242,7 @@ def scan_images(
     hash_size: int = 8,
     hash_side: int = DEFAULT_HASH_SIDE,
     workers: int = 2,
+    progress: bool = False,
 ) -> tuple[list[ImageInfo], list[ImageError]]:
     """scan_image over many files in worker threads (decoding releases the GIL), in input order."""
     if hash_size < 2:
@@ -256,7 +258,13 @@ def scan_images(
         except ImageDecodeError as e:
             return ImageError(path=e.path, reason=e.reason)
 
-    results = list(map_ahead(one, paths, workers, name="loracap-scan"))
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(paths), unit="img", desc="images", disable=not progress, file=sys.stderr) as bar:
+        results = []
+        for result in map_ahead(one, paths, workers, name="loracap-scan"):
+            results.append(result)
+            bar.update()
     infos = [r for r in results if isinstance(r, ImageInfo)]
     errors = [r for r in results if isinstance(r, ImageError)]
     return infos, errors
@@ -490,6 +498,7 @@ def image_report(
     max_bucket_reso: int = 2048,
     bucket_reso_steps: int = 64,
     bucket_no_upscale: bool = False,
+    progress: bool = False,
 ) -> ImageReport:
     """All image checks over ``paths``: one scan, then duplicates, histograms, small images, buckets.
 
@@ -508,7 +517,9 @@ def image_report(
         threshold = default_threshold(hash_size)
     if not 0 <= threshold <= hash_size * hash_size:
         raise ValueError(f"threshold must be in 0..{hash_size * hash_size}, got {threshold}")
-    infos, errors = scan_images(paths, hash_size=hash_size, hash_side=hash_side, workers=workers)
+    infos, errors = scan_images(
+        paths, hash_size=hash_size, hash_side=hash_side, workers=workers, progress=progress
+    )
     sizes = [(i.width, i.height) for i in infos]
     assignments, buckets = bucket_preview(infos, settings)
     return ImageReport(

@@ -150,6 +150,7 @@ def build_report(
             resolution=resolution,
             threshold=hash_threshold,
             workers=workers,
+            progress=progress,
         )
         if images
         else None
