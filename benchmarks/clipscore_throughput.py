@@ -35,11 +35,25 @@ def build_full_clip(out: Path) -> Path:
     from loracap.testing.clip_models import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer()
-    text = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-            "vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
-    vision = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-              "num_attention_heads": 16, "image_size": 224, "patch_size": 14}  # fmt: skip
+    text = {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 14,
+    }
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768))
     square = {"height": 224, "width": 224}
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size=square)
@@ -98,8 +112,15 @@ def main() -> None:
         clip_scores(
             pairs[: min(8, len(pairs))], model=str(model_dir), device=args.device, cache=False, progress=False
         )  # fmt: skip - warm-up: first-call allocations, thread start-up
-        run = clip_scores(pairs, model=str(model_dir), device=args.device, batch_size=args.batch_size,
-                          workers=args.workers, cache=False, progress=False)  # fmt: skip
+        run = clip_scores(
+            pairs,
+            model=str(model_dir),
+            device=args.device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            cache=False,
+            progress=False,
+        )
         # run.seconds includes the model load; time the scoring alone by subtracting a load-only call.
         load_s = _load_seconds(model_dir, args.device)
         ours_s = max(run.seconds - load_s, 1e-9)

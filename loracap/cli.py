@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("styles", help="list the caption styles and --extra options")
     _add_serve_parser(commands)
     _add_report_parser(commands)
+    _add_train_parsers(commands)
     return parser
 
 
@@ -228,6 +229,151 @@ def _add_report_parser(commands: argparse._SubParsersAction) -> None:
     img.add_argument("--hash-threshold", type=int, help="phash bits apart that still count as duplicates (6)")
     img.add_argument("--thumbnails", type=int, default=24, help="worst pairs shown with thumbnails")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_train_parsers(commands: argparse._SubParsersAction) -> None:
+    trn = commands.add_parser(
+        "train",
+        help="train a small captioner on your own captions",
+        description="Teach a prefix captioner (frozen vision tower -> projector -> LM with LoRA) the style "
+        "of the captions in DATA (a loracap-captioned folder, or a Hugging Face dataset id / saved dataset). "
+        "The result in --out is a model folder for `loracap caption --model`. Needs loracap[train].",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    trn.add_argument("data", help="captioned image folder, or a Hugging Face dataset")
+    trn.add_argument("--out", required=True, help="the captioner folder to write (checkpoints go inside)")
+    trn.add_argument(
+        "--vision", default="google/siglip-base-patch16-224", help="SigLIP / CLIP vision checkpoint"
+    )
+    trn.add_argument("--lm", default="HuggingFaceTB/SmolLM2-135M", help="decoder-only LM checkpoint")
+    trn.add_argument("--from", dest="init_from", help="continue from a trained captioner folder")
+    trn.add_argument("--prompt", default="", help="text between image and caption, e.g. 'A photo of'")
+    trn.add_argument("--projector", default="mlp", choices=("linear", "mlp"))
+    trn.add_argument(
+        "--pixel-shuffle", type=int, default=1, help="2 folds 2x2 patches: 4x fewer prefix tokens"
+    )
+    trn.add_argument("--max-caption-tokens", type=int, default=64)
+    trn.add_argument(
+        "--unfreeze-vision-layers", type=int, default=0, help="train the top N vision layers too"
+    )
+    trn.add_argument("--lora-r", type=int, default=16)
+    trn.add_argument("--lora-alpha", type=int, default=32)
+    trn.add_argument("--lora-dropout", type=float, default=0.05)
+    trn.add_argument("--lora-targets", help="comma-separated module names (default: peft's for the LM)")
+    trn.add_argument("--lr-projector", type=float, default=1e-3)
+    trn.add_argument("--lr-lora", type=float, default=2e-4)
+    trn.add_argument("--lr-vision", type=float, default=1e-5)
+    trn.add_argument("--warmup-steps", type=int, default=50)
+    trn.add_argument("--epochs", type=int, default=10)
+    trn.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
+    trn.add_argument("--batch-size", type=int, default=16)
+    trn.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    trn.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
+    trn.add_argument("--seed", type=int, default=0, help="split, shuffling and initialisation")
+    trn.add_argument("--val-share", type=float, default=0.1)
+    trn.add_argument("--test-share", type=float, default=0.1)
+    trn.add_argument("--eval-every", type=int, default=100, help="validate every N steps")
+    trn.add_argument("--checkpoint-every", type=int, default=200)
+    trn.add_argument(
+        "--patience", type=int, default=5, help="evaluations without improvement before stopping"
+    )
+    trn.add_argument("--clip-loss-weight", type=float, default=0.0, help="weight of the CLIP alignment term")
+    trn.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="for --clip-loss-weight")
+    trn.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    trn.add_argument("--workers", type=int, default=2, help="data loader processes")
+    trn.add_argument("--image-column", default="image", help="Hugging Face datasets: the image column")
+    trn.add_argument("--caption-column", default="text", help="Hugging Face datasets: the caption column")
+    trn.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
+    trn.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ev = commands.add_parser(
+        "eval",
+        help="score a trained captioner: BLEU-4, ROUGE-L, CIDEr, CLIPScore",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ev.add_argument("model", help="a captioner folder written by `loracap train` (or any captioning model)")
+    ev.add_argument("data", help="the captioned folder or dataset it was trained on")
+    ev.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
+    ev.add_argument("--clip-model", help="also compute CLIPScore with this CLIP/SigLIP checkpoint")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--out", help="JSON file to write (default: MODEL/eval-SPLIT.json)")
+    ev.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .backends import BackendError, ModelUnavailable
+
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from .train.loop import TrainSettings, train
+    except ImportError as exc:
+        print(f"loracap: error: training needs {exc.name}: pip install 'loracap[train]'", file=sys.stderr)
+        return 2
+    fields = {f: getattr(args, f) for f in TrainSettings.__dataclass_fields__ if hasattr(args, f)}
+    fields["lora_targets"] = list(_split_list([args.lora_targets])) if args.lora_targets else None
+    try:
+        result = train(TrainSettings(**fields, progress=not args.quiet))
+    except (FileNotFoundError, NotADirectoryError, ValueError, ModelUnavailable, BackendError) as exc:
+        print(f"loracap: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\nloracap: interrupted; run again with --resume to continue from the last checkpoint.",
+            file=sys.stderr,
+        )
+        return 130
+    share = result.trainable_parameters / max(result.total_parameters, 1)
+    print(
+        f"loracap: trained {result.steps} steps in {result.seconds:.0f} s "
+        f"({result.samples_per_second:.1f} samples/s), "
+        f"{result.trainable_parameters:,} of {result.total_parameters:,} parameters ({share:.1%}); "
+        f"best validation loss {result.best_val_loss if result.best_val_loss is not None else '-'} "
+        f"at step {result.best_step}{' (stopped early)' if result.stopped_early else ''}"
+    )
+    if result.test_metrics:
+        m = result.test_metrics
+        print(
+            f"loracap: test split: BLEU-4 {m['bleu4']:.3f}, ROUGE-L {m['rouge_l']:.3f}, "
+            f"CIDEr {m['cider']:.3f}"
+        )
+    print(f"loracap: captioner saved to {result.out}; use it with: loracap caption DIR --model {result.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .backends import BackendError, ModelUnavailable
+
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from .train.metrics import evaluate_captioner
+
+        result = evaluate_captioner(
+            args.model,
+            args.data,
+            split=args.split,
+            clip_model=args.clip_model,
+            batch_size=args.batch_size,
+            device=args.device,
+            out_file=args.out,
+            progress=not args.quiet,
+        )
+    except ImportError as exc:
+        print(f"loracap: error: evaluation needs {exc.name}: pip install 'loracap[train]'", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError, ValueError, ModelUnavailable, BackendError) as exc:
+        print(f"loracap: error: {exc}", file=sys.stderr)
+        return 2
+    clip = f", CLIPScore {result['clip_score']:.2f}" if result.get("clip_score") is not None else ""
+    print(
+        f"loracap: {result['images']} images ({result['split']}): BLEU-4 {result['bleu4']:.3f}, "
+        f"ROUGE-L {result['rouge_l']:.3f}, CIDEr {result['cider']:.3f}{clip}"
+        + (f"; written to {result['written_to']}" if "written_to" in result else "")
+    )
+    return 0
 
 
 def _pixels_or_preset(value: str) -> int | str:
@@ -461,6 +607,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _styles()
     if args.command == "report":
         return _report(args)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "eval":
+        return _eval(args)
     return _models()
 
 

@@ -153,9 +153,19 @@ def test_jsonl_layout_custom_terms_and_t5_window(tiny_model, tmp_path: Path) -> 
     t5 = tiny_model("siglip-clip")  # a sentencepiece-style tokenizer standing in for T5's
 
     rc, data = run_report(
-        root, tmp_path / "out", tiny_model("clip"), "--no-clip", "--terms", str(terms),
-        "--t5-tokenizer", str(t5), "--t5-max-length", "40", "--fail-on", "t5-truncated",
-    )  # fmt: skip
+        root,
+        tmp_path / "out",
+        tiny_model("clip"),
+        "--no-clip",
+        "--terms",
+        str(terms),
+        "--t5-tokenizer",
+        str(t5),
+        "--t5-max-length",
+        "40",
+        "--fail-on",
+        "t5-truncated",
+    )
     assert rc == 1
     assert data["dataset"]["layout"] == "jsonl"
     assert data["dataset"]["missing"] == ["0.png"] and data["dataset"]["orphans"] == ["gone.png"]
@@ -169,8 +179,9 @@ def test_jsonl_layout_custom_terms_and_t5_window(tiny_model, tmp_path: Path) -> 
 
 def test_python_api_matches_the_cli(tiny_model, tmp_path: Path) -> None:
     root = planted_dataset(tmp_path / "ds")
-    rep = loracap.report(root, clip_model=str(tiny_model("clip")), trigger=TRIGGER, fail_on=["truncated"],
-                         progress=False)  # fmt: skip
+    rep = loracap.report(
+        root, clip_model=str(tiny_model("clip")), trigger=TRIGGER, fail_on=["truncated"], progress=False
+    )
     assert not rep.passed and rep.failures == [rep.data["fail_on"]["failed"][0]]
     assert rep.html_path == root / "loracap-report" / "report.html" and rep.html_path.is_file()
     assert rep.checks["truncated"] == 1

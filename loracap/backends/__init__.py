@@ -36,6 +36,7 @@ _FAMILIES = {
     "idefics3": _CHAT,
     "smolvlm": _CHAT,
     "paligemma": _CHAT,
+    "loracap_prefix_captioner": ("prefix_captioner", "PrefixCaptionerBackend"),  # `loracap train` output
 }
 
 

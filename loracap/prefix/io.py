@@ -1,0 +1,51 @@
+"""The captioner folder: model (config + safetensors), image processor and tokenizer, side by side.
+
+The folder is a normal Hugging Face model folder: `PrefixCaptioner.from_pretrained(DIR)`,
+`AutoImageProcessor.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` each read their part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loracap.prefix.modeling import PrefixCaptioner
+
+__all__ = ["LoadedCaptioner", "load_captioner", "save_captioner"]
+
+
+@dataclass
+class LoadedCaptioner:
+    model: PrefixCaptioner
+    image_processor: Any
+    tokenizer: Any
+
+
+def save_captioner(model: PrefixCaptioner, image_processor: Any, tokenizer: Any, out: str | Path) -> Path:
+    """Write the three parts into `out`. A LoRA-wrapped LM is merged first, so loading needs no peft."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = model.language_model
+    if hasattr(lm, "merge_and_unload"):  # a peft model: fold the adapter into plain weights
+        model.language_model = lm.merge_and_unload()
+    model.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load_captioner(folder: str | Path, *, device: Any = None, dtype: Any = None) -> LoadedCaptioner:
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    model = (
+        PrefixCaptioner.from_pretrained(folder, dtype=dtype)
+        if dtype
+        else PrefixCaptioner.from_pretrained(folder)
+    )
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return LoadedCaptioner(
+        model, AutoImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    )

@@ -1,0 +1,262 @@
+"""The prefix-conditioned captioner: frozen vision tower -> trainable projector -> decoder-only LM.
+
+    image -> vision tower (SigLIP / CLIP vision, frozen) -> patch features (B, N, Dv)
+          -> optional pixel shuffle (2x2 patches folded: N/4 tokens of 4*Dv)
+          -> projector (linear or MLP) -> prefix embeddings (B, P, Dt)
+    [prefix][prompt tokens][caption tokens][eos] -> LM (LoRA-adapted during training)
+
+A plain `PreTrainedModel`: `save_pretrained` writes config + safetensors (LoRA merged into the LM), and
+`PrefixCaptioner.from_pretrained` (or `AutoModel`, once this module is imported) loads it back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+MODEL_TYPE = "loracap_prefix_captioner"
+PROJECTORS = ("linear", "mlp")
+
+__all__ = ["MODEL_TYPE", "PrefixCaptioner", "PrefixCaptionerConfig", "build_captioner", "pixel_shuffle"]
+
+
+class PrefixCaptionerConfig(PretrainedConfig):
+    """`vision_config` / `text_config` are the towers' own configs as dicts (with `model_type`), so the
+    folder records exactly which architectures it holds and any transformers version can read them."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(
+        self,
+        vision_config: dict[str, Any] | None = None,
+        text_config: dict[str, Any] | None = None,
+        projector: str = "mlp",
+        pixel_shuffle: int = 1,
+        prompt: str = "",
+        max_caption_tokens: int = 64,
+        caption_format: str = "prose",
+        vision_id: str | None = None,
+        lm_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if projector not in PROJECTORS:
+            raise ValueError(f"projector must be one of {', '.join(PROJECTORS)}, not {projector!r}")
+        if pixel_shuffle < 1:
+            raise ValueError(f"pixel_shuffle must be >= 1, got {pixel_shuffle}")
+        self.vision_config = _as_dict(vision_config)
+        self.text_config = _as_dict(text_config)
+        self.projector = projector
+        self.pixel_shuffle = pixel_shuffle
+        self.prompt = prompt
+        """Text between the prefix and the caption ("A photo of"), the same at training and inference."""
+        self.max_caption_tokens = max_caption_tokens
+        self.caption_format = caption_format
+        """"tags" when the training captions were tag lists: `loracap caption` then cleans them up as tags."""
+        self.vision_id = vision_id
+        self.lm_id = lm_id
+        """Where the towers came from, for the model card and feature-cache keys."""
+        super().__init__(**kwargs)
+
+    def vision(self) -> PretrainedConfig:
+        return _config(self.vision_config)
+
+    def text(self) -> PretrainedConfig:
+        return _config(self.text_config)
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _config(data: dict[str, Any]) -> PretrainedConfig:
+    data = dict(data)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def pixel_shuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """Fold each factor x factor block of patches into one token: (B, s*s, D) -> (B, (s/f)^2, f*f*D).
+
+    Fewer, wider prefix tokens (196 -> 49 at factor 2) make the LM's sequence shorter without dropping
+    any feature, as in Idefics3 / SmolVLM."""
+    if factor == 1:
+        return features
+    b, n, d = features.shape
+    side = math.isqrt(n)
+    if side * side != n or side % factor:
+        raise ValueError(f"pixel shuffle needs a square grid divisible by {factor}; got {n} tokens")
+    grid = features.reshape(b, side // factor, factor, side // factor, factor, d)
+    return grid.permute(0, 1, 3, 2, 4, 5).reshape(b, (side // factor) ** 2, factor * factor * d)
+
+
+class PrefixCaptioner(PreTrainedModel):
+    config_class = PrefixCaptionerConfig
+    base_model_prefix = "captioner"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def __init__(self, config: PrefixCaptionerConfig) -> None:
+        super().__init__(config)
+        vision = AutoModel.from_config(config.vision())
+        # A dual encoder (SiglipModel, CLIPModel) keeps its image tower in .vision_model; so does a
+        # vision-only checkpoint (SiglipVisionModel). Only that tower is kept.
+        self.vision_tower = vision.vision_model if hasattr(vision, "vision_model") else vision
+        self.language_model = AutoModelForCausalLM.from_config(config.text())
+        width = _hidden_size(config.vision()) * config.pixel_shuffle**2
+        hidden = self.language_model.config.hidden_size
+        if config.projector == "linear":
+            self.projector = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden))
+        else:
+            self.projector = nn.Sequential(
+                nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+            )
+        self.post_init()
+
+    # The towers come with their own initialisation; only the projector is new here.
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear) and any(module is m for m in self.projector.modules()):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    # --- the prefix -------------------------------------------------------------------------------------
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch features of the vision tower's last layer, without a CLS token: (B, N, Dv)."""
+        features = self.vision_tower(pixel_values=pixel_values).last_hidden_state
+        n = features.shape[1]
+        if math.isqrt(n) ** 2 != n and math.isqrt(n - 1) ** 2 == n - 1:
+            features = features[:, 1:]  # CLIP puts a CLS token before the patch grid
+        return features
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features -> prefix embeddings in the LM's input space: (B, P, Dt)."""
+        folded = pixel_shuffle(features, self.config.pixel_shuffle)
+        dtype = self.projector[1].weight.dtype
+        return self.projector(folded.to(dtype))
+
+    def prefix(
+        self, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if features is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or precomputed vision features")
+            features = self.vision_features(pixel_values)
+        return self.project(features)
+
+    # --- training ---------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Teacher-forced pass over [prefix][text]. `input_ids` / `attention_mask` / `labels` are the text
+        part as `loracap.prefix.batching.encode_captions` makes them (right-padded; labels -100 on the
+        prompt and on padding); the prefix positions are always attended and never predicted."""
+        prefix = self.prefix(pixel_values, features)
+        b, p, _ = prefix.shape
+        text = self.get_input_embeddings()(input_ids)
+        embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
+        ones = torch.ones(b, p, dtype=attention_mask.dtype, device=attention_mask.device)
+        mask = torch.cat([ones, attention_mask], dim=1)
+        full_labels = None
+        if labels is not None:
+            ignore = torch.full((b, p), -100, dtype=labels.dtype, device=labels.device)
+            full_labels = torch.cat([ignore, labels], dim=1)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=full_labels, **kwargs)
+        out.prefix = prefix
+        return out
+
+    # --- inference --------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate_captions(
+        self,
+        pixel_values: torch.Tensor,
+        prompt_ids: list[int],
+        *,
+        eos_token_id: int,
+        pad_token_id: int,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """New token ids for each image. Every row is [prefix][prompt] of the same length, so a batch
+        needs no padding at all: nothing sits between the prefix and the text, as in training."""
+        prefix = self.prefix(pixel_values)
+        embed = self.get_input_embeddings()
+        parts = [prefix.to(embed.weight.dtype)]
+        if prompt_ids:
+            ids = torch.tensor([prompt_ids], device=prefix.device).expand(prefix.shape[0], -1)
+            parts.append(embed(ids))
+        embeds = torch.cat(parts, dim=1)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return self.language_model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **generate_kwargs,
+        )
+
+
+def build_captioner(
+    vision: str | Any,
+    lm: str | Any,
+    *,
+    projector: str = "mlp",
+    pixel_shuffle: int = 1,
+    prompt: str = "",
+    max_caption_tokens: int = 64,
+    caption_format: str = "prose",
+) -> PrefixCaptioner:
+    """A new captioner from pretrained towers (hub ids or folders; loaded models are taken as they are):
+    the vision tower and LM keep their weights, the projector starts fresh."""
+    from loracap.backends.hub import resolve_model
+
+    vision_name = vision if isinstance(vision, str) else getattr(vision, "name_or_path", None)
+    lm_name = lm if isinstance(lm, str) else getattr(lm, "name_or_path", None)
+    if isinstance(vision, str):
+        vision = AutoModel.from_pretrained(resolve_model(vision))
+    if isinstance(lm, str):
+        lm = AutoModelForCausalLM.from_pretrained(resolve_model(lm))
+    tower = vision.vision_model if hasattr(vision, "vision_model") else vision
+    # Record only the image tower's config (SiglipVisionConfig, not the dual encoder's), so loading the
+    # captioner never builds the text tower it does not use.
+    vision_config = getattr(vision.config, "vision_config", None) or vision.config
+    config = PrefixCaptionerConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=lm.config.to_dict(),
+        projector=projector,
+        pixel_shuffle=pixel_shuffle,
+        prompt=prompt,
+        max_caption_tokens=max_caption_tokens,
+        caption_format=caption_format,
+        vision_id=str(vision_name) if vision_name else None,
+        lm_id=str(lm_name) if lm_name else None,
+    )
+    model = PrefixCaptioner(config)
+    model.vision_tower.load_state_dict(tower.state_dict())
+    model.language_model.load_state_dict(lm.state_dict())
+    model.language_model.generation_config = lm.generation_config
+    return model
+
+
+def _hidden_size(config: PretrainedConfig) -> int:
+    vision = getattr(config, "vision_config", None) or config
+    return vision.hidden_size
+
+
+AutoConfig.register(MODEL_TYPE, PrefixCaptionerConfig, exist_ok=True)
+AutoModel.register(PrefixCaptionerConfig, PrefixCaptioner, exist_ok=True)

@@ -1,0 +1,67 @@
+"""`--clip-loss-weight`: pull each image's prefix towards its caption's CLIP (or SigLIP) text embedding.
+
+The prefix is mean-pooled and mapped by a small trainable head into the text tower's embedding space;
+an in-batch contrastive loss (InfoNCE, both directions) then asks each prefix to be closest to its own
+caption. Only the frozen text tower runs without gradient: the loss is a function of the prefix, so its
+gradient reaches the projector (and an unfrozen vision top) in the same backward pass as the LM loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["ClipAlignment"]
+
+
+class ClipAlignment(nn.Module):
+    def __init__(self, clip_model: str, prefix_width: int) -> None:
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        from loracap.backends.hub import resolve_model
+
+        folder = resolve_model(clip_model)
+        encoder = AutoModel.from_pretrained(folder)
+        if not hasattr(encoder, "get_text_features"):
+            raise ValueError(
+                f"{clip_model} has no text tower: --clip-model needs a CLIP or SigLIP checkpoint"
+            )
+        encoder.requires_grad_(False).eval()
+        self.encoder = [encoder]  # a list: kept out of state_dict, optimizers and .to() of the head
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        text_config = getattr(encoder.config, "text_config", encoder.config)
+        self.max_length = min(getattr(text_config, "max_position_embeddings", 77), 77)
+        self.pad_to_window = encoder.config.model_type in ("siglip", "siglip2")
+        dim = getattr(encoder.config, "projection_dim", None) or text_config.hidden_size
+        self.head = nn.Linear(prefix_width, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    @torch.no_grad()
+    def text_embeddings(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        encoder = self.encoder[0].to(device)
+        text = self.tokenizer(
+            captions,
+            padding="max_length" if self.pad_to_window else True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(device)
+        features = encoder.get_text_features(**text)
+        features = features if torch.is_tensor(features) else features.pooler_output
+        return nn.functional.normalize(features.float(), dim=-1)
+
+    def forward(self, prefix: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Contrastive loss between pooled prefixes (B, P, D) and the captions' text embeddings."""
+        targets = self.text_embeddings(captions, prefix.device)
+        pooled = nn.functional.normalize(self.head(prefix.float().mean(dim=1)), dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100) * pooled @ targets.T
+        labels = torch.arange(len(captions), device=prefix.device)
+        return (
+            nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels)
+        ) / 2
+
+    def extra_repr(self) -> str:
+        return f"text tower frozen, max_length={self.max_length}"

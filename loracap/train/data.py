@@ -1,0 +1,121 @@
+"""Training examples and their split: from a loracap-captioned folder or a Hugging Face dataset.
+
+The split is seeded and written to `split.json` in the output folder, and a later run (a resume, or
+`loracap eval`) reads it back instead of drawing again, so the test images never leak into training. A
+dataset folder that carries its own `splits.json` ({"train": [...], "val": [...], "test": [...]}, as
+`loracap.data.synthetic` writes) keeps those splits: they may hold out compositions on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loracap.writers import atomic_write_text
+
+__all__ = ["SPLITS", "Example", "assign_splits", "load_examples", "read_split", "write_split"]
+
+SPLITS = ("train", "val", "test")
+SPLIT_FILE = "split.json"
+DATASET_SPLITS_FILE = "splits.json"
+
+
+@dataclass(frozen=True)
+class Example:
+    key: str
+    """Stable id: the image path relative to the dataset folder, or "dataset[index]"."""
+    caption: str
+    path: Path | None = None
+    """The image file, when there is one (its bytes key the feature cache)."""
+    loader: Callable[[], Any] | None = None
+    """Returns the PIL image when there is no file (Hugging Face datasets)."""
+
+    def image(self) -> Any:
+        from loracap.inputs import load_image
+
+        return load_image(self.path) if self.path is not None else self.loader().convert("RGB")
+
+
+def load_examples(
+    data: str | Path,
+    *,
+    image_column: str = "image",
+    caption_column: str = "text",
+    hf_split: str = "train",
+    ext: str = ".txt",
+) -> list[Example]:
+    """Every captioned image in `data`: a folder loracap wrote (sidecar, metadata.jsonl, kohya JSON), or a
+    Hugging Face dataset id / saved dataset. Images with no or an empty caption are left out."""
+    folder = Path(data)
+    if folder.is_dir() and not (folder / "dataset_info.json").is_file():
+        from loracap.quality.captions import read_dataset
+
+        ds = read_dataset(folder, ext=ext)
+        root = ds.root
+        return [
+            Example(path.relative_to(root).as_posix(), caption.strip(), path=path)
+            for path, caption in ds.pairs
+            if caption.strip()
+        ]
+    return _hf_examples(str(data), image_column, caption_column, hf_split)
+
+
+def _hf_examples(name: str, image_column: str, caption_column: str, split: str) -> list[Example]:
+    import datasets
+
+    if Path(name).is_dir():
+        table = datasets.load_from_disk(name)
+        table = table[split] if isinstance(table, datasets.DatasetDict) else table
+    else:
+        table = datasets.load_dataset(name, split=split)
+    missing = [c for c in (image_column, caption_column) if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{name} has no column {missing[0]!r}; columns: {', '.join(table.column_names)}")
+    captions = table[caption_column]
+    return [
+        Example(f"{name}[{i}]", str(c).strip(), loader=lambda i=i: table[i][image_column])
+        for i, c in enumerate(captions)
+        if str(c or "").strip()
+    ]
+
+
+def assign_splits(keys: list[str], *, seed: int, val_share: float, test_share: float) -> dict[str, list[str]]:
+    """A seeded shuffle of the sorted keys cut into train / val / test; at least one val and one test
+    example once there are ten or more."""
+    if not 0 <= val_share < 1 or not 0 <= test_share < 1 or val_share + test_share >= 1:
+        raise ValueError(
+            f"val and test shares must be in [0, 1) and sum below 1, got {val_share}, {test_share}"
+        )
+    order = sorted(keys)
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    n_test = max(round(n * test_share), 1 if test_share and n >= 10 else 0)
+    n_val = max(round(n * val_share), 1 if val_share and n >= 10 else 0)
+    return {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+
+
+def dataset_splits(data: str | Path) -> dict[str, list[str]] | None:
+    """The dataset's own splits.json, if it has one."""
+    path = Path(data) / DATASET_SPLITS_FILE
+    if not path.is_file():
+        return None
+    splits = json.loads(path.read_text(encoding="utf-8"))
+    return {name: list(splits.get(name, [])) for name in SPLITS}
+
+
+def write_split(out: Path, splits: dict[str, list[str]], *, seed: int, source: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"seed": seed, "source": source, **{name: splits[name] for name in SPLITS}}
+    atomic_write_text(out / SPLIT_FILE, json.dumps(doc, indent=1) + "\n")
+
+
+def read_split(out: Path) -> dict[str, list[str]] | None:
+    path = Path(out) / SPLIT_FILE
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return {name: list(doc[name]) for name in SPLITS}

@@ -1,0 +1,130 @@
+"""Caption metrics: BLEU-4, ROUGE-L and CIDEr (pycocoevalcap, the COCO caption evaluation code), plus
+CLIPScore through `loracap.quality.clipscore`, and `loracap eval MODEL DATA` which puts them together.
+
+pycocoevalcap's own tokenizer shells out to Java (Stanford PTB); captions are tokenized here instead the
+way it does in effect for plain English: lower case, punctuation dropped, split on whitespace.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from loracap.writers import atomic_write_text
+
+__all__ = ["caption_metrics", "evaluate_captioner", "generate_for"]
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def _tokenize(text: str) -> str:
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def caption_metrics(
+    predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
+) -> dict[str, float]:
+    """Corpus BLEU-4, ROUGE-L and CIDEr (CIDEr-D as in the COCO evaluation) of `predictions` against
+    `references` (several per key allowed). Keys missing a prediction count as empty captions."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    keys = sorted(references)
+    if not keys:
+        raise ValueError("no references to score against")
+    # An empty hypothesis breaks BLEU's and ROUGE's arithmetic; a lone placeholder scores as wrong.
+    res = {k: [_tokenize(predictions.get(k, "")) or "<empty>"] for k in keys}
+    gts = {k: [_tokenize(r) for r in references[k]] for k in keys}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    return {"bleu4": float(bleu[3]), "rouge_l": float(rouge), "cider": float(cider)}
+
+
+def generate_for(
+    backend: Any,
+    examples: Sequence[Any],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    progress: bool = False,
+) -> dict[str, str]:
+    """Caption `examples` (loracap.train.data.Example) with a loaded backend; {key: caption}."""
+    from tqdm.auto import tqdm
+
+    from loracap.backends import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    out: dict[str, str] = {}
+    bar = tqdm(total=len(examples), unit="img", desc="captioning", disable=not progress, file=sys.stderr)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        inputs = backend.prepare([e.image() for e in chunk], "caption")
+        for example, caption in zip(chunk, backend.generate(inputs, settings), strict=True):
+            out[example.key] = caption
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def evaluate_captioner(
+    model: str | Path,
+    data: str | Path,
+    *,
+    split: str = "test",
+    clip_model: str | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+    out_file: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Caption `split` of `data` with `model` and score the captions; written to `out_file` as JSON
+    (default MODEL/eval-<split>.json when MODEL is a folder). `split="all"` scores every example; a
+    named split comes from MODEL/split.json, written when it was trained."""
+    from loracap.backends import load_backend
+    from loracap.train.data import load_examples, read_split
+
+    started = time.perf_counter()
+    examples = load_examples(data)
+    if split != "all":
+        saved = read_split(Path(model)) if Path(model).is_dir() else None
+        if saved is None:
+            raise ValueError(f"{model} has no split.json to take the {split!r} split from; use --split all")
+        wanted = set(saved[split])
+        examples = [e for e in examples if e.key in wanted]
+    if not examples:
+        raise ValueError(f"no captioned images of split {split!r} in {data}")
+    backend = load_backend(str(model), device=device)
+    predictions = generate_for(backend, examples, batch_size=batch_size, progress=progress)
+    result: dict[str, Any] = {
+        "model": str(model),
+        "data": str(data),
+        "split": split,
+        "images": len(examples),
+        **caption_metrics(predictions, {e.key: [e.caption] for e in examples}),
+    }
+    if clip_model:
+        from loracap.quality.clipscore import clip_scores
+
+        pairs = [(e.path, predictions[e.key]) for e in examples if e.path is not None]
+        run = clip_scores(pairs, model=clip_model, device=device, progress=progress)
+        scores = [p.score for p in run.pairs if p.score is not None]
+        result["clip_score"] = sum(scores) / len(scores) if scores else None
+        result["clip_model"] = clip_model
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    result["captions"] = [
+        {"key": e.key, "reference": e.caption, "prediction": predictions[e.key]} for e in examples
+    ]
+    target = (
+        Path(out_file) if out_file else (Path(model) / f"eval-{split}.json" if Path(model).is_dir() else None)
+    )
+    if target is not None:
+        atomic_write_text(target, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        result["written_to"] = str(target)
+    return result

@@ -1,0 +1,266 @@
+"""The prefix captioner and `loracap train` / `loracap eval`, with tiny SigLIP and Llama checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from loracap.cli import main
+from loracap.prefix.batching import encode_captions, prompt_ids
+from loracap.prefix.io import load_captioner, save_captioner
+from loracap.prefix.modeling import PrefixCaptioner, build_captioner
+
+pytest.importorskip("peft")
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (250, 250, 250)}
+
+
+@pytest.fixture(scope="module")
+def towers(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
+    """(vision, lm): a tiny SiglipModel checkpoint and a tiny SmolLM-shaped Llama with its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from loracap.testing.tokenizer import train_byte_level_bpe
+
+    lm_dir = tmp_path_factory.mktemp("llama")
+    eos = "<|endoftext|>"
+    # pad == eos, as in SmolLM2 and GPT-2: the case where masking "pad ids" would also mask the real eos.
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=train_byte_level_bpe([eos], vocab_size=400), eos_token=eos, pad_token=eos
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    LlamaForCausalLM(config).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    return tiny_model("siglip-clip"), lm_dir
+
+
+def colour_dataset(root: Path, n: int = 24) -> Path:
+    root.mkdir(parents=True)
+    names = list(COLOURS)
+    for i in range(n):
+        name = names[i % len(names)]
+        Image.new("RGB", (40, 40), COLOURS[name]).save(root / f"{i:03d}.png")
+        (root / f"{i:03d}.txt").write_text(f"a {name} square", encoding="utf-8")
+    return root
+
+
+def images_and_pixels(vision: Path, names: list[str]):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(vision).image_processor
+    images = [Image.new("RGB", (40, 40), COLOURS[n]) for n in names]
+    return processor, processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def test_batch_labels_mask_prompt_and_padding_but_train_eos(towers) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(towers[1])
+    assert tok.pad_token_id == tok.eos_token_id
+    batch = encode_captions(
+        tok, ["a red square", "a much longer blue circle on the left"], prompt="A photo of"
+    )
+    head = prompt_ids(tok, "A photo of")
+    for row in range(2):
+        ids, mask, labels = batch["input_ids"][row], batch["attention_mask"][row], batch["labels"][row]
+        length = int(mask.sum())
+        assert (
+            ids[:length][-1] == tok.eos_token_id and labels[length - 1] == tok.eos_token_id
+        )  # eos is trained
+        assert (labels[: len(head)] == -100).all() and ids[: len(head)].tolist() == head  # prompt is not
+        assert (labels[length:] == -100).all() and (mask[length:] == 0).all()  # nor is padding
+        assert (labels[len(head) : length] == ids[len(head) : length]).all()
+    assert int(batch["attention_mask"][0].sum()) < int(batch["attention_mask"][1].sum())  # really padded
+
+
+def test_loss_covers_only_caption_and_eos(towers) -> None:
+    model = build_captioner(str(towers[0]), str(towers[1]), prompt="A photo of")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(towers[1])
+    _, pixels = images_and_pixels(towers[0], ["red", "blue"])
+    batch = encode_captions(tok, ["a red square", "a blue circle on the left"], prompt="A photo of")
+    out = model(pixel_values=pixels, **batch)
+    # The same loss by hand: logits at position t predict token t+1, over labelled text positions only.
+    p = out.prefix.shape[1]
+    logits = out.logits[:, p - 1 : -1]
+    manual = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
+    )
+    assert torch.allclose(out.loss, manual, atol=1e-5)
+
+
+def test_batched_generation_equals_one_by_one_and_round_trips(towers, tmp_path: Path) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    model = build_captioner(str(towers[0]), str(towers[1]), prompt="A photo of", pixel_shuffle=2).eval()
+    tok = AutoTokenizer.from_pretrained(towers[1])
+    processor, pixels = images_and_pixels(towers[0], ["red", "blue", "green"])
+    kwargs = {
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "max_new_tokens": 8,
+        "do_sample": False,
+    }
+    head = prompt_ids(tok, "A photo of")
+    batched = model.generate_captions(pixels, head, **kwargs)
+    singles = [model.generate_captions(pixels[i : i + 1], head, **kwargs)[0] for i in range(3)]
+    for row, single in zip(batched, singles, strict=True):
+        assert row[: len(single)].tolist() == single.tolist()
+
+    save_captioner(model, processor, tok, tmp_path / "cap")
+    loaded = load_captioner(tmp_path / "cap")
+    assert type(AutoModel.from_pretrained(tmp_path / "cap")) is PrefixCaptioner
+    assert loaded.model.generate_captions(pixels, head, **kwargs).tolist() == batched.tolist()
+    assert loaded.model.config.pixel_shuffle == 2 and loaded.model.config.prompt == "A photo of"
+
+
+def test_clip_loss_carries_gradient_to_the_projector(towers, tiny_model) -> None:
+    from transformers import AutoTokenizer
+
+    from loracap.train.alignment import ClipAlignment
+
+    tok = AutoTokenizer.from_pretrained(towers[1])
+    _, pixels = images_and_pixels(towers[0], ["red", "blue", "green"])
+    captions = ["a red square", "a blue square", "a green square"]
+    batch = encode_captions(tok, captions)
+    grads = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = build_captioner(str(towers[0]), str(towers[1]))
+        alignment = ClipAlignment(str(tiny_model("clip")), model.language_model.config.hidden_size)
+        out = model(pixel_values=pixels, **batch)
+        (out.loss + weight * alignment(out.prefix, captions)).backward()
+        grads[weight] = model.projector[1].weight.grad.clone()
+    assert not torch.allclose(grads[0.0], grads[1.0])
+
+
+def train_args(data: Path, out: Path, towers, *extra: str) -> list[str]:
+    return [
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--vision",
+        str(towers[0]),
+        "--lm",
+        str(towers[1]),
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--warmup-steps",
+        "1",
+        "--quiet",
+        *extra,
+    ]
+
+
+def test_train_then_caption_with_the_result(towers, tmp_path: Path, capsys) -> None:
+    data = colour_dataset(tmp_path / "data")
+    out = tmp_path / "cap"
+    assert main(train_args(data, out, towers, "--max-steps", "6", "--eval-every", "3", "--seed", "3")) == 0
+    printed = capsys.readouterr().out
+    assert "test split: BLEU-4" in printed and f"--model {out}" in printed
+
+    split = json.loads((out / "split.json").read_text())
+    assert sorted(split["train"] + split["val"] + split["test"]) == sorted(p.name for p in data.glob("*.png"))
+    assert not set(split["train"]) & set(split["test"])
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["history"]] == [3, 6] and {"cider", "bleu4", "rouge_l"} <= set(
+        state["history"][0]
+    )
+    assert json.loads((out / "eval-test.json").read_text())["images"] == len(split["test"])
+
+    # The folder is a captioning model like any other.
+    images = tmp_path / "new"
+    images.mkdir()
+    Image.new("RGB", (40, 40), COLOURS["red"]).save(images / "x.png")
+    assert main(["caption", str(images), "--model", str(out), "--quiet", "--max-new-tokens", "6"]) == 0
+    loaded = load_captioner(out)
+    _, pixels = images_and_pixels(towers[0], ["red"])
+    tok = loaded.tokenizer
+    ids = loaded.model.generate_captions(
+        pixels,
+        [],
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        max_new_tokens=6,
+        do_sample=False,
+    )
+    assert (images / "x.txt").read_text(encoding="utf-8") == tok.decode(
+        ids[0], skip_special_tokens=True
+    ).strip()
+
+    # Same seed, same split; the split is not redrawn when training continues from the result.
+    assert main(train_args(data, tmp_path / "again", towers, "--max-steps", "1", "--seed", "3")) == 0
+    assert json.loads((tmp_path / "again" / "split.json").read_text())["test"] == split["test"]
+    assert main(train_args(data, tmp_path / "more", towers, "--from", str(out), "--max-steps", "2")) == 0
+
+
+def test_resume_continues_exactly(towers, tmp_path: Path, monkeypatch) -> None:
+    import loracap.train.loop as loop
+
+    data = colour_dataset(tmp_path / "data")
+    args = ["--max-steps", "6", "--checkpoint-every", "3", "--eval-every", "100", "--lora-dropout", "0.3"]
+    assert main(train_args(data, tmp_path / "straight", towers, *args)) == 0
+
+    real_checkpoint = loop._checkpoint
+
+    def checkpoint_then_crash(accelerator, out, state, keep):
+        real_checkpoint(accelerator, out, state, keep)
+        raise KeyboardInterrupt  # the machine went away right after the step-3 checkpoint
+
+    monkeypatch.setattr(loop, "_checkpoint", checkpoint_then_crash)
+    assert main(train_args(data, tmp_path / "resumed", towers, *args)) == 130
+    monkeypatch.setattr(loop, "_checkpoint", real_checkpoint)
+    assert main(train_args(data, tmp_path / "resumed", towers, *args, "--resume")) == 0
+
+    a = load_captioner(tmp_path / "straight").model.state_dict()
+    b = load_captioner(tmp_path / "resumed").model.state_dict()
+    assert a.keys() == b.keys()
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert changed == []
+    start = build_captioner(str(towers[0]), str(towers[1])).state_dict()
+    assert not torch.equal(a["projector.1.weight"], start["projector.1.weight"])  # it did train
+
+
+def test_eval_command_scores_a_split(towers, tmp_path: Path, capsys) -> None:
+    data = colour_dataset(tmp_path / "data")
+    out = tmp_path / "cap"
+    assert main(train_args(data, out, towers, "--max-steps", "2", "--eval-every", "100")) == 0
+    capsys.readouterr()
+    assert (
+        main(["eval", str(out), str(data), "--split", "all", "--quiet", "--out", str(tmp_path / "m.json")])
+        == 0
+    )
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["images"] == 24 and len(result["captions"]) == 24
+    assert {"bleu4", "rouge_l", "cider"} <= set(result)
+    assert "BLEU-4" in capsys.readouterr().out
+
+
+def test_caption_metrics_reward_matching_captions() -> None:
+    from loracap.train.metrics import caption_metrics
+
+    refs = {str(i): [f"a {c} square on the left"] for i, c in enumerate(["red", "blue", "green", "white"])}
+    perfect = caption_metrics({k: v[0] for k, v in refs.items()}, refs)
+    wrong = caption_metrics({k: "two dogs running" for k in refs}, refs)
+    assert perfect["bleu4"] > 0.99 and perfect["rouge_l"] > 0.99 and perfect["cider"] > wrong["cider"]
+    assert wrong["bleu4"] < 0.01
