@@ -264,3 +264,30 @@ def test_caption_metrics_reward_matching_captions() -> None:
     wrong = caption_metrics({k: "two dogs running" for k in refs}, refs)
     assert perfect["bleu4"] > 0.99 and perfect["rouge_l"] > 0.99 and perfect["cider"] > wrong["cider"]
     assert wrong["bleu4"] < 0.01
+
+
+def test_examples_from_a_saved_hugging_face_dataset(tmp_path: Path) -> None:
+    import datasets
+
+    from loracap.train.data import assign_splits, load_examples
+
+    images = [Image.new("RGB", (16, 16), COLOURS[c]) for c in ("red", "blue", "green")]
+    table = datasets.Dataset.from_dict({"image": images, "caption": ["a red square", "", "a green square"]})
+    table = table.cast_column("image", datasets.Image())
+    table.save_to_disk(str(tmp_path / "hf"))
+    examples = load_examples(tmp_path / "hf", caption_column="caption")
+    assert [e.caption for e in examples] == [
+        "a red square",
+        "a green square",
+    ]  # the empty caption is left out
+    assert examples[1].image().getpixel((0, 0)) == COLOURS["green"]
+    with pytest.raises(ValueError, match="no column 'text'"):
+        load_examples(tmp_path / "hf")
+    keys = [f"k{i}" for i in range(40)]
+    assert assign_splits(keys, seed=1, val_share=0.1, test_share=0.2) == assign_splits(
+        list(reversed(keys)), seed=1, val_share=0.1, test_share=0.2
+    )
+    assert (
+        assign_splits(keys, seed=1, val_share=0.1, test_share=0.2)["test"]
+        != assign_splits(keys, seed=2, val_share=0.1, test_share=0.2)["test"]
+    )

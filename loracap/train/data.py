@@ -51,7 +51,8 @@ def load_examples(
     """Every captioned image in `data`: a folder loracap wrote (sidecar, metadata.jsonl, kohya JSON), or a
     Hugging Face dataset id / saved dataset. Images with no or an empty caption are left out."""
     folder = Path(data)
-    if folder.is_dir() and not (folder / "dataset_info.json").is_file():
+    saved_dataset = (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()
+    if folder.is_dir() and not saved_dataset:
         from loracap.quality.captions import read_dataset
 
         ds = read_dataset(folder, ext=ext)

@@ -520,8 +520,9 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _splits(
     settings: TrainSettings, examples: list[Example], out: Path, accelerator: Any
 ) -> dict[str, list[str]]:
-    saved = read_split(out) if (settings.resume or settings.init_from is None) else None
-    if saved is not None and settings.resume:
+    """A resumed run reuses its saved split; otherwise the dataset's own splits.json or a seeded draw."""
+    saved = read_split(out) if settings.resume else None
+    if saved is not None:
         return saved
     own = dataset_splits(settings.data) if Path(settings.data).is_dir() else None
     splits = own or assign_splits(

@@ -1,0 +1,1 @@
+"""Datasets loracap makes itself: `synthetic` renders compositional scenes with exact captions."""
