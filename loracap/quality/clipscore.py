@@ -35,7 +35,7 @@ DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 CACHE_FILE = "clipscore-cache.json"
 _CACHE_VERSION = 1
 # SigLIP's text tower reads the last position and was trained on texts padded to the full window.
-_PAD_TO_WINDOW = frozenset({"siglip", "siglip2"})
+PAD_TO_WINDOW = frozenset({"siglip", "siglip2"})
 # Decode at most this many times the model's input side; its own resize does the final filtering.
 _DECODE_MARGIN = 2
 
@@ -208,7 +208,7 @@ class _Scorer:
         text_config = getattr(self.model.config, "text_config", self.model.config)
         window = getattr(text_config, "max_position_embeddings", None) or 77
         self.max_length = min(window, self.tokenizer.model_max_length or window)
-        self.pad_to_window = self.model.config.model_type in _PAD_TO_WINDOW
+        self.pad_to_window = self.model.config.model_type in PAD_TO_WINDOW
         side = _image_side(self.image_processor)
         self.min_side = side * _DECODE_MARGIN if side else None
 
@@ -262,27 +262,35 @@ class _Scorer:
 
         full = self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]
         truncated = [len(ids) > self.max_length for ids in full]
-        text = self.tokenizer(
-            captions,
-            padding="max_length" if self.pad_to_window else True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
+        text = text_inputs(
+            self.tokenizer, captions, max_length=self.max_length, pad_to_window=self.pad_to_window
         )
         device, dtype = self.placement.device, self.placement.dtype
         with torch.inference_mode():
             image_inputs = {
                 k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in pixels.items()
             }
-            image_emb = _features(self.model.get_image_features(**image_inputs))
-            text_emb = _features(self.model.get_text_features(**{k: v.to(device) for k, v in text.items()}))
+            image_emb = features(self.model.get_image_features(**image_inputs))
+            text_emb = features(self.model.get_text_features(**{k: v.to(device) for k, v in text.items()}))
             image_emb = torch.nn.functional.normalize(image_emb.float(), dim=-1)
             text_emb = torch.nn.functional.normalize(text_emb.float(), dim=-1)
             cosines = (image_emb * text_emb).sum(dim=-1)
         return cosines.cpu().tolist(), truncated
 
 
-def _features(out: Any) -> Any:
+def text_inputs(tokenizer: Any, captions: list[str], *, max_length: int, pad_to_window: bool) -> Any:
+    """Token tensors for a CLIP / SigLIP text tower: cut at its window, and padded to the whole window for
+    SigLIP, which reads the last position and was trained that way."""
+    return tokenizer(
+        captions,
+        padding="max_length" if pad_to_window else True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+
+
+def features(out: Any) -> Any:
     """The projected embedding: transformers 5 returns a model output from get_*_features (its
     pooler_output), 4.x returned the tensor."""
     return out if hasattr(out, "dim") else out.pooler_output

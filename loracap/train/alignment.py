@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from loracap.quality.clipscore import PAD_TO_WINDOW, features, text_inputs
+
 __all__ = ["ClipAlignment"]
 
 
@@ -34,7 +36,7 @@ class ClipAlignment(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         text_config = getattr(encoder.config, "text_config", encoder.config)
         self.max_length = min(getattr(text_config, "max_position_embeddings", 77), 77)
-        self.pad_to_window = encoder.config.model_type in ("siglip", "siglip2")
+        self.pad_to_window = encoder.config.model_type in PAD_TO_WINDOW
         dim = getattr(encoder.config, "projection_dim", None) or text_config.hidden_size
         self.head = nn.Linear(prefix_width, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -42,16 +44,11 @@ class ClipAlignment(nn.Module):
     @torch.no_grad()
     def text_embeddings(self, captions: list[str], device: torch.device) -> torch.Tensor:
         encoder = self.encoder[0].to(device)
-        text = self.tokenizer(
-            captions,
-            padding="max_length" if self.pad_to_window else True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        ).to(device)
-        features = encoder.get_text_features(**text)
-        features = features if torch.is_tensor(features) else features.pooler_output
-        return nn.functional.normalize(features.float(), dim=-1)
+        text = text_inputs(
+            self.tokenizer, captions, max_length=self.max_length, pad_to_window=self.pad_to_window
+        )
+        embedding = features(encoder.get_text_features(**text.to(device)))
+        return nn.functional.normalize(embedding.float(), dim=-1)
 
     def forward(self, prefix: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Contrastive loss between pooled prefixes (B, P, D) and the captions' text embeddings."""
