@@ -143,7 +143,7 @@ def test_vit_gpt2_reloads_and_captions(built: dict[str, Path]) -> None:
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
 
 
-@pytest.mark.parametrize("arch", ["florence2", "blip"])
+@pytest.mark.parametrize("arch", ["florence2", "blip", "siglip", "llama"])
 def test_same_seed_same_weights_other_seed_differs(built: dict[str, Path], tmp_path: Path, arch: str) -> None:
     import torch
 
@@ -263,3 +263,164 @@ def test_import_is_light() -> None:
         timeout=60,
     )
     assert light.stdout.split() == ["False", "False"], light.stderr
+
+
+# ------------------------------------------------------------------------- parts for `loracap train`
+
+
+@pytest.mark.parametrize("arch", ["siglip", "llama"])
+def test_train_parts_build_fast_small_and_from_the_cli(
+    built: dict[str, Path], tmp_path: Path, arch: str
+) -> None:
+    import time
+
+    from loracap.testing.__main__ import main
+
+    start = time.perf_counter()  # `built` has paid for the imports already
+    path = make_tiny_model(arch, tmp_path / "timed")
+    assert time.perf_counter() - start < 2.0
+    assert sum(f.stat().st_size for f in path.iterdir()) < 2_000_000
+    # The CLI offers every arch; in-process, so no second interpreter start-up.
+    assert main([arch, str(tmp_path / "cli")]) == 0
+    assert _weights(tmp_path / "cli").keys() == _weights(path).keys()
+
+
+def test_siglip_is_a_hub_shaped_vision_tower(built: dict[str, Path]) -> None:
+    import torch
+    from transformers import AutoImageProcessor, AutoModel, SiglipVisionModel
+
+    path = built["siglip"]
+    # Saved as google/siglip-* are: a full dual encoder, whose image tower loaders take as .vision_model.
+    model = AutoModel.from_pretrained(path).eval()
+    assert type(model).__name__ == "SiglipModel"
+    tower = SiglipVisionModel.from_pretrained(path).eval()
+    vision = tower.config
+    assert vision.model_type == "siglip_vision_model" and vision.num_hidden_layers == 2
+
+    processor = AutoImageProcessor.from_pretrained(path)
+    assert type(processor).__name__ == "SiglipImageProcessorPil"  # no torchvision here
+    pixels = processor(images=_images(), return_tensors="pt").pixel_values
+    assert pixels.shape == (2, 3, vision.image_size, vision.image_size)
+
+    with torch.no_grad():
+        direct = tower(pixel_values=pixels, output_hidden_states=True)
+        extracted = model.vision_model(pixel_values=pixels).last_hidden_state
+    # SigLIP has no CLS token: one feature per patch, a 4x4 grid a 2x2 pixel shuffle can fold.
+    n_patches = (vision.image_size // vision.patch_size) ** 2
+    side = int(n_patches**0.5)
+    assert n_patches == 16 and side * side == n_patches and side % 2 == 0
+    assert direct.last_hidden_state.shape == (2, n_patches, vision.hidden_size)
+    assert len(direct.hidden_states) == vision.num_hidden_layers + 1
+    # Both ways of loading give the same tower.
+    assert torch.allclose(direct.last_hidden_state, extracted)
+    assert not torch.allclose(direct.last_hidden_state[0], direct.last_hidden_state[1])
+
+
+def _lm(path: Path) -> tuple:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_llama_is_smollm2_shaped(built: dict[str, Path]) -> None:
+    path = built["llama"]
+    model, tok = _lm(path)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    config = model.config
+    assert config.model_type == "llama" and config.vocab_size == len(tok)
+    assert config.num_key_value_heads < config.num_attention_heads  # grouped-query attention
+    assert config.rope_parameters["rope_theta"] == 100000.0
+    # Tied embeddings, as SmolLM2: one matrix, stored once.
+    assert config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert "lm_head.weight" not in _weights(path)
+
+    # SmolLM2's specials at their hub ids; <|endoftext|> is bos, eos, unk and (here) pad.
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
+    assert tok.eos_token == "<|endoftext|>"
+    assert tok.eos_token_id == tok.bos_token_id == tok.pad_token_id == tok.unk_token_id == 0
+    gen = model.generation_config
+    assert tok.eos_token_id == gen.eos_token_id == config.eos_token_id
+    assert gen.pad_token_id == tok.pad_token_id
+    # Not the embedding's padding_idx: the pad id is the eos id, whose row must train.
+    assert config.pad_token_id is None
+
+
+def test_llama_tokenizer_round_trips_captions(built: dict[str, Path]) -> None:
+    from loracap.testing.tokenizer import caption_corpus
+
+    _, tok = _lm(built["llama"])
+    for caption in [caption_corpus()[0], '1girl, solo, 2 cats -- café au lait, 100% "quoted"\n(new line)']:
+        ids = tok(caption).input_ids
+        assert 0 not in ids  # no bos / eos added, as SmolLM2 and GPT-2; byte-level: no unk either
+        assert tok.decode(ids) == caption
+    # Chat-format specials stay atomic and are dropped by skip_special_tokens.
+    ids = tok("<|im_start|>a cat<|im_end|>").input_ids
+    assert ids[0] == 1 and ids[-1] == 2
+    assert tok.decode(ids, skip_special_tokens=True) == "a cat"
+
+
+def test_llama_batched_forward_with_padding_matches_single_rows(built: dict[str, Path]) -> None:
+    import torch
+
+    model, tok = _lm(built["llama"])
+    texts = ["a photo of a red car on the beach at sunset", "a cat"]
+    with torch.no_grad():
+        singles = [model(**tok(t, return_tensors="pt")).logits[0] for t in texts]
+        for side in ("right", "left"):
+            tok.padding_side = side
+            batch = tok(texts, return_tensors="pt", padding=True)
+            mask = batch["attention_mask"]
+            assert (batch["input_ids"][mask == 0] == tok.pad_token_id).all()
+            # Positions count real tokens only, so a left-padded row starts at position 0 as generate does.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(**batch, position_ids=positions).logits
+            for row, single in enumerate(singles):
+                real = logits[row][mask[row].bool()]
+                assert torch.allclose(real, single, atol=1e-5), side
+
+
+class _ForceEos:
+    """Logits processor: row `row` must emit eos as its `step`-th new token (random models rarely do)."""
+
+    def __init__(self, prompt_len: int, row: int, step: int, eos: int) -> None:
+        self.prompt_len, self.row, self.step, self.eos = prompt_len, row, step, eos
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.prompt_len == self.step:
+            scores[self.row] = float("-inf")
+            scores[self.row, self.eos] = 0.0
+        return scores
+
+
+def test_llama_generate_stops_at_eos_and_pads(built: dict[str, Path]) -> None:
+    import torch
+    from transformers import LogitsProcessorList
+
+    model, tok = _lm(built["llama"])
+    tok.padding_side = "left"  # decoder-only batched generation
+    prompts = ["a photo of", "an anime illustration of a knight in armor"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    width = batch["input_ids"].shape[1]
+    eos = tok.eos_token_id
+    with torch.no_grad():
+        free = model.generate(**batch, max_new_tokens=6, do_sample=False)
+        forced = model.generate(
+            **batch,
+            max_new_tokens=6,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([_ForceEos(width, row=0, step=2, eos=eos)]),
+        )
+        # Left padding + attention mask: each row generates what it generates alone.
+        alone = [
+            model.generate(**tok(p, return_tensors="pt"), max_new_tokens=6, do_sample=False) for p in prompts
+        ]
+    assert free.shape == (2, width + 6)  # the random model never says eos: max_new_tokens bounds it
+    for row, single in enumerate(alone):
+        assert torch.equal(free[row, -6:], single[0, -6:])
+    # Row 0 stops at its eos; generate fills the rest with the pad id; row 1 is unaffected.
+    new = forced[:, width:]
+    assert new.shape == (2, 6)
+    assert new[0, 2] == eos and (new[0, 3:] == tok.pad_token_id).all()
+    assert torch.equal(new[1], free[1, width:])
+    assert tok.decode(new[0], skip_special_tokens=True) == tok.decode(new[0, :2])

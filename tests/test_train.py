@@ -20,34 +20,10 @@ COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), 
 
 
 @pytest.fixture(scope="module")
-def towers(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
-    """(vision, lm): a tiny SiglipModel checkpoint and a tiny SmolLM-shaped Llama with its tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from loracap.testing.tokenizer import train_byte_level_bpe
-
-    lm_dir = tmp_path_factory.mktemp("llama")
-    eos = "<|endoftext|>"
-    # pad == eos, as in SmolLM2 and GPT-2: the case where masking "pad ids" would also mask the real eos.
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=train_byte_level_bpe([eos], vocab_size=400), eos_token=eos, pad_token=eos
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    LlamaForCausalLM(config).save_pretrained(lm_dir)
-    tok.save_pretrained(lm_dir)
-    return tiny_model("siglip-clip"), lm_dir
+def towers(tiny_model) -> tuple[Path, Path]:
+    """(vision, lm): a tiny SiglipModel checkpoint and a tiny SmolLM2-shaped Llama, which pads with its eos
+    token as SmolLM2 does: the case where masking "pad ids" would also mask the real eos."""
+    return tiny_model("siglip"), tiny_model("llama")
 
 
 def colour_dataset(root: Path, n: int = 24) -> Path:

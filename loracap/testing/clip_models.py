@@ -12,7 +12,17 @@ sentencepiece's layout: lower-casing, `Metaspace` ("▁") word boundaries, `<pad
 pad token, as on the hub), `<unk>`=2, `</s>` appended, no BOS, max length 64, and only `input_ids` returned
 (the hub tokenizer returns no attention mask: SigLIP reads the last position, so texts are padded to 64).
 It is saved as a `PreTrainedTokenizerFast` (tokenizer.json), which `AutoTokenizer` / `AutoProcessor` reload
-without sentencepiece. The name "siglip" alone is kept for a SigLIP vision tower.
+without sentencepiece.
+
+`make_tiny_model("siglip", out)` is the vision tower one passes as `--vision google/siglip-base-patch16-224`.
+That hub checkpoint is a full `SiglipModel` (a dual encoder) whose loaders take its `.vision_model`, so this
+is built by the "siglip-clip" builder (full `SiglipModel` + `SiglipProcessor`), not as a bare
+`SiglipVisionModel`: the folder loads with `AutoModel` (tower at `model.vision_model`) and also directly with
+`SiglipVisionModel.from_pretrained` (config read from `vision_config`; the `text_model.*` weights are
+reported unexpected and skipped), as the hub one does. Its only difference from "siglip-clip" is a 2-layer
+vision tower, so "the second-to-last layer" and "unfreeze the last layer" mean something. 32 px images in
+8 px patches give a 4x4 grid, 16 patch tokens (hub: 224 / 16 -> 14x14 = 196), a square with an even side,
+so a 2x2 pixel shuffle folds it into 4 tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PreTrainedTokenizerBase
 
 CLIP_ARCHS: tuple[str, ...] = ("clip", "siglip-clip")
+# Vision towers users pass as `--vision`; built here because on the hub they are dual-encoder checkpoints.
+VISION_ARCHS: tuple[str, ...] = ("siglip",)
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
@@ -39,11 +51,16 @@ _PATCH = 8
 _WIDTH = 32
 _PROJECTION = 16
 _SPREAD = 0.2  # as in chat_models: at the default 0.02 every embedding points the same way
+_SIGLIP_TOWER_LAYERS = 2  # "siglip": hidden_states[-2] is a real layer's output, not the patch embeddings
 
 
 def build_clip_model(arch: str, out: Path, *, seed: int = 0) -> None:
-    """Build the tiny `arch` dual encoder and save it into `out` (an existing folder)."""
-    builders = {"clip": _build_clip, "siglip-clip": _build_siglip}
+    """Build the tiny `arch` dual encoder (or "siglip" tower) and save it into `out` (an existing folder)."""
+    builders = {
+        "clip": _build_clip,
+        "siglip-clip": _build_siglip,
+        "siglip": lambda o, s: _build_siglip(o, s, vision_layers=_SIGLIP_TOWER_LAYERS),
+    }
     builders[arch](out, seed)
 
 
@@ -164,7 +181,7 @@ def build_siglip_tokenizer(*, vocab_size: int = 600) -> PreTrainedTokenizerBase:
     )
 
 
-def _build_siglip(out: Path, seed: int) -> None:
+def _build_siglip(out: Path, seed: int, *, vision_layers: int = 1) -> None:
     from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipProcessor
 
     tokenizer = build_siglip_tokenizer()
@@ -178,7 +195,7 @@ def _build_siglip(out: Path, seed: int) -> None:
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.eos_token_id,  # SigLIP has no BOS; the hub config's 49406 is unused
     )
-    vision = _tower(image_size=_IMAGE_SIZE, patch_size=_PATCH)
+    vision = _tower(image_size=_IMAGE_SIZE, patch_size=_PATCH, num_hidden_layers=vision_layers)
     config = SiglipConfig(text_config=text, vision_config=vision)
     model = _seeded(seed, lambda: SiglipModel(config))
     model.save_pretrained(out)

@@ -8,6 +8,10 @@ checkpoint, with no network. Weights are random: a model's text is junk, only it
 `florence2-original` additionally writes the original remote-code layout in which microsoft/Florence-2-* and
 MiaoshouAI/Florence-2-*-PromptGen-* are published; it is the independent reference for loracap's converter.
 
+Besides captioners, the kit builds the parts `loracap train` assembles: `siglip`, a SigLIP vision tower (saved
+as the full `SiglipModel` the hub publishes, see `clip_models`), and `llama`, a SmolLM2-shaped causal LM with
+its tokenizer (see `text_models`).
+
 torch and transformers are imported inside the functions so `import loracap.testing` stays light.
 """
 
@@ -19,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loracap.testing.chat_models import CHAT_ARCHS, build_chat_model
-from loracap.testing.clip_models import CLIP_ARCHS, build_clip_model
+from loracap.testing.clip_models import CLIP_ARCHS, VISION_ARCHS, build_clip_model
+from loracap.testing.text_models import TEXT_ARCHS, build_text_model
 from loracap.testing.tokenizer import (
     FLORENCE2_ADDED_TOKENS,
     build_bart_tokenizer,
@@ -31,7 +36,16 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-ARCHS: tuple[str, ...] = ("florence2", "florence2-original", "blip", "vit-gpt2", *CHAT_ARCHS, *CLIP_ARCHS)
+ARCHS: tuple[str, ...] = (
+    "florence2",
+    "florence2-original",
+    "blip",
+    "vit-gpt2",
+    *CHAT_ARCHS,
+    *CLIP_ARCHS,
+    *VISION_ARCHS,
+    *TEXT_ARCHS,
+)
 SIZES: tuple[str, ...] = ("tiny", "full")
 WEIGHTS_FORMATS: tuple[str, ...] = ("safetensors", "bin")
 
@@ -165,10 +179,14 @@ def make_tiny_model(
         if size != "tiny":
             raise ValueError(f"only size='tiny' is offered for {arch!r}")
         build_chat_model(arch, out, seed=seed)
-    elif arch in CLIP_ARCHS:
+    elif arch in CLIP_ARCHS or arch in VISION_ARCHS:
         if size != "tiny":
             raise ValueError(f"only size='tiny' is offered for {arch!r}")
         build_clip_model(arch, out, seed=seed)
+    elif arch in TEXT_ARCHS:
+        if size != "tiny":
+            raise ValueError(f"only size='tiny' is offered for {arch!r}")
+        build_text_model(arch, out, seed=seed)
     elif arch == "blip":
         model, processor = _build_blip(size, seed)
         _save_hf(model, processor, out)
