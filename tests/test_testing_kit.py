@@ -269,16 +269,11 @@ def test_import_is_light() -> None:
 
 
 @pytest.mark.parametrize("arch", ["siglip", "llama"])
-def test_train_parts_build_fast_small_and_from_the_cli(
-    built: dict[str, Path], tmp_path: Path, arch: str
-) -> None:
-    import time
-
+def test_train_parts_build_small_and_from_the_cli(built: dict[str, Path], tmp_path: Path, arch: str) -> None:
     from loracap.testing.__main__ import main
 
-    start = time.perf_counter()  # `built` has paid for the imports already
-    path = make_tiny_model(arch, tmp_path / "timed")
-    assert time.perf_counter() - start < 2.0
+    # No wall-clock assertion: unit tests must not depend on the machine's speed.
+    path = make_tiny_model(arch, tmp_path / "small")
     assert sum(f.stat().st_size for f in path.iterdir()) < 2_000_000
     # The CLI offers every arch; in-process, so no second interpreter start-up.
     assert main([arch, str(tmp_path / "cli")]) == 0
