@@ -113,6 +113,24 @@ def test_cache_scores_only_what_changed(tiny_model, tmp_path: Path) -> None:
     assert (other.computed, other.cached) == (5, 0)
 
 
+def test_known_digests_are_not_hashed_again(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    from loracap.inputs import file_sha256
+    from loracap.quality import clipscore
+
+    model = str(tiny_model("clip"))
+    pairs = _pairs(tmp_path / "images")
+    cache = tmp_path / "clipscore-cache.json"
+    first = clip_scores(pairs, model=model, cache_path=cache, progress=False)
+    digests = {path: file_sha256(path) for path, _ in pairs[:4]}
+    read: list[Path] = []
+    monkeypatch.setattr(clipscore, "file_sha256", lambda path: read.append(path) or file_sha256(path))
+    again = clip_scores(pairs, model=model, cache_path=cache, progress=False, digests=digests)
+    # Only the file without a known digest is read; the given digests make the same cache keys.
+    assert read == [pairs[4][0]]
+    assert (again.computed, again.cached) == (0, 5)
+    assert [p.score for p in again.pairs] == [p.score for p in first.pairs]
+
+
 def test_broken_images_are_per_file_errors(tiny_model, tmp_path: Path) -> None:
     pairs = _pairs(tmp_path, n=3)
     (tmp_path / "empty.png").write_bytes(b"")

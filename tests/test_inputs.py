@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -15,6 +16,7 @@ from PIL import Image, ImageFile, features
 from loracap.inputs import (
     IMAGE_EXTENSIONS,
     ImageDecodeError,
+    file_sha256,
     find_images,
     load_image,
     load_image_bytes,
@@ -138,6 +140,15 @@ def test_remove_stale_temp_files(tmp_path: Path) -> None:
     assert not stale[1].exists()
     assert all(p.exists() for p in kept)
     assert remove_stale_temp_files(tmp_path) == 0
+
+
+def test_file_sha256(tmp_path: Path) -> None:
+    data = os.urandom((1 << 20) + 123)  # more than one read chunk
+    path = _touch(tmp_path / "a.bin", data)
+    assert file_sha256(path) == file_sha256(str(path)) == hashlib.sha256(data).hexdigest()
+    assert file_sha256(_touch(tmp_path / "empty.bin", b"")) == hashlib.sha256(b"").hexdigest()
+    with pytest.raises(FileNotFoundError):
+        file_sha256(tmp_path / "gone.bin")
 
 
 # --- decoding: orientation, modes, formats ----------------------------------------------------------

@@ -10,6 +10,7 @@ from loracap.inputs.decode import (
 )
 from loracap.inputs.discover import (
     IMAGE_EXTENSIONS,
+    file_sha256,
     find_images,
     remove_stale_temp_files,
     supported_extensions,
@@ -23,6 +24,7 @@ __all__ = [
     "prefetch_batches",
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
+    "file_sha256",
     "find_images",
     "load_image",
     "load_image_bytes",

@@ -9,6 +9,7 @@ tree would otherwise loop forever).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -25,6 +26,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 
 HEIF_EXTENSIONS: frozenset[str] = frozenset({".heic", ".heif"})
 AVIF_EXTENSIONS: frozenset[str] = frozenset({".avif"})
+
+# Read in 1 MiB pieces: a RAW or 50 MP photo is hashed without holding the whole file in memory.
+_HASH_CHUNK = 1 << 20
 
 # Folders that are never part of a dataset even though their names are not hidden.
 _SKIPPED_DIRS = frozenset({"__MACOSX"})
@@ -108,6 +112,19 @@ def find_images(root: str | Path, recursive: bool = True) -> list[Path]:
     # same order on every OS and every run, whatever order the filesystem lists them in.
     found.sort(key=lambda item: item[0])
     return [path for _, path in found]
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of the file's bytes. Raises OSError for a missing or unreadable file.
+
+    One hasher for every check that identifies an image by its content (duplicate images, the CLIPScore
+    cache), so a digest computed by one can be handed to the other instead of reading the file again.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def remove_stale_temp_files(root: str | Path, recursive: bool = True) -> int:

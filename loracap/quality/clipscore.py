@@ -21,14 +21,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loracap.backends.base import BackendError
 from loracap.backends.hub import resolve_model
-from loracap.inputs import ImageDecodeError, decode_batch, map_ahead, prefetch_batches
+from loracap.inputs import ImageDecodeError, decode_batch, file_sha256, map_ahead, prefetch_batches
 from loracap.writers import atomic_write_text
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
@@ -93,13 +93,16 @@ def clip_scores(
     cache_path: str | Path | None = None,
     cache: bool = True,
     progress: bool = True,
+    digests: Mapping[Path, str] | None = None,
 ) -> ClipScoreRun:
     """Score every (image path, caption) pair; see the module docstring.
 
     `model`: a hub id or a local folder, found through `resolve_model` (offline mode raises
     `ModelUnavailable` with the one-line fix); loaded only if some pair is not in the cache. `cache_path`
     defaults to `default_cache_path()`; `cache=False` neither reads nor writes one. `batch_size` defaults to
-    64 on a GPU, 8 on a CPU. Raises `BackendError` for a checkpoint that is not an image-text dual encoder.
+    64 on a GPU, 8 on a CPU. `digests` maps image paths to their known `file_sha256` (the image checks
+    computed them already); those files are not read again. Raises `BackendError` for a checkpoint that is
+    not an image-text dual encoder.
     """
     started = time.perf_counter()
     model_dir = resolve_model(model)
@@ -109,7 +112,7 @@ def clip_scores(
     entries = _read_cache(path_cache) if path_cache else {}
 
     results: list[ScoredPair | None] = [None] * len(items)
-    hashes = list(map_ahead(lambda it: _file_hash(it[0]), items, workers, name="loracap-hash"))
+    hashes = _hashes([path for path, _ in items], digests or {}, workers)
     todo: dict[str, list[int]] = {}  # cache key -> indices of the pairs it scores (duplicates scored once)
     for i, ((path, caption), digest) in enumerate(zip(items, hashes, strict=True)):
         if isinstance(digest, ImageDecodeError):
@@ -311,15 +314,18 @@ def _image_side(image_processor: Any) -> int | None:
 # ------------------------------------------------------------------------------------------ threads and cache
 
 
+def _hashes(paths: list[Path], known: Mapping[Path, str], workers: int) -> list[str | ImageDecodeError]:
+    """Each file's digest in order: taken from `known` where there, else read in worker threads."""
+    todo = [p for p in dict.fromkeys(paths) if p not in known]
+    found = dict(zip(todo, map_ahead(_file_hash, todo, workers, name="loracap-hash"), strict=True))
+    return [known[p] if p in known else found[p] for p in paths]
+
+
 def _file_hash(path: Path) -> str | ImageDecodeError:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        return file_sha256(path)
     except OSError as exc:
         return ImageDecodeError(path, f"cannot read file: {exc.strerror or exc}")
-    return digest.hexdigest()
 
 
 def _fingerprint(model_dir: Path) -> str:

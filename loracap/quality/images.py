@@ -10,7 +10,6 @@ fail on it (or skip it) too, and one bad download must not stop a report over th
 
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
 from collections import Counter, defaultdict
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loracap.inputs import ImageDecodeError, load_image, map_ahead, read_size
+from loracap.inputs import ImageDecodeError, file_sha256, load_image, map_ahead, read_size
 
 # Shorter-side minimum per base model: below it a trainer upscales the image (blurry training data).
 SIDE_PRESETS: dict[str, int] = {"sd15": 512, "sd1.5": 512, "sdxl": 1024, "flux": 1024}
@@ -48,9 +47,6 @@ ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
     (16, 9),
     (21, 9),
 )
-
-_CHUNK = 1 << 20
-
 
 # --- results ----------------------------------------------------------------------------------------
 
@@ -205,14 +201,6 @@ def default_threshold(hash_size: int) -> int:
     return max(1, round(DEFAULT_THRESHOLD_64 * hash_size * hash_size / 64))
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _imagehash():
     # Optional dependency (the "report" extra): captioning alone must not need it.
     try:
@@ -230,7 +218,7 @@ def scan_image(path: str | Path, *, hash_size: int = 8, hash_side: int = DEFAULT
     image = load_image(path, max_side=hash_side)  # upright per EXIF, so rotated copies hash alike
     bits = np.asarray(imagehash.phash(image, hash_size=hash_size).hash, dtype=bool).ravel()
     try:
-        sha = _file_sha256(path)
+        sha = file_sha256(path)
     except OSError as e:  # vanished or unreadable between decode and digest
         raise ImageDecodeError(path, f"cannot read file: {e.strerror or e}") from e
     return ImageInfo(path=path, width=width, height=height, sha256=sha, phash=bits)

@@ -169,6 +169,8 @@ def build_report(
             cache=cache,
             cache_path=cache_path,
             progress=progress,
+            # The image checks hashed every decodable file already: the cache keys use the same digest.
+            digests={i.path: i.sha256 for i in img.images} if img else None,
         )
     data = _document(ds, text, img, run, tokenizer=tok_name, t5_tokenizer=t5_tokenizer, trigger=trigger)
     data["timing"] = {
