@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from loracap.train.data import DATASET_SPLITS_FILE, SPLITS  # the names `loracap train` reads back
 from loracap.writers import SidecarStore, atomic_write_text
 from loracap.writers.atomic import atomic_write_bytes
 
@@ -83,7 +84,6 @@ COUNTS = (1, 2, 3)
 POSITIONS = ("left", "right", "top", "bottom", "center")
 TEXTURES = ("solid", "striped", "dotted")
 BACKGROUNDS = ("white", "black", "grey", "blue", "gradient")
-SPLITS = ("train", "val", "test")
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -382,7 +382,7 @@ def write_dataset(
         files[split].append(image.name)
     for names in files.values():
         names.sort()
-    atomic_write_text(out / "splits.json", json.dumps(files, indent=1) + "\n")
+    atomic_write_text(out / DATASET_SPLITS_FILE, json.dumps(files, indent=1) + "\n")
     return {
         "out_dir": str(out),
         "n": n,
