@@ -72,7 +72,7 @@ def test_sidecar_pairs_missing_and_orphans(tmp_path):
     assert dict(ds.pairs) == {a: "ohwx, smiling", b: "ohwx, outdoors"}
     assert ds.missing == [c]
     assert ds.orphans == ["deleted.txt", "sub/gone.txt"]
-    assert ds.image_count == 3
+    assert ds.image_count == 3 and ds.images == [a, c, b]  # find_images order
     assert ds.problems == []
 
 

@@ -53,8 +53,13 @@ class Dataset:
     orphans: list[str] = field(default_factory=list)
     """Captions naming no existing image: sidecar files (relative path), jsonl file_name, kohya keys."""
     problems: list[CaptionProblem] = field(default_factory=list)
-    image_count: int = 0
-    """Images found; an image whose caption is unreadable is in neither pairs nor missing."""
+    images: list[Path] = field(default_factory=list)
+    """Every image found, in find_images order; an image whose caption is unreadable is in neither pairs
+    nor missing. Kept so the image checks scan this same list instead of walking the folder again."""
+
+    @property
+    def image_count(self) -> int:
+        return len(self.images)
 
     @property
     def captions(self) -> list[str]:
@@ -104,7 +109,7 @@ def read_dataset(
         ds = _read_jsonl(base, images, meta)
     else:
         ds = _read_kohya(base, images, meta, kohya_field)
-    ds.image_count = len(images)
+    ds.images = images
     return ds
 
 

@@ -23,7 +23,6 @@ from typing import Any
 import tomllib
 
 from loracap.backends.hub import resolve_model
-from loracap.inputs import find_images
 from loracap.quality.captions import Dataset, read_dataset
 from loracap.quality.clipscore import DEFAULT_MODEL, ClipScoreRun, clip_scores
 from loracap.quality.gates import Rule, evaluate, parse_rules
@@ -145,7 +144,7 @@ def build_report(
     started = time.perf_counter()
     img = (
         image_report(
-            find_images(root, recursive),
+            ds.images,
             min_side=min_side,
             resolution=resolution,
             threshold=hash_threshold,
