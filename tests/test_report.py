@@ -177,6 +177,21 @@ def test_jsonl_layout_custom_terms_and_t5_window(tiny_model, tmp_path: Path) -> 
     assert [t["path"] for t in data["tokens"]["t5"]["truncated"]] == ["1.png"] and data["clip"] is None
 
 
+def test_relative_metadata_file_is_named_as_in_the_problems(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "ds"
+    root.mkdir()
+    texture(0, (80, 80)).save(root / "0.png")
+    lines = '{"file_name": "0.png", "text": "a cat"}\nnot json\n'
+    (root / "metadata.jsonl").write_text(lines, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    rep = loracap.build_report(
+        "ds", metadata_file="ds/metadata.jsonl", clip=False, images=False, clip_model=str(tiny_model("clip"))
+    )
+    dataset = rep.data["dataset"]
+    assert dataset["source"] == "metadata.jsonl"
+    assert [p["path"] for p in dataset["problems"]] == ["metadata.jsonl:2"]
+
+
 def test_python_api_matches_the_cli(tiny_model, tmp_path: Path) -> None:
     root = planted_dataset(tmp_path / "ds")
     rep = loracap.report(

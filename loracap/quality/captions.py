@@ -19,7 +19,7 @@ from pathlib import Path
 
 from loracap.inputs.discover import find_images, supported_extensions, walk_files
 from loracap.writers.jsonl import METADATA_FILE as JSONL_FILE
-from loracap.writers.jsonl import JsonlStore, jsonl_key, relative_posix
+from loracap.writers.jsonl import JsonlStore, jsonl_key, relative_posix, store_file_label
 from loracap.writers.kohya import METADATA_FILE as KOHYA_FILE
 from loracap.writers.kohya import KohyaJsonStore, kohya_key
 from loracap.writers.sidecar import caption_path, normalize_ext, read_caption_file
@@ -125,7 +125,7 @@ def _read_sidecar(root: Path, images: list[Path], ext: str, recursive: bool) -> 
         try:
             text = read_caption_file(path)
         except OSError as e:  # permission denied, a folder named a.txt: this image only
-            ds.problems.append(CaptionProblem(_rel(path, root), f"unreadable: {e.strerror or e}"))
+            ds.problems.append(CaptionProblem(store_file_label(path, root), f"unreadable: {e.strerror or e}"))
             continue
         if text is None:
             ds.missing.append(image)
@@ -155,10 +155,10 @@ def _read_jsonl(root: Path, images: list[Path], metadata_file: Path | None) -> D
             warnings.simplefilter("ignore")
             store = JsonlStore(root, path, flush_interval_s=float("inf"))
     except OSError as e:
-        ds.problems.append(CaptionProblem(_rel(path, root), f"unreadable: {e.strerror or e}"))
+        ds.problems.append(CaptionProblem(store_file_label(path, root), f"unreadable: {e.strerror or e}"))
         ds.missing.extend(images)
         return ds
-    label = _rel(path, root)
+    label = store_file_label(path, root)
     for number, _ in store.corrupt_lines:
         ds.problems.append(CaptionProblem(f"{label}:{number}", "not a JSON object"))
     # First record of a file name wins, as in JsonlStore; later ones are reported, not read.
@@ -204,7 +204,7 @@ def _read_kohya(root: Path, images: list[Path], metadata_file: Path | None, fiel
         entries = KohyaJsonStore(root, path).entries
     except (OSError, ValueError) as e:
         # One broken byte makes the whole JSON file unreadable (see KohyaJsonStore._load).
-        ds.problems.append(CaptionProblem(_rel(path, root), str(e)))
+        ds.problems.append(CaptionProblem(store_file_label(path, root), str(e)))
         ds.missing.extend(images)
         return ds
     keys: set[str] = set()
@@ -249,13 +249,6 @@ def _kohya_text(entry: object, field_name: str) -> str | None:
     if caption is None:
         return tags
     return f"{caption}, {tags}" if tags else caption
-
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return relative_posix(path, root)
-    except ValueError:
-        return str(path)
 
 
 def _short(value: object, limit: int = 80) -> str:

@@ -11,6 +11,7 @@ dataset folder, so a script can gate on it or diff two runs.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import statistics
 import sys
@@ -29,6 +30,7 @@ from loracap.quality.gates import Rule, evaluate, parse_rules
 from loracap.quality.images import ImageReport, image_report
 from loracap.quality.text import TextReport, analyze_text
 from loracap.writers import atomic_write_text
+from loracap.writers.jsonl import store_file_label
 
 __all__ = [
     "DEFAULT_OUT_DIR",
@@ -220,7 +222,9 @@ def _document(
     from loracap import __version__
 
     root = ds.root
-    rel = _relative(root)
+    # How the writers name files, so a relative --metadata-file reads "metadata.jsonl" here as it does in
+    # the dataset's problems, not "ds/metadata.jsonl".
+    rel = functools.partial(store_file_label, root=root)
     paths = [rel(p) for p, _ in ds.pairs]
     captions = ds.captions
     tokens = text.tokens
@@ -322,14 +326,6 @@ def _document(
         },
         "images": _image_section(img, rel) if img else None,
     }
-
-
-def _relative(root: Path):
-    def rel(path: Path | str) -> str:
-        p = Path(path)
-        return p.relative_to(root).as_posix() if p.is_absolute() and p.is_relative_to(root) else p.as_posix()
-
-    return rel
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:
