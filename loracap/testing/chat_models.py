@@ -20,10 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loracap.testing.seeding import seeded_model, set_generation_ids
 from loracap.testing.tokenizer import train_byte_level_bpe
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 CHAT_ARCHS: tuple[str, ...] = (
     "llava",
@@ -35,8 +36,6 @@ CHAT_ARCHS: tuple[str, ...] = (
     "paligemma",
 )
 
-# Wide enough init that a 32-wide random model's next token depends on its input (see `_seeded_init`).
-_SPREAD = 0.2
 _TEXT_WIDTH = 32
 
 # Chat templates reduced to what captioning uses: string or [image, text] content, the generation prompt.
@@ -121,15 +120,6 @@ def _tokenizer(
     )
 
 
-def _seeded(seed: int, build: Any, spread: float = _SPREAD) -> Any:
-    # Imported here, not at module level: models.py imports this module, and `_seeded_init` lives there.
-    from loracap.testing.models import _seeded_init
-
-    model = _seeded_init(seed, build, spread=spread)
-    model.eval()
-    return model
-
-
 def _llama_text_config(vocab: int, tokenizer: PreTrainedTokenizerBase, eos_id: int) -> Any:
     from transformers import LlamaConfig
 
@@ -145,13 +135,6 @@ def _llama_text_config(vocab: int, tokenizer: PreTrainedTokenizerBase, eos_id: i
         eos_token_id=eos_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-
-
-def _set_generation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eos_id: int) -> None:
-    gen = model.generation_config
-    gen.bos_token_id = tokenizer.bos_token_id
-    gen.eos_token_id = eos_id
-    gen.pad_token_id = tokenizer.pad_token_id
 
 
 # ------------------------------------------------------------------------------------- LLaVA (JoyCaption)
@@ -203,8 +186,8 @@ def _build_llava(out: Path, seed: int) -> None:
         image_seq_length=(image_size // patch) ** 2,
         projector_hidden_act="gelu",
     )
-    model = _seeded(seed, lambda: LlavaForConditionalGeneration(config))
-    _set_generation_ids(model, tokenizer, eos_id)
+    model = seeded_model(seed, lambda: LlavaForConditionalGeneration(config))
+    set_generation_ids(model, tokenizer, eos_token_id=eos_id)
     processor = LlavaProcessor(
         image_processor=SiglipImageProcessorPil(size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer,
@@ -311,11 +294,13 @@ def _build_qwen_vl(out: Path, seed: int, *, version: str) -> None:
 
         vision = {**common_vision, "embed_dim": 32, "mlp_ratio": 2, "hidden_size": _TEXT_WIDTH}
     config = Config(text_config=text, vision_config=vision, **token_ids)
-    model = _seeded(seed, lambda: Model(config))
-    gen = model.generation_config
-    gen.eos_token_id = ids["<|im_end|>"]
-    gen.pad_token_id = ids["<|endoftext|>"]
-    gen.bos_token_id = ids["<|endoftext|>"]
+    model = seeded_model(seed, lambda: Model(config))
+    set_generation_ids(
+        model,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+    )
     model.save_pretrained(out)
     # Pixels per image between 8x8 and 32x32 (factor patch*merge = 8): 1 to 16 merged image tokens.
     # Qwen3-VL checkpoints ship this same image processor class (the auto mapping names it for qwen3_vl).
@@ -380,8 +365,8 @@ def _build_idefics3(out: Path, seed: int) -> None:
         scale_factor=scale,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
-    model = _seeded(seed, lambda: Idefics3ForConditionalGeneration(config))
-    _set_generation_ids(model, tokenizer, eos_id)
+    model = seeded_model(seed, lambda: Idefics3ForConditionalGeneration(config))
+    set_generation_ids(model, tokenizer, eos_token_id=eos_id)
     # Up to 2x2 tiles of 32 px plus the global image, as SmolVLM does with 384 px tiles.
     image_processor = Idefics3ImageProcessorPil(
         size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size}
@@ -451,7 +436,7 @@ def _build_paligemma(out: Path, seed: int) -> None:
         image_token_id=tokenizer.image_token_id,
     )
     # Gemma at 0.2 still answers "\n" to everything (stripped: an empty caption); 0.5 varies with the image.
-    model = _seeded(seed, lambda: PaliGemmaForConditionalGeneration(config), spread=0.5)
-    _set_generation_ids(model, tokenizer, tokenizer.eos_token_id)
+    model = seeded_model(seed, lambda: PaliGemmaForConditionalGeneration(config), spread=0.5)
+    set_generation_ids(model, tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)

@@ -31,6 +31,7 @@ import string
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loracap.testing.seeding import seeded_model
 from loracap.testing.tokenizer import caption_corpus
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -50,7 +51,6 @@ _IMAGE_SIZE = 32
 _PATCH = 8
 _WIDTH = 32
 _PROJECTION = 16
-_SPREAD = 0.2  # as in chat_models: at the default 0.02 every embedding points the same way
 _SIGLIP_TOWER_LAYERS = 2  # "siglip": hidden_states[-2] is a real layer's output, not the patch embeddings
 
 
@@ -62,14 +62,6 @@ def build_clip_model(arch: str, out: Path, *, seed: int = 0) -> None:
         "siglip": lambda o, s: _build_siglip(o, s, vision_layers=_SIGLIP_TOWER_LAYERS),
     }
     builders[arch](out, seed)
-
-
-def _seeded(seed: int, build: Any) -> Any:
-    from loracap.testing.models import _seeded_init  # models.py imports this module
-
-    model = _seeded_init(seed, build, spread=_SPREAD)
-    model.eval()
-    return model
 
 
 def _tower(**extra: Any) -> dict[str, Any]:
@@ -142,7 +134,7 @@ def _build_clip(out: Path, seed: int) -> None:
     )
     vision = _tower(image_size=_IMAGE_SIZE, patch_size=_PATCH)
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=_PROJECTION)
-    model = _seeded(seed, lambda: CLIPModel(config))
+    model = seeded_model(seed, lambda: CLIPModel(config))
     model.save_pretrained(out)
     processor.save_pretrained(out)
 
@@ -197,6 +189,6 @@ def _build_siglip(out: Path, seed: int, *, vision_layers: int = 1) -> None:
     )
     vision = _tower(image_size=_IMAGE_SIZE, patch_size=_PATCH, num_hidden_layers=vision_layers)
     config = SiglipConfig(text_config=text, vision_config=vision)
-    model = _seeded(seed, lambda: SiglipModel(config))
+    model = seeded_model(seed, lambda: SiglipModel(config))
     model.save_pretrained(out)
     processor.save_pretrained(out)

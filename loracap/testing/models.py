@@ -18,12 +18,14 @@ torch and transformers are imported inside the functions so `import loracap.test
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loracap.testing.chat_models import CHAT_ARCHS, build_chat_model
 from loracap.testing.clip_models import CLIP_ARCHS, VISION_ARCHS, build_clip_model
+from loracap.testing.seeding import SPREAD, seeded_model, set_generation_ids
 from loracap.testing.text_models import TEXT_ARCHS, build_text_model
 from loracap.testing.tokenizer import (
     FLORENCE2_ADDED_TOKENS,
@@ -166,59 +168,59 @@ def make_tiny_model(
         raise ValueError(
             "weights_format='bin' is only offered for 'florence2-original' (microsoft/* ship .bin)"
         )
+    if size != "tiny" and arch not in _SIZED_ARCHS:
+        raise ValueError(f"only size='tiny' is offered for {arch!r}")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if arch == "florence2":
-        model, processor = _build_florence2(size, seed)
-        _save_hf(model, processor, out)
-        _mark_bart_tokenizer(out)
-    elif arch == "florence2-original":
-        _build_florence2_original(out, size=size, seed=seed, weights_format=weights_format)
-    elif arch in CHAT_ARCHS:
-        if size != "tiny":
-            raise ValueError(f"only size='tiny' is offered for {arch!r}")
-        build_chat_model(arch, out, seed=seed)
-    elif arch in CLIP_ARCHS or arch in VISION_ARCHS:
-        if size != "tiny":
-            raise ValueError(f"only size='tiny' is offered for {arch!r}")
-        build_clip_model(arch, out, seed=seed)
-    elif arch in TEXT_ARCHS:
-        if size != "tiny":
-            raise ValueError(f"only size='tiny' is offered for {arch!r}")
-        build_text_model(arch, out, seed=seed)
-    elif arch == "blip":
-        model, processor = _build_blip(size, seed)
-        _save_hf(model, processor, out)
+    if arch in _SIZED_ARCHS:
+        _sized_builders()[arch](out, size=size, seed=seed, weights_format=weights_format)
     else:
-        model, image_processor, tokenizer = _build_vit_gpt2(size, seed)
-        model.save_pretrained(out)
-        image_processor.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        family = next(build for archs, build in _TINY_FAMILIES if arch in archs)
+        family(arch, out, seed=seed)
     return out
 
 
+# The families built in their own modules, tiny only: build(arch, out, seed=...).
+_TINY_FAMILIES: tuple[tuple[tuple[str, ...], Callable[..., None]], ...] = (
+    (CHAT_ARCHS, build_chat_model),
+    ((*CLIP_ARCHS, *VISION_ARCHS), build_clip_model),
+    (TEXT_ARCHS, build_text_model),
+)
+# The archs built here, which also come in the published size; their builders are `_sized_builders`.
+_SIZED_ARCHS: tuple[str, ...] = ("florence2", "florence2-original", "blip", "vit-gpt2")
+
+
+def _sized_builders() -> dict[str, Callable[..., None]]:
+    """arch -> build(out, size=, seed=, weights_format=) for `_SIZED_ARCHS` (a function: they are defined
+    further down)."""
+    return {
+        "florence2": _write_florence2,
+        "florence2-original": _build_florence2_original,
+        "blip": _write_blip,
+        "vit-gpt2": _write_vit_gpt2,
+    }
+
+
+def _write_florence2(out: Path, *, size: str, seed: int, **_: Any) -> None:
+    model, processor = _build_florence2(size, seed)
+    _save_hf(model, processor, out)
+    _mark_bart_tokenizer(out)
+
+
+def _write_blip(out: Path, *, size: str, seed: int, **_: Any) -> None:
+    model, processor = _build_blip(size, seed)
+    _save_hf(model, processor, out)
+
+
+def _write_vit_gpt2(out: Path, *, size: str, seed: int, **_: Any) -> None:
+    model, image_processor, tokenizer = _build_vit_gpt2(size, seed)
+    model.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 # --------------------------------------------------------------------------------------------------- helpers
-
-
-def _seeded_init(seed: int, build: Any, *, spread: float | None = None) -> Any:
-    """Run `build()` with torch seeded, without disturbing the caller's global RNG state.
-
-    `spread`: re-draw every matrix with this standard deviation. At the usual 0.02, a model 32 wide
-    produces nearly the same logits for any input and keeps emitting one token (often a space), so
-    every caption decodes empty; at about 0.2 the junk text varies with the image, as tests need.
-    """
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build()
-        if spread is not None:
-            with torch.no_grad():
-                for param in model.parameters():
-                    if param.dim() >= 2:
-                        param.normal_(0.0, spread)
-        return model
 
 
 def _save_hf(model: PreTrainedModel, processor: Any, out: Path) -> None:
@@ -340,17 +342,16 @@ def _build_florence2(size: str, seed: int) -> tuple[PreTrainedModel, Any]:
         vision_config=vision_config,
         image_token_id=tokenizer.image_token_id,
     )
-    model = _seeded_init(
-        seed, lambda: Florence2ForConditionalGeneration(config), spread=0.2 if size == "tiny" else None
+    model = seeded_model(
+        seed, lambda: Florence2ForConditionalGeneration(config), spread=SPREAD if size == "tiny" else None
     )
-    model.eval()
-    gen = model.generation_config
-    gen.bos_token_id = tokenizer.bos_token_id
-    gen.eos_token_id = tokenizer.eos_token_id
-    gen.pad_token_id = tokenizer.pad_token_id
-    gen.decoder_start_token_id = tokenizer.eos_token_id
-    gen.forced_bos_token_id = tokenizer.bos_token_id
-    gen.forced_eos_token_id = tokenizer.eos_token_id
+    set_generation_ids(
+        model,
+        tokenizer,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        forced_bos_token_id=tokenizer.bos_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+    )
     return model, processor
 
 
@@ -748,13 +749,10 @@ def _build_blip(size: str, seed: int) -> tuple[PreTrainedModel, Any]:
         vision_config=vision_config.to_dict(),
         projection_dim=256 if full else 32,
     )
-    model = _seeded_init(seed, lambda: BlipForConditionalGeneration(config))
-    model.eval()
-    gen = model.generation_config
-    gen.bos_token_id = tokenizer.bos_token_id
-    gen.eos_token_id = tokenizer.sep_token_id
-    gen.pad_token_id = tokenizer.pad_token_id
-    gen.decoder_start_token_id = tokenizer.bos_token_id
+    model = seeded_model(seed, lambda: BlipForConditionalGeneration(config), spread=None)
+    set_generation_ids(
+        model, tokenizer, eos_token_id=tokenizer.sep_token_id, decoder_start_token_id=tokenizer.bos_token_id
+    )
     image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
     return model, BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -803,13 +801,10 @@ def _build_vit_gpt2(size: str, seed: int) -> tuple[PreTrainedModel, Any, PreTrai
     config.decoder_start_token_id = eot
     config.pad_token_id = eot
     config.eos_token_id = eot
-    model = _seeded_init(seed, lambda: VisionEncoderDecoderModel(config=config))
-    model.eval()
-    gen = model.generation_config
-    gen.decoder_start_token_id = eot
-    gen.bos_token_id = eot
-    gen.pad_token_id = eot
-    gen.eos_token_id = eot
+    model = seeded_model(seed, lambda: VisionEncoderDecoderModel(config=config), spread=None)
+    set_generation_ids(
+        model, decoder_start_token_id=eot, bos_token_id=eot, pad_token_id=eot, eos_token_id=eot
+    )
     image_processor = ViTImageProcessorPil(
         size={"height": image_size, "width": image_size},
         image_mean=[0.5, 0.5, 0.5],

@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loracap.testing.seeding import seeded_model, set_generation_ids
 from loracap.testing.tokenizer import train_byte_level_bpe
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -61,8 +62,6 @@ _HEADS = 4
 _KV_HEADS = 2
 _MAX_POSITIONS = 512
 _ROPE_THETA = 100000.0
-# As in chat_models: at the default 0.02 a 32-wide model predicts nearly the same token for any input.
-_SPREAD = 0.2
 
 
 def build_text_model(arch: str, out: Path, *, seed: int = 0) -> None:
@@ -100,8 +99,6 @@ def build_smollm2_tokenizer() -> PreTrainedTokenizerBase:
 def _build_llama(out: Path, seed: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loracap.testing.models import _seeded_init  # models.py imports this module
-
     tokenizer = build_smollm2_tokenizer()
     eos = tokenizer.eos_token_id
     config = LlamaConfig(
@@ -120,12 +117,9 @@ def _build_llama(out: Path, seed: int) -> None:
         eos_token_id=eos,
         pad_token_id=None,  # see the module docstring: the pad id would become the embedding's padding_idx
     )
-    model = _seeded_init(seed, lambda: LlamaForCausalLM(config), spread=_SPREAD)
-    model.eval()
-    gen = model.generation_config
-    gen.bos_token_id = tokenizer.bos_token_id
-    gen.eos_token_id = eos
-    # Named here (not left for generate to borrow from eos with a warning): finished rows are filled with it.
-    gen.pad_token_id = tokenizer.pad_token_id
+    model = seeded_model(seed, lambda: LlamaForCausalLM(config))
+    # The pad id is named (not left for generate to borrow from eos with a warning): finished rows are
+    # filled with it.
+    set_generation_ids(model, tokenizer)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
