@@ -249,6 +249,56 @@ def test_create_app_refuses_a_default_mode_the_model_lacks(blip):
         create_app(blip, mode="tags")
 
 
+class _ScriptedChat:
+    """A chat model that writes the same raw text for every image and records the prompts it gets."""
+
+    modes = ("*",)
+    tag_modes: frozenset[str] = frozenset()
+    instructions = True
+    default_batch_size = 4
+    image_side = 0
+
+    def __init__(self, raw: str) -> None:
+        self.raw, self.name = raw, "scripted-chat"
+        self.prompts: list[str | list[str] | None] = []
+
+    def prepare(self, images, mode, prompt=None):
+        self.prompts.append(prompt)
+        return len(images)
+
+    def generate(self, inputs, settings):
+        return [self.raw] * inputs
+
+
+def _app_of_serve(monkeypatch, backend, **kw):
+    """The app `serve(**kw)` builds around `backend`, captured where uvicorn would have run it."""
+    import uvicorn
+
+    import loracap.backends
+    from loracap.serve import serve
+
+    apps = []
+    monkeypatch.setattr(loracap.backends, "load_backend", lambda model, **_: backend)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **_: apps.append(app))
+    serve(backend.name, **kw)
+    (app,) = apps
+    return app
+
+
+def test_serve_with_a_tag_style_gives_a_chat_model_tag_clean_up(monkeypatch):
+    backend = _ScriptedChat("1girl, solo, 1girl, long_hair")
+    app = _app_of_serve(monkeypatch, backend, style="booru-tags")
+    url = _data_url(_png())
+    with _uvicorn(app) as base, httpx.Client(timeout=TIMEOUT) as client:
+        served_style = client.post(f"{base}/v1/chat/completions", json=_chat(url, None))
+        own_text = client.post(f"{base}/v1/chat/completions", json=_chat(url, "Describe the image."))
+    assert served_style.status_code == own_text.status_code == 200
+    # The served style asks for tags, as `loracap caption --style booru-tags` does: duplicates go.
+    assert served_style.json()["choices"][0]["message"]["content"] == "1girl, solo, long_hair"
+    # A client's own instruction may ask for anything: only the model-agnostic clean-up applies.
+    assert own_text.json()["choices"][0]["message"]["content"] == "1girl, solo, 1girl, long_hair"
+
+
 @contextmanager
 def _cli_server(*args: str):
     """`loracap serve ARGS` in a subprocess on a free loopback port; yields its base URL once it answers."""

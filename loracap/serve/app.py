@@ -368,6 +368,7 @@ def create_app(
     backend: Backend,
     *,
     mode: str = "caption",
+    tags: bool | None = None,
     model_name: str | None = None,
     max_image_pixels: int | None = None,
     max_batch: int = 16,
@@ -380,6 +381,9 @@ def create_app(
     """The OpenAI-compatible app around a loaded backend (see the module docstring for the API).
 
     mode: the default mode (for backends whose modes are ("*",) it becomes "*").
+    tags: whether the default style's output is a tag list, so tag clean-up applies (default: `mode`
+        is one of the backend's tag modes). A chat model's mode says nothing about it (it is "*"), so
+        `serve` passes what the caption style says, as `loracap caption` does.
     prompt: for instruction-following backends, the instruction used when a request has no text; for
         the others, the raw prompt passed with every request (a Florence-2 task token, a BLIP prefix).
     generation: default decoding settings; a request's max_tokens overrides max_new_tokens.
@@ -399,6 +403,7 @@ def create_app(
     if instructions and prompt is None and mode == "*":
         log.info("%s follows instructions: requests without a text part will be refused", backend.name)
     name = model_name or backend.name
+    default_tags = mode in backend.tag_modes if tags is None else tags
     generation = generation or GenerationSettings()
     options = options or PostProcess(strip_boilerplate=False)
     batcher = Batcher(
@@ -436,8 +441,8 @@ def create_app(
         log.exception("unexpected error while handling %s", request.url.path)
         return error_response(500, f"internal server error: {type(exc).__name__}", code="server_error")
 
-    def resolve(request: ChatRequest) -> tuple[str, str | None]:
-        """The (mode, prompt) a request asks for."""
+    def resolve(request: ChatRequest) -> tuple[str, str | None, bool]:
+        """The (mode, prompt, tags) a request asks for; `tags`: tag clean-up applies to its caption."""
         text_mode = request.text.lower() if request.text.lower() in MODE_NAMES else None
         wanted = request.mode or (None if instructions else text_mode)
         chosen = mode
@@ -451,16 +456,19 @@ def create_app(
                 )
             chosen = wanted if wanted in backend.modes else "*"
         if not instructions:
-            return chosen, prompt
-        instruction = request.text or prompt
-        if not instruction:
+            # The server's default style, unless the request names a mode of its own.
+            return chosen, prompt, default_tags if wanted is None else chosen in backend.tag_modes
+        if request.text:
+            # The client's own instruction: the server cannot tell whether it asks for tags.
+            return chosen, request.text, chosen in backend.tag_modes
+        if not prompt:
             raise ApiError(
                 400,
                 f"{name} follows instructions: add a text part saying what to write",
                 code="missing_prompt",
                 param="messages",
             )
-        return chosen, instruction
+        return chosen, prompt, default_tags
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -492,7 +500,7 @@ def create_app(
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ApiError(400, f"invalid JSON body: {exc}", code="invalid_json") from exc
         chat = parse_chat_request(body)
-        chosen_mode, chosen_prompt = resolve(chat)
+        chosen_mode, chosen_prompt, tags = resolve(chat)
         settings = generation
         if chat.max_tokens is not None:
             floor = min(generation.min_new_tokens or 0, chat.max_tokens) or None
@@ -517,7 +525,7 @@ def create_app(
             raise ApiError(
                 500, f"the model failed: {type(exc).__name__}: {exc}", code="model_error", type="server_error"
             ) from exc
-        caption = postprocess(raw_caption, options, tags=chosen_mode in backend.tag_modes)
+        caption = postprocess(raw_caption, options, tags=tags)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -575,5 +583,5 @@ def serve(
     choice.check()  # before minutes of model loading
     backend = load_backend(model, device=device, dtype=dtype, quant=quant, offline=offline)
     request = resolve_request(choice, backend)
-    app = create_app(backend, mode=request.mode, prompt=request.prompt_for(), **kw)
+    app = create_app(backend, mode=request.mode, tags=request.tags, prompt=request.prompt_for(), **kw)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
