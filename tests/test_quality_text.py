@@ -24,6 +24,7 @@ from loracap.quality.text import (
     token_lengths,
     top_k_share,
 )
+from loracap.quality.unionfind import UnionFind
 from loracap.writers import open_store
 
 
@@ -243,6 +244,15 @@ def test_near_duplicates_scale_to_a_few_thousand_captions():
     report = find_duplicates(captions, threshold=0.8)
 
     assert [g.indices for g in report.near] == [[10, 3000]]
+
+
+def test_union_find_roots_are_the_smallest_member():
+    uf = UnionFind(6)
+    uf.union(4, 2)
+    uf.union(5, 4)
+    uf.union(3, 1)
+    assert uf.groups() == {0: [0], 1: [1, 3], 2: [2, 4, 5]}
+    assert uf.find(5) == 2
 
 
 # --- tags ---------------------------------------------------------------------------------------------

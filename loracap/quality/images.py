@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from loracap.inputs import ImageDecodeError, file_sha256, load_image, map_ahead, read_size
+from loracap.quality.unionfind import UnionFind
 
 # Shorter-side minimum per base model: below it a trainer upscales the image (blurry training data).
 SIDE_PRESETS: dict[str, int] = {"sd15": 512, "sd1.5": 512, "sdxl": 1024, "flux": 1024}
@@ -261,22 +262,6 @@ def scan_images(
 # --- duplicates -------------------------------------------------------------------------------------
 
 
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]  # path halving keeps the trees flat
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -307,7 +292,7 @@ def find_duplicate_groups(
         raise ValueError(f"threshold must be in 0..{nbits}, got {threshold}")
 
     packed = np.packbits(np.stack([info.phash for info in infos]), axis=1)
-    uf = _UnionFind(n)
+    uf = UnionFind(n)
     by_digest: dict[str, int] = {}
     for i, info in enumerate(infos):
         first = by_digest.setdefault(info.sha256, i)
@@ -318,11 +303,8 @@ def find_duplicate_groups(
         for j in close:
             uf.union(i, i + 1 + int(j))
 
-    members: dict[int, list[int]] = defaultdict(list)
-    for i in range(n):
-        members[uf.find(i)].append(i)
     groups = []
-    for idx in members.values():
+    for idx in uf.groups().values():
         if len(idx) < 2:
             continue
         arr = np.array(idx)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loracap.postprocess import split_tags, tag_key
+from loracap.quality.unionfind import UnionFind
 
 __all__ = [
     "CLIP_MAX_LENGTH",
@@ -337,6 +338,18 @@ def _normalize(caption: str, tags: bool) -> str:
     return " ".join(re.findall(r"\w+", caption.casefold()))
 
 
+def _near_pairs(texts: list[str], threshold: float, tags: bool) -> list[tuple[int, int, float]]:
+    """(i, j, similarity) linking distinct texts: equal after normalisation (1.0), or Jaccard >= threshold."""
+    pairs: list[tuple[int, int, float]] = []
+    first_by_norm: dict[str, int] = {}
+    for k, text in enumerate(texts):
+        first = first_by_norm.setdefault(_normalize(text, tags), k)
+        if first != k:
+            pairs.append((first, k, 1.0))
+    sets = [frozenset(split_units(text, tags=tags)) for text in texts]
+    return pairs + _similar_pairs(sets, threshold)
+
+
 def find_duplicates(
     captions: Sequence[str], *, threshold: float = 0.8, tags: bool | None = None
 ) -> DuplicateReport:
@@ -354,38 +367,18 @@ def find_duplicates(
 
     # Near duplicates work on distinct texts (exact copies are one node), joined by union-find.
     texts = list(by_text)
-    parent = list(range(len(texts)))
-    lowest = [1.0] * len(texts)
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def union(a: int, b: int, score: float) -> None:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[rb] = ra
-        lowest[ra] = min(lowest[ra], lowest[rb], score)
-
-    first_by_norm: dict[str, int] = {}
-    for k, text in enumerate(texts):
-        norm = _normalize(text, tags)
-        if norm in first_by_norm:
-            union(first_by_norm[norm], k, 1.0)
-        else:
-            first_by_norm[norm] = k
-    sets = [frozenset(split_units(text, tags=tags)) for text in texts]
-    for a, b, score in _similar_pairs(sets, threshold):
-        union(a, b, score)
-
-    clusters: dict[int, list[int]] = {}
-    for k in range(len(texts)):
-        clusters.setdefault(find(k), []).append(k)
+    pairs = _near_pairs(texts, threshold, tags)
+    uf = UnionFind(len(texts))
+    for a, b, _ in pairs:
+        uf.union(a, b)
+    # A group's similarity is its weakest link: the lowest score of the pairs that joined it.
+    lowest: dict[int, float] = {}
+    for a, _, score in pairs:
+        root = uf.find(a)
+        lowest[root] = min(lowest.get(root, 1.0), score)
     near = [
         DuplicateGroup(sorted(i for k in members for i in by_text[texts[k]]), lowest[root])
-        for root, members in clusters.items()
+        for root, members in uf.groups().items()
         if len(members) > 1
     ]
     near.sort(key=lambda g: g.indices[0])
