@@ -267,3 +267,18 @@ def test_examples_from_a_saved_hugging_face_dataset(tmp_path: Path) -> None:
         assign_splits(keys, seed=1, val_share=0.1, test_share=0.2)["test"]
         != assign_splits(keys, seed=2, val_share=0.1, test_share=0.2)["test"]
     )
+
+
+def test_hugging_face_examples_pickle_for_spawned_workers(tmp_path: Path) -> None:
+    """DataLoader workers started with "spawn" (macOS, Windows) receive the dataset pickled."""
+    import pickle
+
+    import datasets
+
+    from loracap.train.data import load_examples
+
+    images = [Image.new("RGB", (16, 16), COLOURS[c]) for c in ("red", "blue")]
+    table = datasets.Dataset.from_dict({"image": images, "text": ["a red square", "a blue square"]})
+    table.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+    examples = pickle.loads(pickle.dumps(load_examples(tmp_path / "hf")))
+    assert [e.image().getpixel((0, 0)) for e in examples] == [COLOURS["red"], COLOURS["blue"]]

@@ -12,6 +12,7 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +79,16 @@ def _hf_examples(name: str, image_column: str, caption_column: str, split: str) 
         raise ValueError(f"{name} has no column {missing[0]!r}; columns: {', '.join(table.column_names)}")
     captions = table[caption_column]
     return [
-        Example(f"{name}[{i}]", str(c).strip(), loader=lambda i=i: table[i][image_column])
+        Example(f"{name}[{i}]", str(c).strip(), loader=partial(_table_image, table, i, image_column))
         for i, c in enumerate(captions)
         if str(c or "").strip()
     ]
+
+
+def _table_image(table: Any, index: int, column: str) -> Any:
+    # A module-level function bound with partial, not a lambda: DataLoader workers started with "spawn"
+    # (macOS, Windows) receive the examples pickled, and a lambda cannot be pickled.
+    return table[index][column]
 
 
 def assign_splits(keys: list[str], *, seed: int, val_share: float, test_share: float) -> dict[str, list[str]]:
