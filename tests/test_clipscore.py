@@ -156,6 +156,18 @@ def test_lowest_first(tiny_model, tmp_path: Path) -> None:
     assert ranked == lowest_first(reversed(run.pairs))
 
 
+def test_default_cache_path_follows_loracap_cache(tmp_path: Path, monkeypatch) -> None:
+    from loracap.backends.florence2_convert import converted_cache_root
+    from loracap.quality.clipscore import default_cache_path
+
+    monkeypatch.setenv("LORACAP_CACHE", str(tmp_path))
+    assert default_cache_path() == tmp_path / "clipscore-cache.json"
+    assert converted_cache_root() == tmp_path / "converted"  # one cache folder for all of loracap
+    monkeypatch.setenv("LORACAP_CACHE", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_path() == tmp_path / "home" / ".cache" / "loracap" / "clipscore-cache.json"
+
+
 def test_offline_hub_model_gives_the_one_line_fix(tmp_path: Path) -> None:
     pairs = _pairs(tmp_path, n=1)
     with pytest.raises(ModelUnavailable, match="offline mode is on") as info:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from loracap.backends.hub import loracap_cache_dir
+
 # Tokens the original processor code adds to the BART tokenizer at load time, in this order; the
 # checkpoints' embedding rows follow it (50265 BART tokens + these 1024 = vocab_size 51289).
 FLORENCE_ADDED_TOKENS = (
@@ -108,8 +110,7 @@ def is_original_layout(folder: Path) -> bool:
 
 
 def converted_cache_root() -> Path:
-    root = os.environ.get("LORACAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loracap")
-    return Path(root) / "converted"
+    return loracap_cache_dir() / "converted"
 
 
 def _fingerprint(folder: Path) -> str:

@@ -42,6 +42,14 @@ def hf_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+def loracap_cache_dir() -> Path:
+    """loracap's own cache (CLIPScore scores, converted checkpoints): `$LORACAP_CACHE`, else ~/.cache/loracap.
+
+    Read at call time, so tests and users can point it elsewhere per run.
+    """
+    return Path(os.environ.get("LORACAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loracap"))
+
+
 def is_cached(repo_id: str) -> bool:
     """Whether the hub id already has a snapshot in the local cache (no network)."""
     from huggingface_hub import try_to_load_from_cache

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from loracap.backends.base import BackendError
-from loracap.backends.hub import resolve_model
+from loracap.backends.hub import loracap_cache_dir, resolve_model
 from loracap.inputs import ImageDecodeError, decode_batch, file_sha256, map_ahead, prefetch_batches
 from loracap.writers import atomic_write_text
 
@@ -78,8 +77,7 @@ def lowest_first(pairs: Iterable[ScoredPair]) -> list[ScoredPair]:
 
 def default_cache_path() -> Path:
     """`$LORACAP_CACHE/clipscore-cache.json` (default `~/.cache/loracap/`)."""
-    root = os.environ.get("LORACAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loracap")
-    return Path(root) / CACHE_FILE
+    return loracap_cache_dir() / CACHE_FILE
 
 
 def clip_scores(
