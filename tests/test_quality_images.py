@@ -268,6 +268,11 @@ def test_bucket_counts_and_single_buckets(tmp_path: Path):
     assignment = {a.path.name: a for a in report.assignments}
     assert assignment["land.jpg"].bucket == (1216, 832)
     assert assignment["sq1.jpg"].aspect_error == 0
+    # Other kohya settings (SD 1.5 at 512): the same files land in that run's buckets.
+    settings = BucketSettings(resolution=512, max_bucket_reso=1024)
+    other = image_report(paths, buckets=settings)
+    assert other.bucket_settings is settings
+    assert {(b.width, b.height): b.count for b in other.buckets}[(512, 512)] == 2
 
 
 def test_bucket_preview_on_infos_only():

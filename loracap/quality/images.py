@@ -270,14 +270,12 @@ def _distance_rows(packed: np.ndarray, i: int, others: np.ndarray | slice) -> np
     return _POPCOUNT[packed[others] ^ packed[i]].sum(axis=1, dtype=np.int32)
 
 
-def find_duplicate_groups(
-    infos: Sequence[ImageInfo], threshold: int | None = None, *, hash_size: int | None = None
-) -> list[DuplicateGroup]:
+def find_duplicate_groups(infos: Sequence[ImageInfo], threshold: int | None = None) -> list[DuplicateGroup]:
     """Groups of 2+ images whose phashes are within ``threshold`` bits, or whose bytes are identical.
 
     Grouping is transitive (A~B and B~C puts A, B, C together): a chain of small edits is one picture
     to a trainer. All pairs are compared, vectorised per row: ~1 s for 10k images. ``threshold``
-    defaults to default_threshold() for the hashes' size.
+    defaults to default_threshold() for the hashes' size, read from their bit count.
     """
     n = len(infos)
     if n < 2:
@@ -287,7 +285,7 @@ def find_duplicate_groups(
         raise ValueError(f"all hashes must have the same size, got {sorted(bits)}")
     nbits = bits.pop()
     if threshold is None:
-        threshold = default_threshold(hash_size or math.isqrt(nbits))
+        threshold = default_threshold(math.isqrt(nbits))  # phash bits are hash_size squared
     if not 0 <= threshold <= nbits:
         raise ValueError(f"threshold must be in 0..{nbits}, got {threshold}")
 
@@ -464,24 +462,17 @@ def image_report(
     threshold: int | None = None,
     workers: int = 2,
     hash_side: int = DEFAULT_HASH_SIDE,
-    min_bucket_reso: int = 256,
-    max_bucket_reso: int = 2048,
-    bucket_reso_steps: int = 64,
-    bucket_no_upscale: bool = False,
+    buckets: BucketSettings | None = None,
     progress: bool = False,
 ) -> ImageReport:
     """All image checks over ``paths``: one scan, then duplicates, histograms, small images, buckets.
 
     ``min_side`` and ``resolution`` take pixels or a preset ("sd15" 512, "sdxl"/"flux" 1024).
-    ``threshold`` (Hamming bits) defaults to 6 per 64 hash bits. Bad files end up in ``errors``.
+    ``buckets`` are the kohya settings to preview; without them, kohya's defaults at ``resolution``
+    (``resolution`` is not used when ``buckets`` is given). ``threshold`` (Hamming bits) defaults to 6 per
+    64 hash bits. Bad files end up in ``errors``.
     """
-    settings = BucketSettings(
-        resolution=resolve_side(resolution),
-        min_bucket_reso=min_bucket_reso,
-        max_bucket_reso=max_bucket_reso,
-        bucket_reso_steps=bucket_reso_steps,
-        no_upscale=bucket_no_upscale,
-    )
+    settings = buckets if buckets is not None else BucketSettings(resolution=resolve_side(resolution))
     limit = resolve_side(min_side)  # validate everything before the (long) scan
     if threshold is None:
         threshold = default_threshold(hash_size)
