@@ -21,7 +21,7 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +59,26 @@ class ClipScoreRun:
     pairs: list[ScoredPair]
     model: str
     computed: int = 0  # pairs sent through the model in this run
-    cached: int = 0  # scores taken from the cache (cached decode failures count in `failed`)
-    failed: int = 0
-    truncated: int = 0
     seconds: float = 0.0
     cache_path: Path | None = None
-    errors: list[ScoredPair] = field(default_factory=list)
+
+    @property
+    def cached(self) -> int:
+        """Scores taken from the cache (cached decode failures count in `failed`)."""
+        return sum(p.cached and p.error is None for p in self.pairs)
+
+    @property
+    def failed(self) -> int:
+        return len(self.errors)
+
+    @property
+    def truncated(self) -> int:
+        return sum(p.truncated for p in self.pairs)
+
+    @property
+    def errors(self) -> list[ScoredPair]:
+        """The pairs that could not be scored, in input order."""
+        return [p for p in self.pairs if p.error is not None]
 
     def lowest_first(self) -> list[ScoredPair]:
         return lowest_first(self.pairs)
@@ -153,21 +167,16 @@ def clip_scores(
             if path_cache is not None:
                 _write_cache(path_cache, entries)
 
-    done = [r for r in results if r is not None]
-    errors = [r for r in done if r.error is not None]
-    for e in errors:
-        print(f"loracap: clipscore error: {e.path}: {e.error}", file=sys.stderr)
-    return ClipScoreRun(
-        pairs=done,
+    run = ClipScoreRun(
+        pairs=[r for r in results if r is not None],
         model=model,
         computed=computed,
-        cached=sum(r.cached and r.error is None for r in done),
-        failed=len(errors),
-        truncated=sum(r.truncated for r in done),
         seconds=time.perf_counter() - started,
         cache_path=path_cache,
-        errors=errors,
     )
+    for e in run.errors:
+        print(f"loracap: clipscore error: {e.path}: {e.error}", file=sys.stderr)
+    return run
 
 
 @dataclass(frozen=True)
