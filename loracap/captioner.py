@@ -47,8 +47,7 @@ class Captioner:
         self.backend = backend or load_backend(model, device=device, dtype=dtype)
         self.options = options or PostProcess()
         self.generation = generation or GenerationSettings()
-        extras = [extras] if isinstance(extras, str) else extras
-        choice = StyleChoice(mode or style, length, tuple(extras), name, prompt)
+        choice = StyleChoice(mode or style, length, extras, name, prompt)
         self.request = resolve_request(choice, self.backend, trigger=self.options.trigger)
         self.batch_size = batch_size or self.backend.default_batch_size
 

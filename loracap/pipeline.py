@@ -111,9 +111,7 @@ def caption_folder(
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     root = Path(root).expanduser().resolve()
-    if isinstance(extras, str):  # one extra, not a sequence of letters
-        extras = [extras]
-    choice = StyleChoice(mode or style, length, tuple(extras), name, prompt, prompt_file, tags_ext)
+    choice = StyleChoice(mode or style, length, extras, name, prompt, prompt_file, tags_ext)
     chosen_style = choice.check()  # before anything is scanned or loaded
     options = options or PostProcess()
     generation = generation or GenerationSettings()

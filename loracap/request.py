@@ -15,6 +15,7 @@ the others (a Florence-2 task token, a BLIP prefix), as it was before styles exi
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +39,19 @@ class StyleChoice:
 
     style: str | Path | Style = "caption"
     length: str | None = None
-    extras: tuple[str, ...] = ()
+    extras: Sequence[str] = ()
+    """Stored as a tuple; one extra may be given as a bare string."""
     name: str | None = None
     """Fills {name}, e.g. the person a LoRA is trained on ("refer to the person as {name}")."""
     prompt: str | None = None
     prompt_file: str | Path | None = None
     tags_ext: str | None = None
     """Read {tags} from the image's `<stem><tags_ext>` file (default: its existing caption)."""
+
+    def __post_init__(self) -> None:
+        # A bare string is one extra, not a sequence of one-letter extras; a tuple keeps the choice hashable.
+        extras = (self.extras,) if isinstance(self.extras, str) else tuple(self.extras)
+        object.__setattr__(self, "extras", extras)  # frozen: the dataclass way to set a field once
 
     def load(self) -> Style:
         return self.style if isinstance(self.style, Style) else load_style(self.style)

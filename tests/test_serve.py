@@ -299,6 +299,17 @@ def test_serve_with_a_tag_style_gives_a_chat_model_tag_clean_up(monkeypatch):
     assert own_text.json()["choices"][0]["message"]["content"] == "1girl, solo, 1girl, long_hair"
 
 
+def test_serve_takes_one_extra_as_a_string(monkeypatch):
+    from loracap.styles import load_style, render_prompt
+
+    backend = _ScriptedChat("a red square")
+    app = _app_of_serve(monkeypatch, backend, style="training-caption", extras="lighting")
+    with _uvicorn(app) as base, httpx.Client(timeout=TIMEOUT) as client:
+        r = client.post(f"{base}/v1/chat/completions", json=_chat(_data_url(_png()), None))
+    assert r.status_code == 200, r.text
+    assert backend.prompts == [render_prompt(load_style("training-caption"), extras=["lighting"])]
+
+
 @contextmanager
 def _cli_server(*args: str):
     """`loracap serve ARGS` in a subprocess on a free loopback port; yields its base URL once it answers."""

@@ -194,3 +194,12 @@ def test_prompt_file(tmp_path):
             user_prompt_style(**kwargs)
     with pytest.raises(ValueError, match="cannot read prompt file"):
         user_prompt_style(prompt_file=tmp_path / "missing.txt")
+
+
+def test_a_style_choice_takes_one_extra_as_a_string():
+    from loracap.request import StyleChoice
+
+    # A bare string is one extra, not one per letter; every entry point builds its choice this way.
+    assert StyleChoice("descriptive", extras="lighting").extras == ("lighting",)
+    assert StyleChoice("descriptive", extras=["lighting", "no-text"]).extras == ("lighting", "no-text")
+    assert StyleChoice("descriptive", extras="lighting").check().name == "descriptive"

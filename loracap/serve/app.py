@@ -579,7 +579,7 @@ def serve(
     from ..backends import load_backend
     from ..request import StyleChoice, resolve_request
 
-    choice = StyleChoice(style, length, tuple(extras), name, prompt, prompt_file)
+    choice = StyleChoice(style, length, extras, name, prompt, prompt_file)
     choice.check()  # before minutes of model loading
     backend = load_backend(model, device=device, dtype=dtype, quant=quant, offline=offline)
     request = resolve_request(choice, backend)
