@@ -188,6 +188,10 @@ def test_train_then_caption_with_the_result(towers, tmp_path: Path, capsys) -> N
     assert main(train_args(data, tmp_path / "again", towers, "--max-steps", "1", "--seed", "3")) == 0
     assert json.loads((tmp_path / "again" / "split.json").read_text())["test"] == split["test"]
     assert main(train_args(data, tmp_path / "more", towers, "--from", str(out), "--max-steps", "2")) == 0
+    # Another seed (the default 0), yet the images held out from the captioner stay held out.
+    more = json.loads((tmp_path / "more" / "split.json").read_text())
+    assert more["test"] == split["test"]
+    assert not set(split["test"]) & set(more["train"])
 
 
 def test_resume_continues_exactly(towers, tmp_path: Path, monkeypatch) -> None:
@@ -282,3 +286,16 @@ def test_hugging_face_examples_pickle_for_spawned_workers(tmp_path: Path) -> Non
     table.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
     examples = pickle.loads(pickle.dumps(load_examples(tmp_path / "hf")))
     assert [e.image().getpixel((0, 0)) for e in examples] == [COLOURS["red"], COLOURS["blue"]]
+
+
+def test_extended_split_keeps_what_was_held_out() -> None:
+    from loracap.train.data import extend_split
+
+    previous = {"train": ["a", "b"], "val": ["c"], "test": ["d", "gone"]}
+    fresh = {"train": ["d", "e"], "val": ["a", "f"], "test": ["c", "g"]}  # a redraw over old and new keys
+    assert extend_split(previous, fresh) == {
+        "train": ["a", "b", "e"],
+        "val": ["c", "f"],
+        "test": ["d", "gone", "g"],
+    }
+    assert extend_split(previous, previous) == previous

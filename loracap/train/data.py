@@ -1,7 +1,8 @@
 """Training examples and their split: from a loracap-captioned folder or a Hugging Face dataset.
 
-The split is seeded and written to `split.json` in the output folder, and a later run (a resume, or
-`loracap eval`) reads it back instead of drawing again, so the test images never leak into training. A
+The split is seeded and written to `split.json` in the output folder, and a later run (a resume, a run
+continuing `--from` the captioner, or `loracap eval`) reads it back instead of drawing again, so the test
+images never leak into training. A
 dataset folder that carries its own `splits.json` ({"train": [...], "val": [...], "test": [...]}, as
 `loracap.data.synthetic` writes) keeps those splits: they may hold out compositions on purpose.
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 from loracap.writers import atomic_write_text
 
-__all__ = ["SPLITS", "Example", "assign_splits", "load_examples", "read_split", "write_split"]
+__all__ = ["SPLITS", "Example", "assign_splits", "extend_split", "load_examples", "read_split", "write_split"]
 
 SPLITS = ("train", "val", "test")
 SPLIT_FILE = "split.json"
@@ -104,6 +105,15 @@ def assign_splits(keys: list[str], *, seed: int, val_share: float, test_share: f
     n_test = max(round(n * test_share), 1 if test_share and n >= 10 else 0)
     n_val = max(round(n * val_share), 1 if val_share and n >= 10 else 0)
     return {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+
+
+def extend_split(previous: dict[str, list[str]], fresh: dict[str, list[str]]) -> dict[str, list[str]]:
+    """`previous` as it is, plus each key of `fresh` that `previous` does not know, in its `fresh` split.
+
+    For a captioner trained further (`--from`): the images held out from it stay held out, whatever a new
+    draw would say, and only images it has never seen are assigned anew."""
+    known = {key for name in SPLITS for key in previous[name]}
+    return {name: previous[name] + [k for k in fresh[name] if k not in known] for name in SPLITS}
 
 
 def dataset_splits(data: str | Path) -> dict[str, list[str]] | None:

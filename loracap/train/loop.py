@@ -28,11 +28,20 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from loracap.backends.hub import resolve_model
 from loracap.prefix.batching import encode_captions
 from loracap.prefix.io import save_captioner
 from loracap.prefix.modeling import PrefixCaptioner, build_captioner
 from loracap.quality.text import looks_like_tags
-from loracap.train.data import Example, assign_splits, dataset_splits, load_examples, read_split, write_split
+from loracap.train.data import (
+    Example,
+    assign_splits,
+    dataset_splits,
+    extend_split,
+    load_examples,
+    read_split,
+    write_split,
+)
 from loracap.writers import atomic_write_text
 
 __all__ = ["TrainResult", "TrainSettings", "train"]
@@ -170,15 +179,15 @@ def make_collate(tokenizer: Any, prompt: str, max_caption_tokens: int):
 # --- model ---------------------------------------------------------------------------------------------
 
 
-def _load_parts(settings: TrainSettings, caption_format: str) -> tuple[PrefixCaptioner, Any, Any]:
+def _load_parts(
+    settings: TrainSettings, init_dir: Path | None, caption_format: str
+) -> tuple[PrefixCaptioner, Any, Any]:
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from loracap.backends.hub import resolve_model
-
-    if settings.init_from:
+    if init_dir is not None:
         from loracap.prefix.io import load_captioner
 
-        loaded = load_captioner(resolve_model(settings.init_from))
+        loaded = load_captioner(init_dir)
         return loaded.model, loaded.image_processor, loaded.tokenizer
     vision_dir, lm_dir = resolve_model(settings.vision), resolve_model(settings.lm)
     model = build_captioner(
@@ -269,7 +278,8 @@ def train(settings: TrainSettings) -> TrainResult:
     )
     if not examples:
         raise ValueError(f"{settings.data} has no captioned images to train on")
-    splits = _splits(settings, examples, out, accelerator)
+    init_dir = resolve_model(settings.init_from) if settings.init_from else None
+    splits = _splits(settings, examples, out, init_dir, accelerator)
     by_key = {e.key: e for e in examples}
     train_set = [by_key[k] for k in splits["train"] if k in by_key]
     val_set = [by_key[k] for k in splits["val"] if k in by_key]
@@ -277,7 +287,7 @@ def train(settings: TrainSettings) -> TrainResult:
         raise ValueError("the train split is empty: add captioned images or lower --val-share/--test-share")
 
     caption_format = "tags" if looks_like_tags([e.caption for e in train_set]) else "prose"
-    model, image_processor, tokenizer = _load_parts(settings, caption_format)
+    model, image_processor, tokenizer = _load_parts(settings, init_dir, caption_format)
     if settings.init_from and settings.prompt != model.config.prompt and settings.prompt:
         raise ValueError(f"--prompt differs from the captioner's own ({model.config.prompt!r}); leave it out")
     prompt, max_tokens = model.config.prompt, model.config.max_caption_tokens
@@ -518,22 +528,30 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _splits(
-    settings: TrainSettings, examples: list[Example], out: Path, accelerator: Any
+    settings: TrainSettings, examples: list[Example], out: Path, init_dir: Path | None, accelerator: Any
 ) -> dict[str, list[str]]:
-    """A resumed run reuses its saved split; otherwise the dataset's own splits.json or a seeded draw."""
+    """A resumed run reuses its saved split. A run continuing from a captioner (`init_dir`) keeps that
+    captioner's split, so its test images never reach training, and assigns only keys it never saw.
+    Otherwise the dataset's own splits.json or a seeded draw."""
     saved = read_split(out) if settings.resume else None
     if saved is not None:
         return saved
-    own = dataset_splits(settings.data) if Path(settings.data).is_dir() else None
-    splits = own or assign_splits(
-        [e.key for e in examples],
-        seed=settings.seed,
-        val_share=settings.val_share,
-        test_share=settings.test_share,
-    )
+    keys = [e.key for e in examples]
+    previous = read_split(init_dir) if init_dir is not None else None
+    splits = _new_split(settings, keys)
+    if previous is not None:
+        splits = extend_split(previous, splits)
     if accelerator.is_main_process:
         write_split(out, splits, seed=settings.seed, source=str(settings.data))
     return splits
+
+
+def _new_split(settings: TrainSettings, keys: list[str]) -> dict[str, list[str]]:
+    """The dataset's own splits.json, or a seeded draw over `keys`."""
+    own = dataset_splits(settings.data) if Path(settings.data).is_dir() else None
+    return own or assign_splits(
+        keys, seed=settings.seed, val_share=settings.val_share, test_share=settings.test_share
+    )
 
 
 def _checkpoint(accelerator: Any, out: Path, state: dict[str, Any], keep: int) -> None:
