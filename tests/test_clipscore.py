@@ -147,6 +147,32 @@ def test_broken_images_are_per_file_errors(tiny_model, tmp_path: Path) -> None:
     assert len(lowest_first(run.pairs)) == 3
 
 
+def test_a_pair_that_breaks_the_model_fails_alone(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    from loracap.quality import clipscore
+
+    model = str(tiny_model("clip"))
+    pairs = _pairs(tmp_path)
+    pairs[2] = (pairs[2][0], "BREAK")
+    reference = clip_scores(pairs[:2] + pairs[3:], model=model, batch_size=4, cache=False, progress=False)
+    real = clipscore._Scorer._cosines
+    seen: list[int] = []
+
+    def cosines(self, captions, pixels):
+        seen.append(len(captions))
+        if "BREAK" in captions:
+            raise RuntimeError("boom")
+        assert len(pixels["pixel_values"]) == len(captions)  # each pair with its own image
+        return real(self, captions, pixels)
+
+    monkeypatch.setattr(clipscore._Scorer, "_cosines", cosines)
+    run = clip_scores(pairs, model=model, batch_size=4, cache=False, progress=False)
+    # The failing batch of 4 is retried pair by pair; the last batch holds the fifth pair only.
+    assert seen == [4, 1, 1, 1, 1, 1]
+    assert [p.error for p in run.errors] == ["RuntimeError: boom"] and run.errors[0].caption == "BREAK"
+    scored = [p for p in run.pairs if p.error is None]
+    assert [p.score for p in scored] == pytest.approx([p.score for p in reference.pairs], abs=1e-4)
+
+
 def test_lowest_first(tiny_model, tmp_path: Path) -> None:
     pairs = _pairs(tmp_path)
     run = clip_scores(pairs, model=str(tiny_model("clip")), cache=False, progress=False)

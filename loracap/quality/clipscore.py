@@ -27,7 +27,7 @@ from typing import Any
 
 from loracap.backends.base import BackendError
 from loracap.backends.hub import loracap_cache_dir, resolve_model
-from loracap.inputs import ImageDecodeError, decode_batch, file_sha256, map_ahead, prefetch_batches
+from loracap.inputs import ImageDecodeError, file_sha256, map_ahead, prefetch_batches
 from loracap.writers import atomic_write_text
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
@@ -258,11 +258,9 @@ class _Scorer:
             if len(batch) == 1:
                 yield batch[0][0], f"{type(exc).__name__}: {exc}"
                 return
-            for job in batch:
-                one = decode_batch([job], lambda j: j[1], self._pixels, self.min_side)
-                yield from ((j[0], _Undecodable(reason)) for j, reason in one.errors)
-                if one.items:
-                    yield from self._embed(one.items, one.inputs)
+            # The images are decoded and preprocessed already: score each pair on its own slice of them.
+            for i, job in enumerate(batch):
+                yield from self._embed([job], {k: v[i : i + 1] for k, v in pixels.items()})
             return
         for job, cosine, cut in zip(batch, cosines, truncated, strict=True):
             yield job[0], (cosine, cut)
