@@ -12,7 +12,7 @@ from PIL import Image
 
 import loracap
 from loracap.cli import main
-from loracap.quality.gates import Rule, evaluate, parse_rules
+from loracap.quality.gates import CHECKS, Rule, evaluate, parse_rules
 
 TRIGGER = "ohwx"
 LONG_CAPTION = f"{TRIGGER}, " + " ".join(f"detail{i}" for i in range(120))
@@ -82,6 +82,7 @@ def test_report_finds_every_planted_problem(tiny_model, tmp_path: Path, arch: st
     assert all(0 <= p["clip"] <= 100 for p in scored)
     assert data["pairs"][-1]["path"] == "broken.jpg" and data["pairs"][-1]["clip_error"]
     assert data["checks"]["fused-trigger"] == 1 and data["checks"]["truncated"] == 1
+    assert set(data["checks"]) == set(CHECKS)  # every rule --fail-on accepts has its number
 
     html = (out / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/jpeg;base64,") >= len(scored)  # worst pairs and duplicate groups
@@ -225,6 +226,8 @@ def test_rule_parsing_and_evaluation() -> None:
     )
     with pytest.raises(ValueError, match="needs --trigger"):
         parse_rules(["no-trigger"], trigger=False)
+    with pytest.raises(KeyError):  # a check the report did not compute must not pass silently
+        evaluate([Rule("small-image", 0)], {"missing-caption": 0}, [])
 
 
 def test_missing_clip_model_offline_gives_the_one_line_fix(tmp_path: Path, capsys) -> None:

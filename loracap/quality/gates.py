@@ -98,7 +98,8 @@ def evaluate(rules: Sequence[Rule], checks: Mapping[str, int], scores: Sequence[
             if mean < rule.limit:
                 failures.append(f"{rule}: mean CLIP score {mean:.1f} is below {rule.limit:g}")
         else:
-            count = checks.get(rule.name, 0)
+            # parse_rules only accepts CHECKS names: a missing one is a report bug, never a silent pass.
+            count = checks[rule.name]
             if count > rule.limit:
                 failures.append(f"{rule}: {count} {CHECKS[rule.name]} (allowed {rule.limit:g})")
     return failures
