@@ -78,7 +78,19 @@ def test_prompts_with_folder_and_tags_are_rendered_per_image(tmp_path, tiny_mode
     assert read_captions(tmp_path) == expected(model, tmp_path, names, prompts)
 
 
-def test_tag_styles_get_tag_clean_up_on_chat_models(tmp_path, tiny_model):
+RAW_TAGS = "1girl, solo, 1girl, long_hair"  # a tagger's duplicate, which only tag clean-up removes
+
+
+def test_tag_styles_get_tag_clean_up_on_chat_models(tmp_path, tiny_model, monkeypatch):
+    from loracap.backends.chat_vlm import ChatVLMBackend
+
+    real_generate = ChatVLMBackend.generate
+
+    def tagging_generate(self, inputs, settings):
+        # The model still runs; its random words are replaced by what a tagging model writes.
+        return [RAW_TAGS for _ in real_generate(self, inputs, settings)]
+
+    monkeypatch.setattr(ChatVLMBackend, "generate", tagging_generate)
     model = tiny_model("llava")
     write_images(tmp_path, ["a.png"])
     assert run(tmp_path, model, "--style", "booru-tags", "--trigger", "ohwx") == 0
@@ -87,6 +99,7 @@ def test_tag_styles_get_tag_clean_up_on_chat_models(tmp_path, tiny_model):
     raw = expected(model, tmp_path, ["a.png"], [prompt], tags=True)["a.txt"]
     assert caption == postprocess(raw, PostProcess(trigger="ohwx"), tags=True)
     assert caption.startswith("ohwx, ")
+    assert caption == "ohwx, 1girl, solo, long_hair"
 
 
 def test_a_user_style_file_is_used_by_path(tmp_path, tiny_model):
