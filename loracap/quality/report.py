@@ -159,7 +159,8 @@ def build_report(
     image_seconds = time.perf_counter() - started
     run = None
     if clip:
-        scorable = [(path, caption) for path, caption in ds.pairs if caption.strip()]
+        # read_dataset strips every caption, so an empty one is "".
+        scorable = [(path, caption) for path, caption in ds.pairs if caption]
         run = clip_scores(
             scorable,
             model=clip_model,
@@ -173,12 +174,12 @@ def build_report(
             # The image checks hashed every decodable file already: the cache keys use the same digest.
             digests={i.path: i.sha256 for i in img.images} if img else None,
         )
-    data = _document(ds, text, img, run, tokenizer=tok_name, t5_tokenizer=t5_tokenizer, trigger=trigger)
+    scores = [p.score for p in run.pairs if p.score is not None] if run else []
+    data = _document(ds, text, img, run, scores, tokenizer=tok_name, t5_tokenizer=t5_tokenizer)
     data["timing"] = {
         "image_checks_s": round(image_seconds, 3),
-        "clip_s": round(run.seconds, 3) if run else None,
+        "clip_s": data["clip"]["seconds"] if data["clip"] else None,  # the same number, kept for old readers
     }
-    scores = [p.score for p in run.pairs if p.score is not None] if run else []
     failures = evaluate(rules, data["checks"], scores)
     data["fail_on"] = {"rules": [str(r) for r in rules], "failed": failures}
     return DatasetReport(root, ds, text, img, run, data, rules, failures)
@@ -214,11 +215,12 @@ def _document(
     text: TextReport,
     img: ImageReport | None,
     run: ClipScoreRun | None,
+    scores: list[float],
     *,
     tokenizer: str,
     t5_tokenizer: str | None,
-    trigger: str | None,
 ) -> dict[str, Any]:
+    """The report.json document; `scores`: the CLIP scores of the pairs that have one."""
     from loracap import __version__
 
     root = ds.root
@@ -288,7 +290,7 @@ def _document(
             "orphans": list(ds.orphans),
             "problems": [{"path": p.path, "reason": p.reason} for p in ds.problems],
         },
-        "clip": _clip_section(run, rel),
+        "clip": _clip_section(run, scores, rel),
         "pairs": pairs,
         "tokens": _token_section(tokens, paths, tokenizer, t5_tokenizer),
         "duplicates": {
@@ -306,7 +308,7 @@ def _document(
                 for g in text.duplicates.near
             ],
         },
-        "trigger": _trigger_section(trig, paths, captions) if trigger and trig else None,
+        "trigger": _trigger_section(trig, paths, captions) if trig else None,
         "tags": _tag_section(text),
         "sensitive": {
             "categories": {
@@ -349,10 +351,9 @@ def _stats(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
-def _clip_section(run: ClipScoreRun | None, rel) -> dict[str, Any] | None:
+def _clip_section(run: ClipScoreRun | None, scores: list[float], rel) -> dict[str, Any] | None:
     if run is None:
         return None
-    scores = [p.score for p in run.pairs if p.score is not None]
     histogram = [0] * (100 // SCORE_BIN)
     for s in scores:
         histogram[min(int(s // SCORE_BIN), len(histogram) - 1)] += 1
