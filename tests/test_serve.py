@@ -570,7 +570,15 @@ def test_requests_run_concurrently_and_keep_their_order(monkeypatch):
     def digest(url: str) -> str:
         return hashlib.sha256(url.encode()).hexdigest()[:12]
 
+    lock, in_flight, peak = threading.Lock(), [0], [0]
+
     def echo_digest(auth, request):  # answers with its text and a digest of the image's data URL
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.05)  # long enough for the other requests in flight to arrive meanwhile
+        with lock:
+            in_flight[0] -= 1
         text, image = request["messages"][0]["content"]
         return _completion(f"{text['text']}: {digest(image['image_url']['url'])}")
 
@@ -582,3 +590,4 @@ def test_requests_run_concurrently_and_keep_their_order(monkeypatch):
     assert captions == [f"{t}: {digest(url)}" for t, url in zip(texts, inputs.urls, strict=True)]
     assert len(seen) == 9
     assert len(set(captions)) == 9
+    assert 1 < peak[0] <= 3, f"{peak[0]} requests in flight at most; concurrency is 3"
