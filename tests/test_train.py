@@ -299,3 +299,33 @@ def test_extended_split_keeps_what_was_held_out() -> None:
         "test": ["d", "gone", "g"],
     }
     assert extend_split(previous, previous) == previous
+
+
+def test_train_on_a_saved_hugging_face_dataset_with_its_own_caption_column(towers, tmp_path: Path) -> None:
+    import datasets
+
+    from loracap.train.loop import TrainSettings, train
+
+    names = list(COLOURS) * 3  # 12 images: enough for a test split
+    table = datasets.Dataset.from_dict(
+        {
+            "image": [Image.new("RGB", (40, 40), COLOURS[n]) for n in names],
+            "caption": [f"a {n} square" for n in names],
+        }
+    )
+    table.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+    settings = TrainSettings(
+        data=str(tmp_path / "hf"),
+        out=str(tmp_path / "cap"),
+        vision=str(towers[0]),
+        lm=str(towers[1]),
+        caption_column="caption",
+        max_steps=1,
+        batch_size=4,
+        workers=0,
+        warmup_steps=1,
+        progress=False,
+    )
+    result = train(settings)
+    test_split = json.loads((tmp_path / "cap" / "split.json").read_text())["test"]
+    assert test_split and result.test_metrics["images"] == len(test_split)

@@ -438,11 +438,15 @@ def train(settings: TrainSettings) -> TrainResult:
     if accelerator.is_main_process:
         save_captioner(copy.deepcopy(final).float(), image_processor, tokenizer, out)
         _write_state(out, state)
-        if settings.test_metrics and splits["test"]:
-            from loracap.train.metrics import evaluate_captioner
+        test_set = [by_key[k] for k in splits["test"] if k in by_key]
+        if settings.test_metrics and test_set:
+            from loracap.train.metrics import evaluate_examples
 
-            # Through the saved folder, as `loracap caption --model OUT` will load it.
-            test_metrics = evaluate_captioner(out, settings.data, split="test", progress=settings.progress)
+            # The examples already loaded (with this run's columns), captioned through the saved folder as
+            # `loracap caption --model OUT` will load it.
+            test_metrics = evaluate_examples(
+                out, test_set, data=str(settings.data), split="test", progress=settings.progress
+            )
     return TrainResult(
         out=out,
         steps=state["step"],

@@ -17,7 +17,7 @@ from typing import Any
 
 from loracap.writers import atomic_write_text
 
-__all__ = ["caption_metrics", "evaluate_captioner", "generate_for"]
+__all__ = ["caption_metrics", "evaluate_captioner", "evaluate_examples", "generate_for"]
 
 _PUNCT = re.compile(r"[^\w\s]")
 
@@ -78,20 +78,20 @@ def evaluate_captioner(
     data: str | Path,
     *,
     split: str = "test",
+    image_column: str = "image",
+    caption_column: str = "text",
     clip_model: str | None = None,
     batch_size: int = 16,
     device: str | None = None,
     out_file: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Caption `split` of `data` with `model` and score the captions; written to `out_file` as JSON
-    (default MODEL/eval-<split>.json when MODEL is a folder). `split="all"` scores every example; a
-    named split comes from MODEL/split.json, written when it was trained."""
-    from loracap.backends import load_backend
+    """Caption `split` of `data` with `model` and score the captions (see `evaluate_examples`).
+    `split="all"` scores every example; a named split comes from MODEL/split.json, written when it was
+    trained. `image_column` / `caption_column` name a Hugging Face dataset's columns."""
     from loracap.train.data import load_examples, read_split
 
-    started = time.perf_counter()
-    examples = load_examples(data)
+    examples = load_examples(data, image_column=image_column, caption_column=caption_column)
     if split != "all":
         saved = read_split(Path(model)) if Path(model).is_dir() else None
         if saved is None:
@@ -100,11 +100,42 @@ def evaluate_captioner(
         examples = [e for e in examples if e.key in wanted]
     if not examples:
         raise ValueError(f"no captioned images of split {split!r} in {data}")
+    return evaluate_examples(
+        model,
+        examples,
+        data=str(data),
+        split=split,
+        clip_model=clip_model,
+        batch_size=batch_size,
+        device=device,
+        out_file=out_file,
+        progress=progress,
+    )
+
+
+def evaluate_examples(
+    model: str | Path,
+    examples: Sequence[Any],
+    *,
+    data: str,
+    split: str,
+    clip_model: str | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+    out_file: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Caption `examples` (loracap.train.data.Example, already loaded) with `model`, loaded the way
+    `loracap caption --model` loads it, and score the captions; written to `out_file` as JSON (default
+    MODEL/eval-<split>.json when MODEL is a folder). `data` and `split` only label the result."""
+    from loracap.backends import load_backend
+
+    started = time.perf_counter()
     backend = load_backend(str(model), device=device)
     predictions = generate_for(backend, examples, batch_size=batch_size, progress=progress)
     result: dict[str, Any] = {
         "model": str(model),
-        "data": str(data),
+        "data": data,
         "split": split,
         "images": len(examples),
         **caption_metrics(predictions, {e.key: [e.caption] for e in examples}),
