@@ -40,7 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         "server (--api-base); default: chosen by free GPU memory",
     )
     cap.add_argument("--no-recursive", dest="recursive", action="store_false", help="only DIR itself")
-    _add_style_arguments(cap)
+    style = _add_style_arguments(cap)
+    # Only a folder run has image files to read {tags} from; a server renders its prompt without one.
+    style.add_argument(
+        "--tags-from",
+        metavar="EXT",
+        help="fill {tags} from each image's <stem>EXT file, e.g. .tags (default: its existing caption)",
+    )
 
     remote = cap.add_argument_group("remote model (--model openai:MODEL)")
     remote.add_argument(
@@ -103,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_style_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_style_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("caption style (see `loracap styles`)")
     group.add_argument(
         "--style",
@@ -130,11 +136,7 @@ def _add_style_arguments(parser: argparse.ArgumentParser) -> None:
         "for Florence-2 / BLIP the raw task prompt ('<GENERATE_TAGS>', 'a photo of')",
     )
     group.add_argument("--prompt-file", help="like --prompt, read from a text file")
-    group.add_argument(
-        "--tags-from",
-        metavar="EXT",
-        help="fill {tags} from each image's <stem>EXT file, e.g. .tags (default: its existing caption)",
-    )
+    return group
 
 
 def _add_model_arguments(group: argparse._ActionsContainer) -> None:

@@ -182,3 +182,14 @@ def test_python_captioner_takes_the_same_style_options(tmp_path, tiny_model):
     images = [load_image(tmp_path / name) for name in ("a.png", "b.png")]
     prompt = render_prompt(load_style("descriptive"), length="short", extras=["no-text"])
     assert captioner(images) == list(expected(model, tmp_path, ["a.png", "b.png"], [prompt] * 2).values())
+
+
+def test_tags_from_is_an_option_of_caption_only(capsys):
+    from loracap.cli import build_parser
+
+    assert build_parser().parse_args(["caption", "d", "--tags-from", ".tags"]).tags_from == ".tags"
+    # A served chat model renders its prompt once, with no image file to read {tags} from.
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--tags-from", ".tags"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --tags-from" in capsys.readouterr().err
