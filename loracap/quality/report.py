@@ -230,14 +230,14 @@ def _document(
     paths = [rel(p) for p, _ in ds.pairs]
     captions = ds.captions
     tokens = text.tokens
-    scores = {rel(p.path): p for p in run.pairs} if run else {}
+    by_path = {rel(p.path): p for p in run.pairs} if run else {}
 
     pairs = []
     truncated, empty = set(tokens.truncated), set(tokens.empty)
     fused = set(text.trigger.fused) | set(text.trigger.glued) if text.trigger else set()
     without = set(text.trigger.without) if text.trigger else set()
     for i, (path, caption) in enumerate(zip(paths, captions, strict=True)):
-        scored = scores.get(path)
+        scored = by_path.get(path)
         pairs.append(
             {
                 "path": path,
