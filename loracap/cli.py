@@ -51,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     remote = cap.add_argument_group("remote model (--model openai:MODEL)")
     remote.add_argument(
         "--api-base",
-        default=os.environ.get("OPENAI_BASE_URL"),
         help="an OpenAI-compatible server's URL, e.g. http://gpu-box:8000/v1 (default: $OPENAI_BASE_URL)",
     )
     remote.add_argument(

@@ -55,3 +55,15 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(BackendError, match="'llama' model, which loracap cannot caption with yet"):
         load_backend(str(tmp_path))
+
+
+def test_a_remote_model_finds_its_server_in_openai_base_url(tiny_model, monkeypatch):
+    pytest.importorskip("httpx")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(BackendError, match="or set OPENAI_BASE_URL"):
+        load_backend("openai:m")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://gpu-box:8000/v1")
+    assert load_backend("openai:m").api_base == "http://gpu-box:8000/v1"
+    assert load_backend("openai:m", api_base="http://other:8000/v1").api_base == "http://other:8000/v1"
+    # A local model has no server: the variable is not an --api-base given by mistake.
+    assert load_backend(str(tiny_model("vit-gpt2")), device="cpu").modes == ("caption",)

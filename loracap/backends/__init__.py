@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from .base import Backend, BackendError, GenerationSettings, caption_images
@@ -67,8 +68,8 @@ def load_backend(
     """Load `model` (hub id, local folder or cached id) onto the best device, or as told.
 
     `quant` ("4bit" / "8bit") loads through bitsandbytes on CUDA and is refused elsewhere.
-    `openai:MODEL` is a model on the OpenAI-compatible server at `api_base`; `remote` goes to
-    `OpenAIRemoteBackend` (api_key_env, concurrency, timeout_s, max_retries, ...).
+    `openai:MODEL` is a model on the OpenAI-compatible server at `api_base` (default: $OPENAI_BASE_URL);
+    `remote` goes to `OpenAIRemoteBackend` (api_key_env, concurrency, timeout_s, max_retries, ...).
     """
     import importlib
 
@@ -76,6 +77,8 @@ def load_backend(
         from .openai_remote import OpenAIRemoteBackend
 
         remote_model = model[len(REMOTE_PREFIX) :]
+        # Read here, not only by the CLI, so Python callers get what the error below tells them to set.
+        api_base = api_base or os.environ.get("OPENAI_BASE_URL")
         if not remote_model or not api_base:
             raise BackendError(
                 f"{model!r}: a remote model needs a name and a server: --model openai:MODEL "
