@@ -329,3 +329,18 @@ def test_train_on_a_saved_hugging_face_dataset_with_its_own_caption_column(tower
     result = train(settings)
     test_split = json.loads((tmp_path / "cap" / "split.json").read_text())["test"]
     assert test_split and result.test_metrics["images"] == len(test_split)
+
+
+def test_hugging_face_images_flatten_alpha_like_image_files(tmp_path: Path) -> None:
+    """A transparent pixel becomes the same colour whether the image is a file or in a dataset."""
+    import datasets
+
+    from loracap.inputs import load_image
+    from loracap.train.data import load_examples
+
+    image = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    image.save(tmp_path / "clear.png")
+    table = datasets.Dataset.from_dict({"image": [image], "text": ["nothing"]})
+    table.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+    (example,) = load_examples(tmp_path / "hf")
+    assert example.image().getpixel((0, 0)) == load_image(tmp_path / "clear.png").getpixel((0, 0))

@@ -37,9 +37,11 @@ class Example:
     """Returns the PIL image when there is no file (Hugging Face datasets)."""
 
     def image(self) -> Any:
-        from loracap.inputs import load_image
+        # to_rgb, not .convert("RGB"): alpha goes on the same mid-grey as in image files (load_image), not
+        # on black, so a transparent image looks the same to the model whichever way it was stored.
+        from loracap.inputs import load_image, to_rgb
 
-        return load_image(self.path) if self.path is not None else self.loader().convert("RGB")
+        return load_image(self.path) if self.path is not None else to_rgb(self.loader())
 
 
 def load_examples(
