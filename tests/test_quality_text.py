@@ -1,8 +1,8 @@
 """Caption reading (every layout loracap writes) and caption text checks, with a real CLIP tokenizer.
 
-The tokenizer is a genuine `CLIPTokenizer` (CLIP's normalizer, pre-tokenizer, `</w>` end-of-word BPE and
-BOS/EOS post-processor) whose merges are trained here on the test kit's caption corpus, so token counts,
-truncation and trigger fusion behave as with openai/clip-vit-large-patch14, only with a smaller vocabulary.
+The tokenizer is the test kit's genuine `CLIPTokenizer` (CLIP's normalizer, pre-tokenizer, `</w>` end-of-word
+BPE and BOS/EOS post-processor) with merges trained on its caption corpus, so token counts, truncation and
+trigger fusion behave as with openai/clip-vit-large-patch14, only with a smaller vocabulary.
 """
 
 from __future__ import annotations
@@ -25,35 +25,13 @@ from loracap.quality.text import (
     top_k_share,
 )
 from loracap.quality.unionfind import UnionFind
+from loracap.testing.clip_models import build_clip_tokenizer
 from loracap.writers import open_store
 
 
 @pytest.fixture(scope="module")
 def clip_tokenizer():
-    from tokenizers import pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
-
-    from loracap.testing.tokenizer import caption_corpus
-
-    # Train with CLIPTokenizer's own pipeline, then hand the vocab and merges to a fresh CLIPTokenizer: the
-    # trainer must know the "</w>" suffix that CLIP's BPE model adds at the end of each word.
-    backend = CLIPTokenizer().backend_tokenizer
-    trainer = trainers.BpeTrainer(
-        vocab_size=700,
-        min_frequency=2,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    backend.train_from_iterator(caption_corpus(), trainer=trainer)
-    model = json.loads(backend.to_str())["model"]
-    # CLIP's vocab holds every byte both inside a word and as a word's end ("x" and "x</w>"); the trainer
-    # only seeds the first kind, and without the second a word ending in a rare letter becomes <unk>.
-    vocab = model["vocab"]
-    for char in pre_tokenizers.ByteLevel.alphabet():
-        vocab.setdefault(char + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in model["merges"]], model_max_length=77)
+    return build_clip_tokenizer()
 
 
 # --- reading datasets ---------------------------------------------------------------------------------
