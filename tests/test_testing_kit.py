@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from loracap.testing import ARCHS, make_tiny_model
+from loracap.testing.clip_models import CLIP_ARCHS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GEN_KW = {"min_new_tokens": 3, "max_new_tokens": 5, "do_sample": False}
@@ -419,3 +420,24 @@ def test_llama_generate_stops_at_eos_and_pads(built: dict[str, Path]) -> None:
     assert new[0, 2] == eos and (new[0, 3:] == tok.pad_token_id).all()
     assert torch.equal(new[1], free[1, width:])
     assert tok.decode(new[0], skip_special_tokens=True) == tok.decode(new[0, :2])
+
+
+@pytest.mark.parametrize("arch", CLIP_ARCHS)
+def test_tiny_checkpoint_layout(tiny_model, arch: str) -> None:
+    from transformers import AutoModel, AutoProcessor
+
+    model_dir = tiny_model(arch)
+    model = AutoModel.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    names = (type(model).__name__, type(processor).__name__, type(processor.image_processor).__name__)
+    if arch == "clip":
+        assert names == ("CLIPModel", "CLIPProcessor", "CLIPImageProcessorPil")
+        assert processor.tokenizer.model_max_length == 77 == model.config.text_config.max_position_embeddings
+        # CLIP pools the text at the first <|endoftext|>: the config must name the tokenizer's id.
+        eos = processor.tokenizer.eos_token_id
+        assert model.config.text_config.eos_token_id == eos == len(processor.tokenizer) - 1
+    else:
+        assert names == ("SiglipModel", "SiglipProcessor", "SiglipImageProcessorPil")
+        assert processor.tokenizer.model_max_length == 64 == model.config.text_config.max_position_embeddings
+        assert list(processor.tokenizer("a cat")) == ["input_ids"]  # no attention mask, as on the hub
+    assert model.config.text_config.vocab_size == len(processor.tokenizer)
