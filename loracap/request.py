@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backends.base import ANY_MODE, Backend, BackendError
+from .backends.base import ANY_MODE, Backend, BackendError, accepts
 from .styles import (
     PER_IMAGE_PLACEHOLDERS,
     Style,
@@ -149,7 +149,7 @@ def _mode_request(choice: StyleChoice, style: Style, backend: Backend, trigger: 
             f"{', '.join(given)} cannot apply; use a chat model (see `loracap models`) or leave them out"
         )
     mode = style.florence_task
-    if mode is None or (ANY_MODE not in backend.modes and mode not in backend.modes):
+    if mode is None or not accepts(backend, mode):
         able = [s.name for s in list_styles() if s.florence_task in backend.modes]
         raise BackendError(
             f"{backend.name} cannot write caption style {style.name!r}; it can write: "

@@ -67,10 +67,16 @@ class Backend(Protocol):
 ANY_MODE = "*"  # in `Backend.modes`: an instruction-following model, any caption style
 
 
-def check_mode(backend: Backend, mode: str) -> None:
-    if ANY_MODE not in backend.modes and mode not in backend.modes:
+def accepts(backend: Backend, mode: str) -> bool:
+    """Whether `backend` can caption in `mode`: one of its modes, or any for an instruction model."""
+    return ANY_MODE in backend.modes or mode in backend.modes
+
+
+def check_mode(backend: Backend, mode: str, *, name: str | None = None) -> None:
+    """BackendError unless `backend` can caption in `mode`; `name` names the model (default: its own)."""
+    if not accepts(backend, mode):
         raise BackendError(
-            f"{backend.name} cannot caption in mode {mode!r}; it can do: {', '.join(backend.modes)}"
+            f"{name or backend.name} cannot caption in mode {mode!r}; it can do: {', '.join(backend.modes)}"
         )
 
 

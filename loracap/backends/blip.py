@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .base import BackendError, GenerationSettings
+from .base import GenerationSettings, check_mode
 from .device import Placement, default_batch_size, load_model
 
 
@@ -28,8 +28,7 @@ class BlipBackend:
         self.image_side = max(size.get("height", 0), size.get("width", 0))
 
     def prepare(self, images: list, mode: str, prompt: str | None = None) -> dict[str, Any]:
-        if mode != "caption":
-            raise BackendError(f"{self.name} cannot caption in mode {mode!r}; it can do: caption")
+        check_mode(self, mode)
         # With a prompt ("a photo of") BLIP continues it, and the caption keeps those words.
         text = [prompt] * len(images) if prompt else None
         batch = self.processor(images=images, text=text, return_tensors="pt")

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .base import BackendError, GenerationSettings
+from .base import ANY_MODE, BackendError, GenerationSettings, check_mode
 from .device import Placement, default_batch_size, load_model, quantization_kwargs
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -58,7 +58,7 @@ class ChatVLMBackend:
         self.paligemma = self.model_type == "paligemma"
         # A chat model follows free-text instructions, so any caption style works; PaliGemma knows tasks.
         self.instructions = not self.paligemma
-        self.modes: tuple[str, ...] = ("caption",) if self.paligemma else ("*",)
+        self.modes: tuple[str, ...] = ("caption",) if self.paligemma else (ANY_MODE,)
         quantization_kwargs(quant, placement)  # refuse a --quant that cannot work before loading anything
         self.processor = load_processor(Path(folder), self.model_type)
         self.tokenizer = self.processor.tokenizer
@@ -98,8 +98,7 @@ class ChatVLMBackend:
         """`prompt`: one instruction for the batch, or one per image (styles with {tags} or {folder})."""
         caption_only = prompt is None
         if self.paligemma:
-            if mode != "caption":
-                raise BackendError(f"{self.name} cannot caption in mode {mode!r}; it can do: caption")
+            check_mode(self, mode)
             prompt = prompt or PALIGEMMA_PROMPT
         elif prompt is None:
             raise BackendError(f"{self.name} follows instructions: it needs a prompt saying what to write")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import BackendError, GenerationSettings
+from .base import GenerationSettings, check_mode
 from .device import Placement, default_batch_size, load_model
 from .florence2_convert import (
     FLORENCE_ADDED_TOKENS,
@@ -93,10 +93,7 @@ class Florence2Backend:
         """The text fed to the model: the task's trained prompt, or the user's own task token / prompt."""
         if prompt:
             return self.tasks.get(prompt, prompt)
-        if mode not in self.mode_tokens:
-            raise BackendError(
-                f"{self.name} cannot caption in mode {mode!r}; it can do: {', '.join(self.modes)}"
-            )
+        check_mode(self, mode)  # self.modes are the keys of self.mode_tokens
         token = self.mode_tokens[mode]
         return self.tasks.get(token, token)
 

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .base import BackendError, GenerationSettings
+from .base import ANY_MODE, BackendError, GenerationSettings
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -84,7 +84,7 @@ class RemoteInputs:
 
 
 class OpenAIRemoteBackend:
-    modes: tuple[str, ...] = ("*",)
+    modes: tuple[str, ...] = (ANY_MODE,)
     # A remote loracap server in mode "tags" returns a tag list; everything else is prose.
     tag_modes: frozenset[str] = frozenset({"tags"})
     instructions = True
@@ -150,7 +150,7 @@ class OpenAIRemoteBackend:
                 raise ValueError(f"{len(prompt)} prompts for {len(images)} images")
             texts: list[str | None] = [p or None for p in prompt]
         else:
-            texts = [prompt or (mode if mode != "*" else None)] * len(images)
+            texts = [prompt or (mode if mode != ANY_MODE else None)] * len(images)
         return RemoteInputs([self._data_url(image) for image in images], texts)
 
     def generate(self, inputs: RemoteInputs, settings: GenerationSettings) -> list[str]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .base import BackendError, GenerationSettings
+from .base import BackendError, GenerationSettings, check_mode
 from .device import Placement, default_batch_size, load_model
 
 
@@ -29,8 +29,7 @@ class VisionEncoderDecoderBackend:
         self.image_side = max(size.get("height", 0), size.get("width", 0), size.get("shortest_edge", 0))
 
     def prepare(self, images: list, mode: str, prompt: str | None = None) -> torch.Tensor:
-        if mode != "caption":
-            raise BackendError(f"{self.name} cannot caption in mode {mode!r}; it can do: caption")
+        check_mode(self, mode)
         if prompt:
             raise BackendError(f"{self.name} takes no prompt: it only captions from the image")
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]

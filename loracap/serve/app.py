@@ -56,7 +56,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..backends.base import Backend, BackendError, GenerationSettings
+from ..backends.base import ANY_MODE, Backend, BackendError, GenerationSettings, check_mode
 from ..inputs import ImageDecodeError, load_image_bytes
 from ..postprocess import PostProcess, postprocess
 from ..styles import FLORENCE_TASKS, Style
@@ -360,8 +360,10 @@ def _log_crash(task: asyncio.Task) -> None:
 # --- the app ------------------------------------------------------------------------------------------
 
 
-def _accepts(backend: Backend, mode: str) -> bool:
-    return mode in backend.modes or "*" in backend.modes
+def _backend_mode(backend: Backend, mode: str) -> str:
+    """The mode `backend` is asked for, once it accepts `mode`: that mode, or ANY_MODE for a model that
+    takes any (a chat model)."""
+    return mode if mode in backend.modes else ANY_MODE
 
 
 def create_app(
@@ -393,14 +395,10 @@ def create_app(
         images get 413.
     max_body_bytes: larger request bodies get 413.
     """
-    if mode not in backend.modes:
-        if "*" not in backend.modes:
-            raise BackendError(
-                f"{backend.name} cannot caption in mode {mode!r}; it can do: {', '.join(backend.modes)}"
-            )
-        mode = "*"
+    check_mode(backend, mode)
+    mode = _backend_mode(backend, mode)
     instructions = bool(getattr(backend, "instructions", False))
-    if instructions and prompt is None and mode == "*":
+    if instructions and prompt is None and mode == ANY_MODE:
         log.info("%s follows instructions: requests without a text part will be refused", backend.name)
     name = model_name or backend.name
     default_tags = mode in backend.tag_modes if tags is None else tags
@@ -447,14 +445,11 @@ def create_app(
         wanted = request.mode or (None if instructions else text_mode)
         chosen = mode
         if wanted is not None:
-            if not _accepts(backend, wanted):
-                raise ApiError(
-                    400,
-                    f"{name} cannot caption in mode {wanted!r}; it can do: {', '.join(backend.modes)}",
-                    code="unsupported_mode",
-                    param="mode",
-                )
-            chosen = wanted if wanted in backend.modes else "*"
+            try:
+                check_mode(backend, wanted, name=name)
+            except BackendError as exc:
+                raise ApiError(400, str(exc), code="unsupported_mode", param="mode") from exc
+            chosen = _backend_mode(backend, wanted)
         if not instructions:
             # The server's default style, unless the request names a mode of its own.
             return chosen, prompt, default_tags if wanted is None else chosen in backend.tag_modes
