@@ -14,6 +14,7 @@ the others (a Florence-2 task token, a BLIP prefix), as it was before styles exi
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,13 +65,32 @@ class StyleChoice:
 
     def check(self) -> Style:
         """Fail early (ValueError) on an unknown style, a bad length or extra, an unreadable prompt file."""
+        return self._checked.style
+
+    @property
+    def own_prompt(self) -> Style | None:
+        """The user's --prompt / --prompt-file as a checked style (tag-ness from the style), or None."""
+        return self._checked.own_prompt
+
+    @functools.cached_property
+    def _checked(self) -> _Checked:
+        # Once per choice: callers check before loading a model and resolve after, and each time would
+        # parse the style's TOML and read the prompt file again. (cached_property writes the instance's
+        # __dict__ directly, so it works on a frozen dataclass; a failure is not cached.)
         style = self.load()
-        chat_style = self.user_style(style.tags) or style
+        own_prompt = self.user_style(style.tags)
+        chat_style = own_prompt or style
         if chat_style.prompt is not None:
             # Render once with sample values: every length, extra and placeholder problem shows now,
             # not after minutes of model loading.
             render_prompt(chat_style, length=self.length, extras=self.extras, name="x", tags="x", folder="x")
-        return style
+        return _Checked(style, own_prompt)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    style: Style
+    own_prompt: Style | None
 
 
 @dataclass(frozen=True)
@@ -108,7 +128,7 @@ class CaptionRequest:
 def resolve_request(choice: StyleChoice, backend: Backend, *, trigger: str | None = None) -> CaptionRequest:
     """Turn the user's choice into what `backend` is asked. BackendError where it cannot write the style,
     ValueError for options that do not apply to it."""
-    style = choice.check()
+    style = choice.check()  # checked once per choice; callers may have checked it already
     if getattr(backend, "instructions", False):
         return _instruction_request(choice, style, backend, trigger)
     return _mode_request(choice, style, backend, trigger)
@@ -117,7 +137,7 @@ def resolve_request(choice: StyleChoice, backend: Backend, *, trigger: str | Non
 def _instruction_request(
     choice: StyleChoice, style: Style, backend: Backend, trigger: str | None
 ) -> CaptionRequest:
-    chat_style = choice.user_style(style.tags) or style
+    chat_style = choice.own_prompt or style
     if chat_style.prompt is None:
         raise BackendError(
             f"{backend.name} follows instructions, but caption style {style.name!r} has no prompt: only "
@@ -156,8 +176,8 @@ def _mode_request(choice: StyleChoice, style: Style, backend: Backend, trigger: 
             f"{', '.join(able) or 'none of the shipped styles'} (chat models write any style)"
         )
     raw_prompt = choice.prompt
-    if choice.prompt_file is not None:
-        raw_prompt = user_prompt_style(prompt_file=choice.prompt_file).prompt
+    if choice.prompt_file is not None and choice.own_prompt is not None:  # the file's text, as checked
+        raw_prompt = choice.own_prompt.prompt
     return CaptionRequest(style, mode, mode in backend.tag_modes, raw_prompt, False, choice, trigger)
 
 
