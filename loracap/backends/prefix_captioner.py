@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from .base import BackendError, GenerationSettings
-from .device import Placement, default_batch_size
+from .base import BackendError, GenerationSettings, check_mode
+from .device import Placement, default_batch_size, load_model
 
 
 class PrefixCaptionerBackend:
@@ -16,46 +16,76 @@ class PrefixCaptionerBackend:
     instructions = False  # it writes the house style it was trained on, whatever the prompt
 
     def __init__(self, folder: Path, name: str, placement: Placement, *, quant: str | None = None):
-        from loracap.prefix.batching import prompt_ids
-        from loracap.prefix.io import load_captioner
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        from loracap.prefix.modeling import PrefixCaptioner
 
         if quant:
             raise BackendError(
                 f"{name}: --quant is not supported for loracap-trained captioners (they are small)"
             )
+        model = load_model(PrefixCaptioner, folder, placement)
+        self._attach(
+            model,
+            AutoImageProcessor.from_pretrained(folder),
+            AutoTokenizer.from_pretrained(folder),
+            name,
+            placement,
+        )
+
+    @classmethod
+    def from_parts(
+        cls,
+        model: Any,
+        image_processor: Any,
+        tokenizer: Any,
+        placement: Placement,
+        *,
+        name: str = "captioner in training",
+    ) -> PrefixCaptionerBackend:
+        """A backend around a captioner already in memory (training's validation captions), on
+        `placement` as it is: the model is neither moved nor cast."""
+        backend = cls.__new__(cls)
+        backend._attach(model, image_processor, tokenizer, name, placement)
+        return backend
+
+    def _attach(
+        self, model: Any, image_processor: Any, tokenizer: Any, name: str, placement: Placement
+    ) -> None:
+        from loracap.prefix.batching import prompt_ids
+
         self.name = name
         self.placement = placement
-        loaded = load_captioner(folder, device=placement.device, dtype=placement.dtype)
-        self.model, self.image_processor, self.tokenizer = (
-            loaded.model,
-            loaded.image_processor,
-            loaded.tokenizer,
-        )
-        config = self.model.config
+        self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
+        config = model.config
         self.tag_modes = (
             frozenset({"caption"}) if getattr(config, "caption_format", "prose") == "tags" else frozenset()
         )
-        self.prompt_ids = prompt_ids(self.tokenizer, config.prompt)
+        self.prompt_ids = prompt_ids(tokenizer, config.prompt)
         self.max_new_tokens = config.max_caption_tokens
         self.default_batch_size = default_batch_size(placement, gpu_batch=128, cpu_batch=8)
-        size = self.image_processor.size
-        self.image_side = max(size.get("height", 0), size.get("width", 0), size.get("shortest_edge", 0))
+        self.image_side = input_side(image_processor)
 
     def prepare(self, images: list, mode: str, prompt: str | None = None) -> dict[str, Any]:
-        if mode != "caption":
-            raise BackendError(f"{self.name} cannot caption in mode {mode!r}; it can do: caption")
+        check_mode(self, mode)
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixels.to(self.placement.dtype)}
 
     @torch.inference_mode()
     def generate(self, inputs: dict[str, Any], settings: GenerationSettings) -> list[str]:
-        eos = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        from loracap.prefix.batching import pad_id
+
         out = self.model.generate_captions(
             inputs["pixel_values"].to(self.placement.device),
             self.prompt_ids,
-            eos_token_id=eos,
-            pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=pad_id(self.tokenizer),
             **settings.generate_kwargs(self.max_new_tokens),
         )
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def input_side(image_processor: Any) -> int:
+    """The side the image processor resizes to (0 when it names none)."""
+    size = image_processor.size
+    return max(size.get("height", 0), size.get("width", 0), size.get("shortest_edge", 0))

@@ -13,12 +13,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["caption_ids", "encode_captions", "prompt_ids"]
+__all__ = ["caption_ids", "encode_captions", "pad_id", "prompt_ids"]
 
 
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     """The prompt's ids, identical at training and inference (no special tokens)."""
     return list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
+
+
+def pad_id(tokenizer: Any) -> int | None:
+    """The id that fills padding: the tokenizer's pad token, else its eos (SmolLM2 and GPT-2 have no pad
+    token; padding sits after the eos that ends each caption, so nothing mistakes it for text)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def caption_ids(tokenizer: Any, caption: str, *, after_prompt: bool) -> list[int]:
@@ -38,7 +44,7 @@ def encode_captions(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token; the captioner could never learn to stop")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_id(tokenizer)
     head = prompt_ids(tokenizer, prompt)
     rows, targets = [], []
     for caption in captions:

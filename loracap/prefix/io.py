@@ -35,17 +35,12 @@ def save_captioner(model: PrefixCaptioner, image_processor: Any, tokenizer: Any,
     return out
 
 
-def load_captioner(folder: str | Path, *, device: Any = None, dtype: Any = None) -> LoadedCaptioner:
+def load_captioner(folder: str | Path) -> LoadedCaptioner:
+    """The three parts of a captioner folder, the model in eval mode on the CPU (as saved)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    model = (
-        PrefixCaptioner.from_pretrained(folder, dtype=dtype)
-        if dtype
-        else PrefixCaptioner.from_pretrained(folder)
-    )
-    if device is not None:
-        model.to(device)
-    model.eval()
     return LoadedCaptioner(
-        model, AutoImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        PrefixCaptioner.from_pretrained(folder).eval(),
+        AutoImageProcessor.from_pretrained(folder),
+        AutoTokenizer.from_pretrained(folder),
     )

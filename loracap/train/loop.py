@@ -478,7 +478,6 @@ def evaluate_loss(model: torch.nn.Module, loader: DataLoader) -> float:
     return total / max(tokens, 1)
 
 
-@torch.no_grad()
 def val_caption_metrics(
     model: PrefixCaptioner,
     examples: list[Example],
@@ -486,29 +485,17 @@ def val_caption_metrics(
     tokenizer: Any,
     batch_size: int = 32,
 ) -> dict[str, float]:
-    """BLEU-4 / ROUGE-L / CIDEr of greedy captions of `examples`, generated the way `loracap caption` does."""
-    from loracap.prefix.batching import prompt_ids
-    from loracap.train.metrics import caption_metrics
+    """BLEU-4 / ROUGE-L / CIDEr of greedy captions of `examples`, made by the backend `loracap caption`
+    uses, around the model in training as it is (its device, its dtype)."""
+    from loracap.backends.device import Placement
+    from loracap.backends.prefix_captioner import PrefixCaptionerBackend
+    from loracap.train.metrics import caption_metrics, generate_for
 
     model.eval()
-    device = next(model.projector.parameters()).device
-    head = prompt_ids(tokenizer, model.config.prompt)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    predictions = {}
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        pixels = image_processor(images=[e.image() for e in chunk], return_tensors="pt")["pixel_values"]
-        ids = model.generate_captions(
-            pixels.to(device),
-            head,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            do_sample=False,
-            max_new_tokens=model.config.max_caption_tokens,
-        )
-        for example, text in zip(chunk, tokenizer.batch_decode(ids, skip_special_tokens=True), strict=True):
-            predictions[example.key] = text.strip()
+    weight = next(model.projector.parameters())
+    placement = Placement(weight.device, weight.dtype)
+    backend = PrefixCaptionerBackend.from_parts(model, image_processor, tokenizer, placement)
+    predictions = generate_for(backend, examples, batch_size=batch_size)
     return caption_metrics(predictions, {e.key: [e.caption] for e in examples})
 
 
