@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
-from .backends import DEFAULT_MODEL, Backend, GenerationSettings, load_backend
+from .backends import DEFAULT_MODEL, Backend, GenerationSettings, caption_images, load_backend
 from .inputs import to_rgb
 from .postprocess import PostProcess, postprocess
 from .request import StyleChoice, resolve_request
@@ -63,8 +63,6 @@ class Captioner:
         captions = []
         for start in range(0, len(batch), self.batch_size):
             chunk = batch[start : start + self.batch_size]
-            raw = self.backend.generate(
-                self.backend.prepare(chunk, request.mode, request.prompt_for()), self.generation
-            )
+            raw = caption_images(self.backend, chunk, request.mode, self.generation, request.prompt_for())
             captions.extend(postprocess(text, self.options, tags=request.tags) for text in raw)
         return captions[0] if single else captions

@@ -85,9 +85,11 @@ def caption_images(
     images: list[Image.Image],
     mode: str,
     settings: GenerationSettings | None = None,
-    prompt: str | None = None,
+    prompt: str | list[str] | None = None,
 ) -> list[str]:
-    """Caption decoded RGB images with a loaded backend: a plain function of its inputs."""
+    """Caption decoded RGB images with a loaded backend: a plain function of its inputs.
+
+    `prompt`: one for every image, or (instruction-following backends) one per image."""
     if not images:
         return []
     check_mode(backend, mode)
