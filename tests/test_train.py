@@ -344,3 +344,23 @@ def test_hugging_face_images_flatten_alpha_like_image_files(tmp_path: Path) -> N
     table.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
     (example,) = load_examples(tmp_path / "hf")
     assert example.image().getpixel((0, 0)) == load_image(tmp_path / "clear.png").getpixel((0, 0))
+
+
+def test_eval_reports_undecodable_images_and_scores_the_rest(towers, tmp_path: Path) -> None:
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from loracap.train.metrics import evaluate_captioner
+
+    data = colour_dataset(tmp_path / "data", n=4)
+    (data / "broken.png").write_bytes(b"not a png at all")
+    (data / "broken.txt").write_text("a broken square", encoding="utf-8")
+    model = build_captioner(str(towers[0]), str(towers[1]))
+    processor, tokenizer = (
+        AutoImageProcessor.from_pretrained(towers[0]),
+        AutoTokenizer.from_pretrained(towers[1]),
+    )
+    save_captioner(model, processor, tokenizer, tmp_path / "cap")
+    result = evaluate_captioner(tmp_path / "cap", data, split="all", progress=False)
+    assert result["images"] == 4 and len(result["captions"]) == 4
+    assert [e["key"] for e in result["errors"]] == ["broken.png"] and result["errors"][0]["reason"]
+    assert json.loads((tmp_path / "cap" / "eval-all.json").read_text())["errors"] == result["errors"]

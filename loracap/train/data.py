@@ -36,12 +36,17 @@ class Example:
     loader: Callable[[], Any] | None = None
     """Returns the PIL image when there is no file (Hugging Face datasets)."""
 
-    def image(self) -> Any:
+    def image(self, min_side: int | None = None) -> Any:
+        """The RGB image; a file is shrunk while decoding to `min_side` on its short side, as `loracap
+        caption` decodes it (an image in memory is left as it is: the processor resizes it anyway).
+        Raises ImageDecodeError for a file that is not a readable image."""
         # to_rgb, not .convert("RGB"): alpha goes on the same mid-grey as in image files (load_image), not
         # on black, so a transparent image looks the same to the model whichever way it was stored.
         from loracap.inputs import load_image, to_rgb
 
-        return load_image(self.path) if self.path is not None else to_rgb(self.loader())
+        if self.path is not None:
+            return load_image(self.path, min_side=min_side)
+        return to_rgb(self.loader())
 
 
 def load_examples(

@@ -495,8 +495,11 @@ def val_caption_metrics(
     weight = next(model.projector.parameters())
     placement = Placement(weight.device, weight.dtype)
     backend = PrefixCaptionerBackend.from_parts(model, image_processor, tokenizer, placement)
-    predictions = generate_for(backend, examples, batch_size=batch_size)
-    return caption_metrics(predictions, {e.key: [e.caption] for e in examples})
+    generated = generate_for(backend, examples, batch_size=batch_size)
+    decoded = [e for e in examples if e.key in generated.captions]  # the others were reported while training
+    if not decoded:
+        return {}
+    return caption_metrics(generated.captions, {e.key: [e.caption] for e in decoded})
 
 
 def _save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:

@@ -12,12 +12,13 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loracap.writers import atomic_write_text
 
-__all__ = ["caption_metrics", "evaluate_captioner", "evaluate_examples", "generate_for"]
+__all__ = ["Generated", "caption_metrics", "evaluate_captioner", "evaluate_examples", "generate_for"]
 
 _PUNCT = re.compile(r"[^\w\s]")
 
@@ -47,6 +48,14 @@ def caption_metrics(
     return {"bleu4": float(bleu[3]), "rouge_l": float(rouge), "cider": float(cider)}
 
 
+@dataclass
+class Generated:
+    captions: dict[str, str]
+    """{key: caption} for every example whose image decoded."""
+    errors: dict[str, str]
+    """{key: reason} for the images that could not be decoded; they are left out of the scores."""
+
+
 def generate_for(
     backend: Any,
     examples: Sequence[Any],
@@ -54,23 +63,45 @@ def generate_for(
     batch_size: int = 16,
     max_new_tokens: int | None = None,
     progress: bool = False,
-) -> dict[str, str]:
-    """Caption `examples` (loracap.train.data.Example) with a loaded backend; {key: caption}."""
+    workers: int = 2,
+) -> Generated:
+    """Caption `examples` (loracap.train.data.Example) with a loaded backend. Images are decoded at the
+    backend's input side as `loracap caption` decodes them, `workers` threads a few batches ahead of the
+    model; one that cannot be decoded is reported in `errors` and the rest are captioned."""
     from tqdm.auto import tqdm
 
     from loracap.backends import GenerationSettings
+    from loracap.inputs import map_ahead
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    out: dict[str, str] = {}
+    side = getattr(backend, "image_side", 0) or None
+    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    out = Generated({}, {})
     bar = tqdm(total=len(examples), unit="img", desc="captioning", disable=not progress, file=sys.stderr)
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        inputs = backend.prepare([e.image() for e in chunk], "caption")
-        for example, caption in zip(chunk, backend.generate(inputs, settings), strict=True):
-            out[example.key] = caption
-        bar.update(len(chunk))
-    bar.close()
+    try:
+        for batch in map_ahead(lambda b: _decode(backend, b, side), batches, workers, name="loracap-eval"):
+            out.errors.update((example.key, reason) for example, reason in batch.errors)
+            if batch.items:
+                captions = backend.generate(batch.inputs, settings)
+                out.captions.update((e.key, c) for e, c in zip(batch.items, captions, strict=True))
+            bar.update(len(batch.items) + len(batch.errors))
+    finally:
+        bar.close()
     return out
+
+
+def _decode(backend: Any, examples: Sequence[Any], min_side: int | None) -> Any:
+    """A batch's images decoded and prepared for `backend` (in a worker thread); the bad ones reported."""
+    from loracap.inputs import DecodedBatch, ImageDecodeError
+
+    good, images, errors = [], [], []
+    for example in examples:
+        try:
+            images.append(example.image(min_side=min_side))
+            good.append(example)
+        except ImageDecodeError as exc:
+            errors.append((example, exc.reason))
+    return DecodedBatch(good, backend.prepare(images, "caption") if images else None, errors)
 
 
 def evaluate_captioner(
@@ -132,7 +163,11 @@ def evaluate_examples(
 
     started = time.perf_counter()
     backend = load_backend(str(model), device=device)
-    predictions = generate_for(backend, examples, batch_size=batch_size, progress=progress)
+    generated = generate_for(backend, examples, batch_size=batch_size, progress=progress)
+    predictions = generated.captions
+    examples = [e for e in examples if e.key in predictions]  # the undecodable ones are listed, not scored
+    if not examples:
+        raise ValueError(f"none of the {len(generated.errors)} images of split {split!r} could be decoded")
     result: dict[str, Any] = {
         "model": str(model),
         "data": data,
@@ -152,6 +187,7 @@ def evaluate_examples(
     result["captions"] = [
         {"key": e.key, "reference": e.caption, "prediction": predictions[e.key]} for e in examples
     ]
+    result["errors"] = [{"key": key, "reason": reason} for key, reason in generated.errors.items()]
     target = (
         Path(out_file) if out_file else (Path(model) / f"eval-{split}.json" if Path(model).is_dir() else None)
     )
