@@ -121,12 +121,11 @@ class TrainResult:
 
 
 class CaptionDataset(Dataset):
-    """Decoded, preprocessed images with their captions. An image that cannot be decoded is reported
-    with its name and left out of its batch; training goes on."""
+    """Decoded images with their captions (the image processor runs once per batch, in `make_collate`).
+    An image that cannot be decoded is reported with its name and left out of its batch; training goes on."""
 
-    def __init__(self, examples: list[Example], image_processor: Any) -> None:
+    def __init__(self, examples: list[Example]) -> None:
         self.examples = examples
-        self.image_processor = image_processor
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -140,8 +139,7 @@ class CaptionDataset(Dataset):
         except ImageDecodeError as exc:
             print(f"loracap: skipping {example.key}: {exc.reason}", file=sys.stderr)
             return None
-        pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
-        return {"pixel_values": pixels, "caption": example.caption}
+        return {"image": image, "caption": example.caption}
 
 
 class EpochSampler(Sampler[int]):
@@ -162,14 +160,16 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
-def make_collate(tokenizer: Any, prompt: str, max_caption_tokens: int):
+def make_collate(tokenizer: Any, image_processor: Any, prompt: str, max_caption_tokens: int):
     def collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         items = [item for item in items if item is not None]
         if not items:
             return None
         captions = [item["caption"] for item in items]
         batch = encode_captions(tokenizer, captions, prompt=prompt, max_caption_tokens=max_caption_tokens)
-        batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
+        # One processor call per batch (in the loader's worker) rather than one per image.
+        images = [item["image"] for item in items]
+        batch["pixel_values"] = image_processor(images=images, return_tensors="pt")["pixel_values"]
         batch["captions"] = captions
         return batch
 
@@ -302,10 +302,10 @@ def train(settings: TrainSettings) -> TrainResult:
         )
     trainable, total = count_parameters(model)
 
-    collate = make_collate(tokenizer, prompt, max_tokens)
+    collate = make_collate(tokenizer, image_processor, prompt, max_tokens)
     sampler = EpochSampler(len(train_set), settings.seed)
     loader = DataLoader(
-        CaptionDataset(train_set, image_processor),
+        CaptionDataset(train_set),
         batch_size=settings.batch_size,
         sampler=sampler,
         collate_fn=collate,
@@ -316,7 +316,7 @@ def train(settings: TrainSettings) -> TrainResult:
         generator=torch.Generator().manual_seed(settings.seed),
     )
     val_loader = DataLoader(
-        CaptionDataset(val_set, image_processor),
+        CaptionDataset(val_set),
         batch_size=settings.batch_size,
         collate_fn=collate,
         num_workers=settings.workers,
