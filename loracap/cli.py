@@ -8,13 +8,15 @@ import os
 import sys
 from collections.abc import Sequence
 from contextlib import closing, nullcontext
-from typing import TYPE_CHECKING
 
 from . import __version__
+
+# Light: loracap.backends imports no torch or transformers until a model is loaded.
+from .backends import BackendError, GenerationSettings, ModelUnavailable
 from .backends.registry import ANY_STYLE, DEFAULT_MODEL, KNOWN_MODELS, REMOTE_PREFIX
 
-if TYPE_CHECKING:
-    from .backends import GenerationSettings
+# What a user can fix (a missing folder, a bad option, a model that cannot be had): one line, exit 2.
+_USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, ModelUnavailable, BackendError)
 
 
 def _split_list(values: list[str] | None) -> tuple[str, ...]:
@@ -304,10 +306,6 @@ def _add_train_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .backends import BackendError, ModelUnavailable
-
-    if args.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         from .train.loop import TrainSettings, train
     except ImportError as exc:
@@ -317,7 +315,7 @@ def _train(args: argparse.Namespace) -> int:
     fields["lora_targets"] = list(_split_list([args.lora_targets])) if args.lora_targets else None
     try:
         result = train(TrainSettings(**fields, progress=not args.quiet))
-    except (FileNotFoundError, NotADirectoryError, ValueError, ModelUnavailable, BackendError) as exc:
+    except _USER_ERRORS as exc:
         print(f"loracap: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -345,10 +343,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .backends import BackendError, ModelUnavailable
-
-    if args.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         from .train.metrics import evaluate_captioner
 
@@ -365,7 +359,7 @@ def _eval(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"loracap: error: evaluation needs {exc.name}: pip install 'loracap[train]'", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NotADirectoryError, ValueError, ModelUnavailable, BackendError) as exc:
+    except _USER_ERRORS as exc:
         print(f"loracap: error: {exc}", file=sys.stderr)
         return 2
     clip = f", CLIPScore {result['clip_score']:.2f}" if result.get("clip_score") is not None else ""
@@ -382,11 +376,8 @@ def _pixels_or_preset(value: str) -> int | str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .backends import BackendError, ModelUnavailable
     from .quality.report import build_report, load_terms, print_summary, write_report
 
-    if args.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         rep = build_report(
             args.dir,
@@ -416,7 +407,7 @@ def _report(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         write_report(rep, args.out, thumbnails=args.thumbnails)
-    except (FileNotFoundError, NotADirectoryError, ValueError, ModelUnavailable, BackendError) as exc:
+    except _USER_ERRORS as exc:
         print(f"loracap: error: {exc}", file=sys.stderr)
         return 2
     except ImportError as exc:
@@ -434,8 +425,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _generation(args: argparse.Namespace) -> GenerationSettings:
-    from .backends import GenerationSettings
-
     return GenerationSettings(
         max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens,
@@ -469,12 +458,9 @@ def _remote_backend(args: argparse.Namespace):
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from .backends import BackendError, ModelUnavailable
     from .pipeline import caption_folder
     from .postprocess import PostProcess, parse_replace_tags
 
-    if args.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         options = PostProcess(
             trigger=args.trigger,
@@ -509,7 +495,7 @@ def _caption(args: argparse.Namespace) -> int:
                 errors_file=args.errors_file,
                 progress=not args.quiet,
             )
-    except (FileNotFoundError, NotADirectoryError, ValueError, ModelUnavailable, BackendError) as exc:
+    except _USER_ERRORS as exc:
         print(f"loracap: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -564,10 +550,6 @@ def _styles() -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .backends import BackendError, ModelUnavailable
-
-    if args.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         from .serve import serve
     except ImportError as exc:
@@ -600,6 +582,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "offline", False):  # before any command imports the Hugging Face libraries
+        os.environ["HF_HUB_OFFLINE"] = "1"
     if args.command == "caption":
         return _caption(args)
     if args.command == "serve":
