@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["create_app", "decode_image_bytes", "serve"]
+__all__ = ["create_app", "serve"]
 
 if TYPE_CHECKING:
-    from .app import create_app, decode_image_bytes, serve
+    from .app import create_app, serve
 
 
 def __getattr__(name: str) -> Any:

@@ -102,18 +102,6 @@ def error_response(
 # --- images -------------------------------------------------------------------------------------------
 
 
-def decode_image_bytes(
-    data: bytes, *, max_pixels: int | None = None, min_side: int | None = None
-) -> Image.Image:
-    """Bytes of an image file -> mode "RGB" image: `loracap.inputs.load_image_bytes`, errors named
-    after the request's `<image_url>`.
-
-    `max_pixels` is the decompression-bomb limit (default: Pillow's MAX_IMAGE_PIXELS, read now); the
-    check runs on the header, before any pixel is decoded. Raises ImageDecodeError for bad data.
-    """
-    return load_image_bytes(data, min_side=min_side, max_pixels=max_pixels, label="<image_url>")
-
-
 def decode_data_url(url: str) -> bytes:
     """The bytes in a base64 `data:` URL; ApiError(400) for anything else, http(s) URLs included."""
     if not url.startswith("data:"):
@@ -502,8 +490,13 @@ def create_app(
             settings = replace(generation, max_new_tokens=chat.max_tokens, min_new_tokens=floor)
         data = decode_data_url(chat.image_url)
         try:
+            # The decompression-bomb limit is checked on the header, before any pixel is decoded.
             image = await run_in_threadpool(
-                decode_image_bytes, data, max_pixels=max_image_pixels, min_side=backend.image_side or None
+                load_image_bytes,
+                data,
+                max_pixels=max_image_pixels,
+                min_side=backend.image_side or None,
+                label="<image_url>",  # errors name the request's part
             )
         except ImageDecodeError as exc:
             if exc.reason.startswith("decompression bomb"):
