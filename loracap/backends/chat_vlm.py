@@ -75,10 +75,11 @@ class ChatVLMBackend:
             image_processor.size = size
         self.image_side = _image_side(image_processor)
         # PaliGemma's <locXXXX> / <segXXX> tokens (boxes, masks) are not caption words; a user's own
-        # task prompt ("detect cat") keeps them.
-        self.non_caption_ids = [
-            i for t, i in self.tokenizer.get_vocab().items() if self.paligemma and _LOC_SEG.fullmatch(t)
-        ]
+        # task prompt ("detect cat") keeps them. Other models have none, so their vocab is not scanned.
+        self.non_caption_ids: list[int] = []
+        if self.paligemma:
+            vocab = self.tokenizer.get_vocab()
+            self.non_caption_ids = [i for t, i in vocab.items() if _LOC_SEG.fullmatch(t)]
 
     def prompt_text(self, prompt: str) -> str:
         """The full text for one image: the chat template around the instruction, or PaliGemma's task."""
