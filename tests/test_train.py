@@ -364,3 +364,32 @@ def test_eval_reports_undecodable_images_and_scores_the_rest(towers, tmp_path: P
     assert result["images"] == 4 and len(result["captions"]) == 4
     assert [e["key"] for e in result["errors"]] == ["broken.png"] and result["errors"][0]["reason"]
     assert json.loads((tmp_path / "cap" / "eval-all.json").read_text())["errors"] == result["errors"]
+
+
+def test_training_sees_images_decoded_as_captioning_decodes_them(towers, tmp_path: Path) -> None:
+    import numpy as np
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from loracap.backends.device import choose_placement
+    from loracap.backends.prefix_captioner import PrefixCaptionerBackend
+    from loracap.inputs import load_image
+    from loracap.train.data import load_examples
+    from loracap.train.loop import CaptionDataset, make_collate
+
+    root = tmp_path / "data"
+    root.mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (100, 200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "big.png")  # detail, so how it is shrunk shows in the pixels
+    (root / "big.txt").write_text("a noisy picture", encoding="utf-8")
+    processor, tokenizer = (
+        AutoImageProcessor.from_pretrained(towers[0]),
+        AutoTokenizer.from_pretrained(towers[1]),
+    )
+    backend = PrefixCaptionerBackend.from_parts(
+        build_captioner(str(towers[0]), str(towers[1])), processor, tokenizer, choose_placement("cpu")
+    )
+    decoded = load_image(root / "big.png", min_side=backend.image_side or None)  # what the pipeline does
+    expected = backend.prepare([decoded], "caption")["pixel_values"]
+
+    batch = make_collate(tokenizer, processor, "", 8)([CaptionDataset(load_examples(root), processor)[0]])
+    assert torch.equal(batch["pixel_values"], expected)

@@ -122,10 +122,16 @@ class TrainResult:
 
 class CaptionDataset(Dataset):
     """Decoded images with their captions (the image processor runs once per batch, in `make_collate`).
-    An image that cannot be decoded is reported with its name and left out of its batch; training goes on."""
+    An image that cannot be decoded is reported with its name and left out of its batch; training goes on.
 
-    def __init__(self, examples: list[Example]) -> None:
+    Files are decoded as `loracap caption` decodes them, shrunk to the processor's input side while
+    decoding, so the captioner trains on the pixels it will later caption from."""
+
+    def __init__(self, examples: list[Example], image_processor: Any) -> None:
+        from loracap.backends.prefix_captioner import input_side
+
         self.examples = examples
+        self.min_side = input_side(image_processor) or None
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -135,7 +141,7 @@ class CaptionDataset(Dataset):
 
         example = self.examples[index]
         try:
-            image = example.image()
+            image = example.image(min_side=self.min_side)
         except ImageDecodeError as exc:
             print(f"loracap: skipping {example.key}: {exc.reason}", file=sys.stderr)
             return None
@@ -305,7 +311,7 @@ def train(settings: TrainSettings) -> TrainResult:
     collate = make_collate(tokenizer, image_processor, prompt, max_tokens)
     sampler = EpochSampler(len(train_set), settings.seed)
     loader = DataLoader(
-        CaptionDataset(train_set),
+        CaptionDataset(train_set, image_processor),
         batch_size=settings.batch_size,
         sampler=sampler,
         collate_fn=collate,
@@ -316,7 +322,7 @@ def train(settings: TrainSettings) -> TrainResult:
         generator=torch.Generator().manual_seed(settings.seed),
     )
     val_loader = DataLoader(
-        CaptionDataset(val_set),
+        CaptionDataset(val_set, image_processor),
         batch_size=settings.batch_size,
         collate_fn=collate,
         num_workers=settings.workers,
