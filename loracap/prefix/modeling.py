@@ -58,7 +58,7 @@ class PrefixCaptionerConfig(PretrainedConfig):
         """"tags" when the training captions were tag lists: `loracap caption` then cleans them up as tags."""
         self.vision_id = vision_id
         self.lm_id = lm_id
-        """Where the towers came from, for the model card and feature-cache keys."""
+        """Where the towers came from (hub ids or folders), for the record."""
         super().__init__(**kwargs)
 
     def vision(self) -> PretrainedConfig:
@@ -143,14 +143,9 @@ class PrefixCaptioner(PreTrainedModel):
         dtype = self.projector[1].weight.dtype
         return self.projector(folded.to(dtype))
 
-    def prefix(
-        self, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if features is None:
-            if pixel_values is None:
-                raise ValueError("pass pixel_values or precomputed vision features")
-            features = self.vision_features(pixel_values)
-        return self.project(features)
+    def prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images -> prefix embeddings: (B, P, Dt)."""
+        return self.project(self.vision_features(pixel_values))
 
     # --- training ---------------------------------------------------------------------------------------
 
@@ -160,13 +155,12 @@ class PrefixCaptioner(PreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        features: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """Teacher-forced pass over [prefix][text]. `input_ids` / `attention_mask` / `labels` are the text
         part as `loracap.prefix.batching.encode_captions` makes them (right-padded; labels -100 on the
         prompt and on padding); the prefix positions are always attended and never predicted."""
-        prefix = self.prefix(pixel_values, features)
+        prefix = self.prefix(pixel_values)
         b, p, _ = prefix.shape
         text = self.get_input_embeddings()(input_ids)
         embeds = torch.cat([prefix.to(text.dtype), text], dim=1)

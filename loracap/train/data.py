@@ -32,7 +32,7 @@ class Example:
     """Stable id: the image path relative to the dataset folder, or "dataset[index]"."""
     caption: str
     path: Path | None = None
-    """The image file, when there is one (its bytes key the feature cache)."""
+    """The image file, when there is one."""
     loader: Callable[[], Any] | None = None
     """Returns the PIL image when there is no file (Hugging Face datasets)."""
 
