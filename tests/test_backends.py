@@ -67,3 +67,21 @@ def test_a_remote_model_finds_its_server_in_openai_base_url(tiny_model, monkeypa
     assert load_backend("openai:m", api_base="http://other:8000/v1").api_base == "http://other:8000/v1"
     # A local model has no server: the variable is not an --api-base given by mistake.
     assert load_backend(str(tiny_model("vit-gpt2")), device="cpu").modes == ("caption",)
+
+
+def test_image_side_reads_any_size_form():
+    from types import SimpleNamespace
+
+    from transformers.image_processing_utils_fast import SizeDict
+
+    from loracap.backends.device import image_side
+
+    def side(**attributes):
+        return image_side(SimpleNamespace(**attributes))
+
+    assert side(size={"height": 384, "width": 512}) == 512
+    assert side(size=SizeDict(height=768, width=768)) == 768
+    assert side(size={"longest_edge": 1536, "shortest_edge": 224}) == 1536
+    assert side(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}) == 224
+    assert side(size=None, crop_size={"height": 336, "width": 336}) == 336
+    assert side(size={}) == 0

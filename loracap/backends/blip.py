@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .base import GenerationSettings, check_mode
-from .device import Placement, default_batch_size, load_model
+from .device import Placement, default_batch_size, image_side, load_model
 
 
 class BlipBackend:
@@ -24,8 +24,7 @@ class BlipBackend:
         self.processor = BlipProcessor.from_pretrained(folder)
         self.model = load_model(BlipForConditionalGeneration, folder, placement, quant)
         self.default_batch_size = default_batch_size(placement, gpu_batch=64)
-        size = self.processor.image_processor.size
-        self.image_side = max(size.get("height", 0), size.get("width", 0))
+        self.image_side = image_side(self.processor.image_processor)  # BLIP processors give height/width
 
     def prepare(self, images: list, mode: str, prompt: str | None = None) -> dict[str, Any]:
         check_mode(self, mode)

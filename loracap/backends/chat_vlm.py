@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .base import ANY_MODE, BackendError, GenerationSettings, check_mode
-from .device import Placement, default_batch_size, load_model, quantization_kwargs
+from .device import Placement, default_batch_size, image_side, load_model, quantization_kwargs
 
 DEFAULT_MAX_NEW_TOKENS = 256
 PALIGEMMA_PROMPT = "caption en"
@@ -73,7 +73,10 @@ class ChatVLMBackend:
             size = dict(image_processor.size)
             size["longest_edge"] = min(size.get("longest_edge", QWEN_MAX_PIXELS), QWEN_MAX_PIXELS)
             image_processor.size = size
-        self.image_side = _image_side(image_processor)
+            # Qwen's size bounds are areas in pixels, not sides.
+            self.image_side = math.isqrt(size["longest_edge"])
+        else:
+            self.image_side = image_side(image_processor)
         # PaliGemma's <locXXXX> / <segXXX> tokens (boxes, masks) are not caption words; a user's own
         # task prompt ("detect cat") keeps them. Other models have none, so their vocab is not scanned.
         self.non_caption_ids: list[int] = []
@@ -204,13 +207,3 @@ def _read_chat_template(folder: Path) -> str | None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _image_side(image_processor: Any) -> int:
-    """The longest side the model sees, so the pipeline decodes images no larger than that."""
-    size = dict(image_processor.size or {})
-    if "height" in size:
-        return max(size["height"], size.get("width", 0))
-    if hasattr(image_processor, "merge_size"):  # Qwen: the size bounds are areas in pixels
-        return math.isqrt(size["longest_edge"])
-    return size.get("longest_edge", size.get("shortest_edge", 0))

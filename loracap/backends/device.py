@@ -46,6 +46,23 @@ def choose_placement(device: str | None = None, dtype: str | None = None) -> Pla
     return Placement(dev, DTYPES[dtype])
 
 
+def image_side(image_processor: Any) -> int:
+    """The side an image processor resizes to (0 when it does not say), so that the pipeline decodes
+    images no larger than needed for it.
+
+    Reads `size`, else `crop_size`: a dict or a transformers SizeDict, with height / width (the exact
+    size: its longer side) or a longest_edge / shortest_edge bound.
+    """
+    for attribute in ("size", "crop_size"):
+        size = dict(getattr(image_processor, attribute, None) or {})  # a SizeDict lists only its set keys
+        if "height" in size:
+            return max(size["height"], size.get("width", 0))
+        side = size.get("longest_edge", size.get("shortest_edge", 0))
+        if side:
+            return side
+    return 0
+
+
 def default_batch_size(placement: Placement, gpu_batch: int, cpu_batch: int = 4) -> int:
     """Accelerators want wide batches; on a CPU a few images at a time keeps latency and memory sane."""
     return gpu_batch if placement.device.type in ("cuda", "mps") else cpu_batch

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .base import GenerationSettings, check_mode
-from .device import Placement, default_batch_size, load_model
+from .device import Placement, default_batch_size, image_side, load_model
 from .florence2_convert import (
     FLORENCE_ADDED_TOKENS,
     IMAGE_TOKEN,
@@ -86,8 +86,7 @@ class Florence2Backend:
         if generation.forced_bos_token_id is not None:
             self.decoder_prefix.append(generation.forced_bos_token_id)
         self.default_batch_size = default_batch_size(placement, gpu_batch=64)
-        size = self.processor.image_processor.size
-        self.image_side = max(size.get("height", 0), size.get("width", 0), size.get("shortest_edge", 0))
+        self.image_side = image_side(self.processor.image_processor)
 
     def task_text(self, mode: str, prompt: str | None) -> str:
         """The text fed to the model: the task's trained prompt, or the user's own task token / prompt."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .base import BackendError, GenerationSettings, check_mode
-from .device import Placement, default_batch_size, load_model
+from .device import Placement, default_batch_size, image_side, load_model
 
 
 class VisionEncoderDecoderBackend:
@@ -25,8 +25,7 @@ class VisionEncoderDecoderBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = load_model(VisionEncoderDecoderModel, folder, placement, quant)
         self.default_batch_size = default_batch_size(placement, gpu_batch=128)
-        size = self.image_processor.size
-        self.image_side = max(size.get("height", 0), size.get("width", 0), size.get("shortest_edge", 0))
+        self.image_side = image_side(self.image_processor)
 
     def prepare(self, images: list, mode: str, prompt: str | None = None) -> torch.Tensor:
         check_mode(self, mode)
