@@ -11,7 +11,11 @@ A plain `PreTrainedModel`: `save_pretrained` writes config + safetensors (LoRA m
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,13 +105,21 @@ class PrefixCaptioner(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
-    def __init__(self, config: PrefixCaptionerConfig) -> None:
+    def __init__(
+        self,
+        config: PrefixCaptionerConfig,
+        vision_tower: nn.Module | None = None,
+        language_model: PreTrainedModel | None = None,
+    ) -> None:
+        """Towers given (`build_captioner`'s pretrained ones) are kept as they are; towers not given are
+        built from `config` (random until `from_pretrained` loads the folder's weights into them)."""
         super().__init__(config)
-        vision = AutoModel.from_config(config.vision())
-        # A dual encoder (SiglipModel, CLIPModel) keeps its image tower in .vision_model; so does a
-        # vision-only checkpoint (SiglipVisionModel). Only that tower is kept.
-        self.vision_tower = vision.vision_model if hasattr(vision, "vision_model") else vision
-        self.language_model = AutoModelForCausalLM.from_config(config.text())
+        self.vision_tower = (
+            vision_tower if vision_tower is not None else _image_tower(AutoModel.from_config(config.vision()))
+        )
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text())
+        )
         width = _hidden_size(config.vision()) * config.pixel_shuffle**2
         hidden = self.language_model.config.hidden_size
         if config.projector == "linear":
@@ -118,7 +130,7 @@ class PrefixCaptioner(PreTrainedModel):
             )
         self.post_init()
 
-    # The towers come with their own initialisation; only the projector is new here.
+    # The towers come with their own initialisation (or weights); only the projector is new here.
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear) and any(module is m for m in self.projector.modules()):
             nn.init.normal_(module.weight, std=0.02)
@@ -206,26 +218,26 @@ class PrefixCaptioner(PreTrainedModel):
 
 
 def build_captioner(
-    vision: str | Any,
-    lm: str | Any,
+    vision: str | Path | Any,
+    lm: str | Path | Any,
     *,
     projector: str = "mlp",
     pixel_shuffle: int = 1,
     prompt: str = "",
     max_caption_tokens: int = 64,
     caption_format: str = "prose",
+    vision_id: str | None = None,
+    lm_id: str | None = None,
 ) -> PrefixCaptioner:
     """A new captioner from pretrained towers (hub ids or folders; loaded models are taken as they are):
-    the vision tower and LM keep their weights, the projector starts fresh."""
-    from loracap.backends.hub import resolve_model
-
-    vision_name = vision if isinstance(vision, str) else getattr(vision, "name_or_path", None)
-    lm_name = lm if isinstance(lm, str) else getattr(lm, "name_or_path", None)
-    if isinstance(vision, str):
-        vision = AutoModel.from_pretrained(resolve_model(vision))
-    if isinstance(lm, str):
-        lm = AutoModelForCausalLM.from_pretrained(resolve_model(lm))
-    tower = vision.vision_model if hasattr(vision, "vision_model") else vision
+    the vision tower and LM keep their weights, the projector starts fresh. `vision_id` / `lm_id` are
+    recorded in the config as where the towers came from (default: `vision` / `lm` as given)."""
+    vision_id = vision_id or _name(vision)
+    lm_id = lm_id or _name(lm)
+    if isinstance(vision, str | Path):
+        vision = _load_image_model(vision)
+    if isinstance(lm, str | Path):
+        lm = AutoModelForCausalLM.from_pretrained(_folder(lm), dtype=_TRAINING_DTYPE)
     # Record only the image tower's config (SiglipVisionConfig, not the dual encoder's), so loading the
     # captioner never builds the text tower it does not use.
     vision_config = getattr(vision.config, "vision_config", None) or vision.config
@@ -237,14 +249,70 @@ def build_captioner(
         prompt=prompt,
         max_caption_tokens=max_caption_tokens,
         caption_format=caption_format,
-        vision_id=str(vision_name) if vision_name else None,
-        lm_id=str(lm_name) if lm_name else None,
+        vision_id=vision_id,
+        lm_id=lm_id,
     )
-    model = PrefixCaptioner(config)
-    model.vision_tower.load_state_dict(tower.state_dict())
-    model.language_model.load_state_dict(lm.state_dict())
-    model.language_model.generation_config = lm.generation_config
+    return PrefixCaptioner(config, vision_tower=_image_tower(vision), language_model=lm)
+
+
+# The towers are trained (LoRA, an unfrozen vision top) in float32 whatever dtype the checkpoint is stored
+# in; accelerate's autocast brings in bf16/fp16. from_pretrained alone would keep a bf16 checkpoint bf16.
+_TRAINING_DTYPE = torch.float32
+
+
+def _load_image_model(spec: str | Path) -> PreTrainedModel:
+    """The pretrained image tower alone. Of a dual encoder (CLIP, SigLIP) only the vision model is built
+    and loaded, from the checkpoint's `vision_config`; its text tower's weights are skipped."""
+    folder = _folder(spec)
+    vision_config = getattr(AutoConfig.from_pretrained(folder), "vision_config", None)
+    if vision_config is None:  # a vision-only checkpoint
+        return AutoModel.from_pretrained(folder, dtype=_TRAINING_DTYPE)
+    # transformers reports every skipped text-tower weight as "unexpected", in a table hundreds of rows
+    # long for a hub checkpoint. Skipping them is the point, so that report is held back and what would
+    # matter in it, vision weights the checkpoint lacks or has in another shape, is checked here.
+    with _without_load_report():
+        model, info = AutoModel.from_pretrained(
+            folder, config=vision_config, dtype=_TRAINING_DTYPE, output_loading_info=True
+        )
+    broken = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
+    if broken:
+        raise ValueError(f"{spec}: its vision weights do not fit its vision_config: {', '.join(broken[:5])}")
     return model
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def _without_load_report() -> Iterator[None]:
+    # A filter, not a higher log level: transformers 5 runs an extra tensor-parallel check (with warnings
+    # of its own) when modeling_utils' level is raised.
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _image_tower(model: nn.Module) -> nn.Module:
+    # A dual encoder (SiglipModel, CLIPModel) keeps its image tower in .vision_model; so does a
+    # vision-only model (SiglipVisionModel). Only that tower is kept.
+    return model.vision_model if hasattr(model, "vision_model") else model
+
+
+def _folder(spec: str | Path) -> Path:
+    from loracap.backends.hub import resolve_model
+
+    return resolve_model(str(spec))
+
+
+def _name(tower: str | Path | Any) -> str | None:
+    name = str(tower) if isinstance(tower, str | Path) else getattr(tower, "name_or_path", None)
+    return name or None
 
 
 def _hidden_size(config: PretrainedConfig) -> int:

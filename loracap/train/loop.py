@@ -197,15 +197,16 @@ def _load_parts(
         return loaded.model, loaded.image_processor, loaded.tokenizer
     vision_dir, lm_dir = resolve_model(settings.vision), resolve_model(settings.lm)
     model = build_captioner(
-        str(vision_dir),
-        str(lm_dir),
+        vision_dir,
+        lm_dir,
         projector=settings.projector,
         pixel_shuffle=settings.pixel_shuffle,
         prompt=settings.prompt,
         max_caption_tokens=settings.max_caption_tokens,
         caption_format=caption_format,
+        vision_id=settings.vision,  # the names asked for (hub ids), not the cache folders they resolved to
+        lm_id=settings.lm,
     )
-    model.config.vision_id, model.config.lm_id = settings.vision, settings.lm
     return model, AutoImageProcessor.from_pretrained(vision_dir), AutoTokenizer.from_pretrained(lm_dir)
 
 
