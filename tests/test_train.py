@@ -393,3 +393,19 @@ def test_training_sees_images_decoded_as_captioning_decodes_them(towers, tmp_pat
 
     batch = make_collate(tokenizer, processor, "", 8)([CaptionDataset(load_examples(root), processor)[0]])
     assert torch.equal(batch["pixel_values"], expected)
+
+
+def test_clip_alignment_cuts_captions_where_clip_scoring_does(tiny_model, tmp_path: Path) -> None:
+    """The alignment loss and CLIPScore read a caption through the same window: the text tower's, or the
+    tokenizer's where that is shorter."""
+    import shutil
+
+    from loracap.train.alignment import ClipAlignment
+
+    folder = tmp_path / "clip"
+    shutil.copytree(tiny_model("clip"), folder)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config_file.write_text(json.dumps({**config, "model_max_length": 12}), encoding="utf-8")
+    assert ClipAlignment(str(folder), 16).max_length == 12
+    assert ClipAlignment(str(tiny_model("clip")), 16).max_length == 77

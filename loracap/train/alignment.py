@@ -9,6 +9,7 @@ gradient reaches the projector (and an unfrozen vision top) in the same backward
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ class ClipAlignment(nn.Module):
         self.encoder = [encoder]  # a list: kept out of state_dict, optimizers and .to() of the head
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         text_config = getattr(encoder.config, "text_config", encoder.config)
-        self.max_length = min(getattr(text_config, "max_position_embeddings", 77), 77)
+        self.max_length = _text_window(text_config, self.tokenizer)
         self.pad_to_window = encoder.config.model_type in PAD_TO_WINDOW
         dim = getattr(encoder.config, "projection_dim", None) or text_config.hidden_size
         self.head = nn.Linear(prefix_width, dim)
@@ -62,3 +63,11 @@ class ClipAlignment(nn.Module):
 
     def extra_repr(self) -> str:
         return f"text tower frozen, max_length={self.max_length}"
+
+
+def _text_window(text_config: Any, tokenizer: Any) -> int:
+    """How many tokens of a caption the text tower reads: its position window, or the tokenizer's limit where
+    that is shorter. The rule `loracap.quality.clipscore` scores with, so the loss pulls each prefix towards
+    the embedding CLIPScore will compare the caption with."""
+    window = getattr(text_config, "max_position_embeddings", None) or 77
+    return min(window, tokenizer.model_max_length or window)
