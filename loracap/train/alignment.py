@@ -32,6 +32,7 @@ class ClipAlignment(nn.Module):
             raise ValueError(
                 f"{clip_model} has no text tower: --clip-model needs a CLIP or SigLIP checkpoint"
             )
+        _drop_image_side(encoder)
         encoder.requires_grad_(False).eval()
         self.encoder = [encoder]  # a list: kept out of state_dict, optimizers and .to() of the head
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -71,3 +72,11 @@ def _text_window(text_config: Any, tokenizer: Any) -> int:
     the embedding CLIPScore will compare the caption with."""
     window = getattr(text_config, "max_position_embeddings", None) or 77
     return min(window, tokenizer.model_max_length or window)
+
+
+def _drop_image_side(encoder: nn.Module) -> None:
+    # Only text features are used: the image tower and its projection (a ViT-L's is some 300M parameters)
+    # would sit in memory, and be moved to the GPU, for the whole run for nothing.
+    for name in ("vision_model", "visual_projection"):
+        if isinstance(getattr(encoder, name, None), nn.Module):
+            delattr(encoder, name)
