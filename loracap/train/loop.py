@@ -15,7 +15,6 @@ weights are kept; the final folder is the best validation step's captioner with 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -366,7 +365,6 @@ def train(settings: TrainSettings) -> TrainResult:
         dynamic_ncols=True,
     )
     samples, stopped_early = 0, False
-    best_weights = None
     try:
         while state["step"] < total_steps and not stopped_early:
             epoch_loader = (
@@ -418,9 +416,8 @@ def train(settings: TrainSettings) -> TrainResult:
                     state["history"].append(record)
                     if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
                         state.update(best_val_loss=val_loss, best_step=state["step"], bad_evals=0)
-                        best_weights = _trainable_state(accelerator.unwrap_model(model))
-                        if accelerator.is_main_process:  # on disk too, so a resumed run still has it
-                            _save_weights(out / BEST_FILE, best_weights)
+                        if accelerator.is_main_process:  # on disk, so a resumed run has it too
+                            _save_weights(out / BEST_FILE, _trainable_state(accelerator.unwrap_model(model)))
                     else:
                         state["bad_evals"] += 1
                         stopped_early = bool(settings.patience) and state["bad_evals"] >= settings.patience
@@ -435,15 +432,16 @@ def train(settings: TrainSettings) -> TrainResult:
         bar.close()
     accelerator.end_training()
 
-    final = accelerator.unwrap_model(model)
-    if best_weights is None and state["best_step"] is not None and (out / BEST_FILE).is_file():
-        best_weights = _load_weights(out / BEST_FILE)
-    if best_weights is not None:
-        final.load_state_dict(best_weights, strict=False)
     seconds = time.perf_counter() - started
     test_metrics = None
     if accelerator.is_main_process:
-        save_captioner(copy.deepcopy(final).float(), image_processor, tokenizer, out)
+        final = accelerator.unwrap_model(model)
+        if state["best_step"] is not None and (out / BEST_FILE).is_file():
+            final.load_state_dict(_load_weights(out / BEST_FILE), strict=False)
+        # Saved in place, no copy: save_captioner merges the LoRA adapters into the LM and .float() casts,
+        # which would matter only if the model were used again; it is not (the test split is captioned
+        # from the saved folder).
+        save_captioner(final.float(), image_processor, tokenizer, out)
         _write_state(out, state)
         test_set = [by_key[k] for k in splits["test"] if k in by_key]
         if settings.test_metrics and test_set:
@@ -524,8 +522,9 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # No clone: the tensors are written to disk at once.
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
+    return {k: v.detach() for k, v in model.state_dict().items() if k in names}
 
 
 def _splits(
@@ -560,13 +559,18 @@ def _checkpoint(accelerator: Any, out: Path, state: dict[str, Any], keep: int) -
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
         _write_state(folder, state)
-        old = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        old = _checkpoints(out)
         for stale in old[:-keep] if keep > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def _checkpoints(out: Path) -> list[Path]:
+    """OUT/checkpoints/step-N folders, lowest N first (by number: as text step-1000 sorts before step-200)."""
+    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
 def _resume(accelerator: Any, out: Path, state: dict[str, Any]) -> dict[str, Any]:
-    checkpoints = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = _checkpoints(out)
     if not checkpoints:
         print(f"loracap: no checkpoint in {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
         return state
