@@ -202,7 +202,7 @@ class _Scorer:
     def __init__(self, model_dir: Path, *, device: str | None, dtype: str | None, batch_size: int | None):
         from transformers import AutoModel, AutoProcessor
 
-        from loracap.backends.device import choose_placement, default_batch_size
+        from loracap.backends.device import choose_placement, default_batch_size, image_side
 
         self.placement = choose_placement(device, dtype)
         self.model = AutoModel.from_pretrained(model_dir, dtype=self.placement.dtype)
@@ -219,7 +219,7 @@ class _Scorer:
         window = getattr(text_config, "max_position_embeddings", None) or 77
         self.max_length = min(window, self.tokenizer.model_max_length or window)
         self.pad_to_window = self.model.config.model_type in PAD_TO_WINDOW
-        side = _image_side(self.image_processor)
+        side = image_side(self.image_processor)
         self.min_side = side * _DECODE_MARGIN if side else None
 
     def score(
@@ -302,18 +302,6 @@ def features(out: Any) -> Any:
     """The projected embedding: transformers 5 returns a model output from get_*_features (its
     pooler_output), 4.x returned the tensor."""
     return out if hasattr(out, "dim") else out.pooler_output
-
-
-def _image_side(image_processor: Any) -> int | None:
-    """The model's input side (`size` / `crop_size` is a dict in 4.x, a SizeDict in 5.x)."""
-    sides = []
-    for attr in ("size", "crop_size"):
-        size = getattr(image_processor, attr, None)
-        for name in ("shortest_edge", "height", "width"):
-            value = size.get(name) if isinstance(size, dict) else getattr(size, name, None)
-            if isinstance(value, int):
-                sides.append(value)
-    return max(sides) if sides else None
 
 
 # ------------------------------------------------------------------------------------------ threads and cache
