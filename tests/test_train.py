@@ -409,3 +409,46 @@ def test_clip_alignment_cuts_captions_where_clip_scoring_does(tiny_model, tmp_pa
     config_file.write_text(json.dumps({**config, "model_max_length": 12}), encoding="utf-8")
     assert ClipAlignment(str(folder), 16).max_length == 12
     assert ClipAlignment(str(tiny_model("clip")), 16).max_length == 77
+
+
+def test_validation_loss_is_the_same_on_every_process(towers) -> None:
+    """With several processes each scores its share of the validation set; the loss that decides early
+    stopping and the best step must be the mean over all shares, or the processes could disagree (and
+    one stop while the others wait for it)."""
+    from transformers import AutoTokenizer
+
+    from loracap.train.loop import evaluate_loss
+
+    torch.manual_seed(0)
+    model = build_captioner(str(towers[0]), str(towers[1]))
+    tok = AutoTokenizer.from_pretrained(towers[1])
+    _, pixels = images_and_pixels(towers[0], ["red", "blue", "green"])
+    captions = ["a red square", "a blue square on the left of a green one", "a green square"]
+    batches = [
+        {**encode_captions(tok, [c]), "pixel_values": p[None], "captions": [c]}
+        for c, p in zip(captions, pixels, strict=True)
+    ]
+
+    class Rank:
+        """Process `rank` of two, the other's (total, tokens) summed in by `reduce` as all_reduce would."""
+
+        num_processes, device = 2, torch.device("cpu")
+
+        def __init__(self, others: torch.Tensor) -> None:
+            self.others = others
+
+        def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+            assert reduction == "sum"
+            return tensor + self.others.to(tensor.dtype)
+
+    class Single:
+        num_processes, device = 1, torch.device("cpu")
+
+    whole = evaluate_loss(model, batches, Single())
+    tokens = [int((b["labels"] != -100).sum()) for b in batches]
+    shares = [evaluate_loss(model, [b], Single()) * n for b, n in zip(batches, tokens, strict=True)]
+    first = torch.tensor([shares[0], tokens[0]])  # what rank 0 saw
+    rest = torch.tensor([shares[1] + shares[2], tokens[1] + tokens[2]])  # what rank 1 saw
+    on_rank_0 = evaluate_loss(model, batches[:1], Rank(rest))
+    on_rank_1 = evaluate_loss(model, batches[1:], Rank(first))
+    assert on_rank_0 == pytest.approx(whole) and on_rank_1 == pytest.approx(whole)

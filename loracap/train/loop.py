@@ -20,6 +20,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -405,11 +406,13 @@ def train(settings: TrainSettings) -> TrainResult:
                     {"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=state["step"]
                 )
                 if val_set and (state["step"] % settings.eval_every == 0 or state["step"] == total_steps):
-                    val_loss = evaluate_loss(model, val_loader)
+                    val_loss = evaluate_loss(model, val_loader, accelerator)
                     record = {"step": state["step"], "val_loss": val_loss, "train_loss": loss.item()}
                     if settings.val_metrics:
-                        unwrapped = accelerator.unwrap_model(model)
-                        record.update(val_caption_metrics(unwrapped, val_set, image_processor, tokenizer))
+                        scored = _main_caption_metrics(
+                            accelerator, model, val_set, image_processor, tokenizer
+                        )
+                        record.update(scored)
                     accelerator.log(
                         {f"val/{k}": v for k, v in record.items() if k != "step"}, step=state["step"]
                     )
@@ -468,8 +471,11 @@ def train(settings: TrainSettings) -> TrainResult:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, loader: DataLoader) -> float:
-    """Mean token loss over the validation set (weighted by predicted tokens)."""
+def evaluate_loss(model: torch.nn.Module, loader: Iterable[dict[str, Any] | None], accelerator: Any) -> float:
+    """Mean token loss over the validation set (weighted by predicted tokens).
+
+    With several processes each one scores its share of the set; the sums are added up across them, so
+    every process gets the same number and takes the same early-stopping and best-step decisions."""
     model.eval()
     total, tokens = 0.0, 0
     for batch in loader:
@@ -480,7 +486,25 @@ def evaluate_loss(model: torch.nn.Module, loader: DataLoader) -> float:
         n = int((batch["labels"] != -100).sum())
         total += model(**batch).loss.item() * n
         tokens += n
+    # Alone, a process keeps its sums as they are (and needs no float64 tensor, which MPS lacks).
+    if accelerator.num_processes > 1:
+        sums = torch.tensor([total, tokens], dtype=torch.float64, device=accelerator.device)
+        total, tokens = accelerator.reduce(sums, "sum").tolist()
     return total / max(tokens, 1)
+
+
+def _main_caption_metrics(
+    accelerator: Any, model: torch.nn.Module, examples: list[Example], image_processor: Any, tokenizer: Any
+) -> dict[str, float]:
+    """`val_caption_metrics` on the main process alone (the whole validation set), for the log: no decision
+    depends on them, only on the loss, which every process shares. The others get {}."""
+    metrics = {}
+    if accelerator.is_main_process:
+        metrics = val_caption_metrics(accelerator.unwrap_model(model), examples, image_processor, tokenizer)
+    # The others wait here instead of running ahead into the next step's collectives, or into the end of
+    # training, while the main process captions (a process group torn down out of step can hang).
+    accelerator.wait_for_everyone()
+    return metrics
 
 
 def val_caption_metrics(
