@@ -452,3 +452,26 @@ def test_validation_loss_is_the_same_on_every_process(towers) -> None:
     on_rank_0 = evaluate_loss(model, batches[:1], Rank(rest))
     on_rank_1 = evaluate_loss(model, batches[1:], Rank(first))
     assert on_rank_0 == pytest.approx(whole) and on_rank_1 == pytest.approx(whole)
+
+
+def test_training_loader_parts_pickle_for_spawned_workers(towers, tmp_path: Path) -> None:
+    """DataLoader workers started with "spawn" (macOS, Windows) receive the dataset and collate pickled."""
+    import pickle
+
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from loracap.train.data import load_examples
+    from loracap.train.loop import CaptionDataset, make_collate
+
+    data = colour_dataset(tmp_path / "data", n=4)
+    processor, tokenizer = (
+        AutoImageProcessor.from_pretrained(towers[0]),
+        AutoTokenizer.from_pretrained(towers[1]),
+    )
+    parts = (
+        CaptionDataset(load_examples(data), processor),
+        make_collate(tokenizer, processor, "A photo of", 8),
+    )
+    dataset, collate = pickle.loads(pickle.dumps(parts))
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["pixel_values"].shape[0] == 2 and batch["captions"] == ["a red square", "a blue square"]

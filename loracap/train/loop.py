@@ -166,20 +166,34 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
-def make_collate(tokenizer: Any, image_processor: Any, prompt: str, max_caption_tokens: int):
-    def collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+def make_collate(tokenizer: Any, image_processor: Any, prompt: str, max_caption_tokens: int) -> Collate:
+    return Collate(tokenizer, image_processor, prompt, max_caption_tokens)
+
+
+@dataclass
+class Collate:
+    """Dataset items -> a training batch; None when every image of the batch was unreadable.
+
+    A class, not a closure: DataLoader workers started with "spawn" (macOS, Windows) receive it pickled."""
+
+    tokenizer: Any
+    image_processor: Any
+    prompt: str
+    max_caption_tokens: int
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         items = [item for item in items if item is not None]
         if not items:
             return None
         captions = [item["caption"] for item in items]
-        batch = encode_captions(tokenizer, captions, prompt=prompt, max_caption_tokens=max_caption_tokens)
+        batch = encode_captions(
+            self.tokenizer, captions, prompt=self.prompt, max_caption_tokens=self.max_caption_tokens
+        )
         # One processor call per batch (in the loader's worker) rather than one per image.
         images = [item["image"] for item in items]
-        batch["pixel_values"] = image_processor(images=images, return_tensors="pt")["pixel_values"]
+        batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         batch["captions"] = captions
         return batch
-
-    return collate
 
 
 # --- model ---------------------------------------------------------------------------------------------
