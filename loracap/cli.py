@@ -298,6 +298,8 @@ def _add_train_parsers(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("data", help="the captioned folder or dataset it was trained on")
     ev.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     ev.add_argument("--clip-model", help="also compute CLIPScore with this CLIP/SigLIP checkpoint")
+    ev.add_argument("--image-column", default="image", help="Hugging Face datasets: the image column")
+    ev.add_argument("--caption-column", default="text", help="Hugging Face datasets: the caption column")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--out", help="JSON file to write (default: MODEL/eval-SPLIT.json)")
@@ -350,6 +352,8 @@ def _eval(args: argparse.Namespace) -> int:
             args.model,
             args.data,
             split=args.split,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
             clip_model=args.clip_model,
             batch_size=args.batch_size,
             device=args.device,

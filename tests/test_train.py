@@ -329,6 +329,11 @@ def test_train_on_a_saved_hugging_face_dataset_with_its_own_caption_column(tower
     result = train(settings)
     test_split = json.loads((tmp_path / "cap" / "split.json").read_text())["test"]
     assert test_split and result.test_metrics["images"] == len(test_split)
+    # `loracap eval` reads the same dataset when told its caption column.
+    out = tmp_path / "eval.json"
+    args = ["eval", str(tmp_path / "cap"), str(tmp_path / "hf"), "--caption-column", "caption", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["images"] == len(test_split)
 
 
 def test_hugging_face_images_flatten_alpha_like_image_files(tmp_path: Path) -> None:
