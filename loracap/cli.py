@@ -283,6 +283,18 @@ def _add_train_parsers(commands: argparse._SubParsersAction) -> None:
     trn.add_argument("--clip-loss-weight", type=float, default=0.0, help="weight of the CLIP alignment term")
     trn.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="for --clip-loss-weight")
     trn.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    trn.add_argument(
+        "--cache-features",
+        action="store_true",
+        help="run the frozen vision tower once per image and reuse its features every epoch and in later "
+        "runs (not with --unfreeze-vision-layers)",
+    )
+    trn.add_argument(
+        "--feature-cache",
+        dest="feature_cache_dir",
+        metavar="DIR",
+        help="where --cache-features keeps them (default: $LORACAP_CACHE/vision-features); implies it",
+    )
     trn.add_argument("--workers", type=int, default=2, help="data loader processes")
     trn.add_argument("--image-column", default="image", help="Hugging Face datasets: the image column")
     trn.add_argument("--caption-column", default="text", help="Hugging Face datasets: the caption column")

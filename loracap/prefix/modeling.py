@@ -167,12 +167,18 @@ class PrefixCaptioner(PreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """Teacher-forced pass over [prefix][text]. `input_ids` / `attention_mask` / `labels` are the text
         part as `loracap.prefix.batching.encode_captions` makes them (right-padded; labels -100 on the
-        prompt and on padding); the prefix positions are always attended and never predicted."""
-        prefix = self.prefix(pixel_values)
+        prompt and on padding); the prefix positions are always attended and never predicted.
+
+        `vision_features` (B, N, Dv), what `vision_features(pixel_values)` returned earlier (`loracap train
+        --cache-features`), stands in for `pixel_values`: the prefix is then `project(vision_features)`."""
+        if (pixel_values is None) == (vision_features is None):
+            raise ValueError("pass either pixel_values or vision_features")
+        prefix = self.prefix(pixel_values) if vision_features is None else self.project(vision_features)
         b, p, _ = prefix.shape
         text = self.get_input_embeddings()(input_ids)
         embeds = torch.cat([prefix.to(text.dtype), text], dim=1)

@@ -11,6 +11,12 @@ Checkpoints (`out/checkpoints/step-N`) hold the model, optimizer, scheduler and 
 `save_state`) plus the data position, so `--resume` continues exactly where a run stopped: the same
 batches in the same order, the same dropout masks. Validation loss decides early stopping and which
 weights are kept; the final folder is the best validation step's captioner with LoRA merged.
+
+With `cache_features` (`--cache-features`) and a frozen vision tower, the tower runs once per image: its
+float32 features go to a disk cache keyed by the encoder (id and a fingerprint of its weights and
+preprocessing) and the image's content (see `loracap.train.features`), and training and validation read
+them back instead of decoding and encoding the images every epoch; a later run on the same images and
+tower computes nothing. Validation captions and the test-split scores still caption from the images.
 """
 
 from __future__ import annotations
@@ -95,6 +101,11 @@ class TrainSettings:
     clip_loss_weight: float = 0.0
     clip_model: str = "openai/clip-vit-base-patch32"
     resume: bool = False
+    cache_features: bool = False
+    """Compute the frozen vision tower's features once and read them back (needs unfreeze_vision_layers=0)."""
+    feature_cache_dir: str | None = None
+    """Where the feature cache lives (default: loracap_cache_dir()/vision-features); setting it turns the
+    cache on."""
     workers: int = 2
     progress: bool = True
     image_column: str = "image"
@@ -151,6 +162,34 @@ class CaptionDataset(Dataset):
         return {"image": image, "caption": example.caption}
 
 
+class FeatureDataset(Dataset):
+    """Cached vision features with their captions (`cache_features`): what the tower would make of
+    CaptionDataset's images, read from the cache. An example without an entry (its image was unreadable,
+    reported while the cache was filled) is None and left out of its batch, as CaptionDataset leaves it
+    out, so batches hold the same examples with the cache as without it."""
+
+    def __init__(self, examples: list[Example], entries: list[Path | None]) -> None:
+        self.examples, self.entries = examples, entries
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        from loracap.train.features import read_entry
+
+        example, entry = self.examples[index], self.entries[index]
+        if entry is None:
+            return None
+        features = read_entry(entry)
+        if features is None:  # checked when the cache was filled: something changed it since
+            print(
+                f"loracap: skipping {example.key}: its cached features {entry} are unreadable",
+                file=sys.stderr,
+            )
+            return None
+        return {"features": features, "caption": example.caption}
+
+
 class EpochSampler(Sampler[int]):
     """A fresh seeded order every epoch: epoch e always visits the same order, so a resumed run sees
     the batches the interrupted one would have seen."""
@@ -192,9 +231,12 @@ class Collate:
         batch = encode_captions(
             self.tokenizer, captions, prompt=self.prompt, max_caption_tokens=self.max_caption_tokens
         )
-        # One processor call per batch (in the loader's worker) rather than one per image.
-        images = [item["image"] for item in items]
-        batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        if "features" in items[0]:  # FeatureDataset: the tower already ran on these images
+            batch["vision_features"] = torch.stack([item["features"] for item in items])
+        else:
+            # One processor call per batch (in the loader's worker) rather than one per image.
+            images = [item["image"] for item in items]
+            batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         batch["captions"] = captions
         return batch
 
@@ -286,6 +328,13 @@ def train(settings: TrainSettings) -> TrainResult:
 
     out = Path(settings.out)
     started = time.perf_counter()
+    caching = settings.cache_features or settings.feature_cache_dir is not None
+    if caching and settings.unfreeze_vision_layers:
+        raise ValueError(
+            f"--cache-features needs a frozen vision tower, but --unfreeze-vision-layers "
+            f"{settings.unfreeze_vision_layers} trains its top layers: their features change at every step, "
+            "so cached ones would be stale. Leave out one of the two options."
+        )
     mixed = settings.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -326,10 +375,19 @@ def train(settings: TrainSettings) -> TrainResult:
         )
     trainable, total = count_parameters(model)
 
+    if caching:
+        entries = _cached_features(settings, accelerator, model, image_processor, train_set + val_set)
+        train_data = FeatureDataset(train_set, entries[: len(train_set)])
+        val_data = FeatureDataset(val_set, entries[len(train_set) :])
+    else:
+        train_data, val_data = (
+            CaptionDataset(train_set, image_processor),
+            CaptionDataset(val_set, image_processor),
+        )
     collate = make_collate(tokenizer, image_processor, prompt, max_tokens)
     sampler = EpochSampler(len(train_set), settings.seed)
     loader = DataLoader(
-        CaptionDataset(train_set, image_processor),
+        train_data,
         batch_size=settings.batch_size,
         sampler=sampler,
         collate_fn=collate,
@@ -340,7 +398,7 @@ def train(settings: TrainSettings) -> TrainResult:
         generator=torch.Generator().manual_seed(settings.seed),
     )
     val_loader = DataLoader(
-        CaptionDataset(val_set, image_processor),
+        val_data,
         batch_size=settings.batch_size,
         collate_fn=collate,
         num_workers=settings.workers,
@@ -488,6 +546,46 @@ def train(settings: TrainSettings) -> TrainResult:
         history=state["history"],
         test_metrics=test_metrics,
     )
+
+
+def _cached_features(
+    settings: TrainSettings,
+    accelerator: Any,
+    model: PrefixCaptioner,
+    image_processor: Any,
+    examples: list[Example],
+) -> list[Path | None]:
+    """Each example's feature-cache entry (None: unreadable image), computing the missing ones first.
+
+    On each machine its main process fills the cache while the others wait, then they look the entries
+    up: one writer per cache, and entries are written atomically under unique temporary names, so even
+    machines sharing one cache folder cannot leave a torn entry."""
+    from loracap.train.features import fill_cache, find_entries, open_cache
+
+    # Fingerprinted here, on the CPU weights as loaded; the tower then computes on the training device
+    # (where accelerate's prepare would move it anyway).
+    cache = open_cache(model, image_processor, settings.feature_cache_dir)
+    model.vision_tower.to(accelerator.device)
+    if not accelerator.is_local_main_process:
+        accelerator.wait_for_everyone()
+        return find_entries(cache, examples)
+    filled = fill_cache(
+        cache,
+        model,
+        examples,
+        image_processor,
+        batch_size=settings.batch_size,
+        workers=settings.workers,
+        progress=settings.progress,
+    )
+    left_out = f", {filled.unreadable} unreadable left out" if filled.unreadable else ""
+    print(
+        f"loracap: vision features: {filled.reused} reused, {filled.computed} computed{left_out} "
+        f"(cache {cache.folder})",
+        file=sys.stderr,
+    )
+    accelerator.wait_for_everyone()
+    return filled.entries
 
 
 @torch.no_grad()
