@@ -559,7 +559,9 @@ def _cached_features(
 
     On each machine its main process fills the cache while the others wait, then they look the entries
     up: one writer per cache, and entries are written atomically under unique temporary names, so even
-    machines sharing one cache folder cannot leave a torn entry."""
+    machines sharing one cache folder cannot leave a torn entry. The others wait in a collective, which
+    NCCL gives up on after its timeout (10 minutes by default): for a dataset whose first fill takes
+    longer, fill the cache with a one-process run first."""
     from loracap.train.features import fill_cache, find_entries, open_cache
 
     # Fingerprinted here, on the CPU weights as loaded; the tower then computes on the training device
