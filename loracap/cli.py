@@ -338,6 +338,8 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    if not result.is_main_process:  # the main process reports and saves
+        return 0
     share = result.trainable_parameters / max(result.total_parameters, 1)
     print(
         f"loracap: trained {result.steps} steps in {result.seconds:.0f} s "

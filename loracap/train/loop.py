@@ -127,6 +127,8 @@ class TrainResult:
     trainable_parameters: int
     total_parameters: int
     history: list[dict[str, float]]
+    is_main_process: bool = True
+    """False in the other processes of a multi-process run: only the main one saves and scores."""
     test_metrics: dict[str, Any] | None = None
     """`loracap eval` on the test split of the saved captioner (also in OUT/eval-test.json)."""
 
@@ -322,6 +324,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def train(settings: TrainSettings) -> TrainResult:
     """Train, validate, checkpoint and save; see the module docstring."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -338,6 +341,9 @@ def train(settings: TrainSettings) -> TrainResult:
     mixed = settings.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # accelerate keeps one state per process: without this, a second train() in the same process (a
+    # notebook, a sweep) with another mixed precision raises. The process group itself is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=settings.grad_accum,
@@ -404,17 +410,20 @@ def train(settings: TrainSettings) -> TrainResult:
         num_workers=settings.workers,
         generator=torch.Generator().manual_seed(settings.seed),
     )
-    steps_per_epoch = math.ceil(len(loader) / settings.grad_accum)
-    total_steps = settings.max_steps or steps_per_epoch * settings.epochs
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "name"} for g in groups], weight_decay=settings.weight_decay
     )
+    model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
+    # Counted on the prepared loader: with several processes each one sees its share of the batches.
+    steps_per_epoch = math.ceil(len(loader) / settings.grad_accum)
+    total_steps = settings.max_steps or steps_per_epoch * settings.epochs
+    # accelerate steps a prepared scheduler once per process at every optimizer step, so its horizon is
+    # counted in process-steps: warmup and decay then span the run however many processes share it.
+    processes = accelerator.num_processes
     scheduler = get_cosine_schedule_with_warmup(
-        optimizer, min(settings.warmup_steps, total_steps // 10 or 1), total_steps
+        optimizer, min(settings.warmup_steps, total_steps // 10 or 1) * processes, total_steps * processes
     )
-    model, optimizer, loader, val_loader, scheduler = accelerator.prepare(
-        model, optimizer, loader, val_loader, scheduler
-    )
+    scheduler = accelerator.prepare(scheduler)
     if alignment is not None:
         alignment = accelerator.prepare(alignment)
     accelerator.init_trackers("loracap-train", config=_flat(settings))
@@ -540,7 +549,9 @@ def train(settings: TrainSettings) -> TrainResult:
         stopped_early=stopped_early,
         seconds=seconds,
         train_seconds=train_seconds,
-        samples_per_second=samples / train_seconds if train_seconds else 0.0,
+        # Every process trains as many batches; their samples add up.
+        samples_per_second=samples * accelerator.num_processes / train_seconds if train_seconds else 0.0,
+        is_main_process=accelerator.is_main_process,
         trainable_parameters=trainable,
         total_parameters=total,
         history=state["history"],
