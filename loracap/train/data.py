@@ -13,13 +13,21 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from loracap.writers import atomic_write_text
 
-__all__ = ["SPLITS", "Example", "assign_splits", "extend_split", "load_examples", "read_split", "write_split"]
+__all__ = [
+    "SPLITS",
+    "Example",
+    "TableImage",
+    "assign_splits",
+    "extend_split",
+    "load_examples",
+    "read_split",
+    "write_split",
+]
 
 SPLITS = ("train", "val", "test")
 SPLIT_FILE = "split.json"
@@ -87,16 +95,25 @@ def _hf_examples(name: str, image_column: str, caption_column: str, split: str) 
         raise ValueError(f"{name} has no column {missing[0]!r}; columns: {', '.join(table.column_names)}")
     captions = table[caption_column]
     return [
-        Example(f"{name}[{i}]", str(c).strip(), loader=partial(_table_image, table, i, image_column))
+        Example(f"{name}[{i}]", str(c).strip(), loader=TableImage(table, i, image_column))
         for i, c in enumerate(captions)
         if str(c or "").strip()
     ]
 
 
-def _table_image(table: Any, index: int, column: str) -> Any:
-    # A module-level function bound with partial, not a lambda: DataLoader workers started with "spawn"
-    # (macOS, Windows) receive the examples pickled, and a lambda cannot be pickled.
-    return table[index][column]
+@dataclass(frozen=True)
+class TableImage:
+    """The image of one row of a Hugging Face dataset, decoded when called.
+
+    A picklable class, not a lambda: DataLoader workers started with "spawn" (macOS, Windows) receive the
+    examples pickled. It also says where the image is stored, which the feature cache keys entries by."""
+
+    table: Any
+    index: int
+    column: str
+
+    def __call__(self) -> Any:
+        return self.table[self.index][self.column]
 
 
 def assign_splits(keys: list[str], *, seed: int, val_share: float, test_share: float) -> dict[str, list[str]]:

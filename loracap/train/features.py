@@ -25,16 +25,13 @@ import json
 import re
 import sys
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-# _table_image: data.py binds (table, index, column) into a Hugging Face example's loader; the stored
-# bytes are read from that table (see _stored_digest).
-from loracap.train.data import Example, _table_image
+from loracap.train.data import Example, TableImage
 from loracap.writers.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -210,13 +207,13 @@ def _stored_digest(example: Example, undecoded: dict[tuple[int, str], Any]) -> s
     """SHA-256 of the bytes a Hugging Face dataset stores for the image, without decoding it; None when
     the example is not one of `loracap.train.data`'s table rows or the table stores no bytes."""
     loader = example.loader
-    if not (isinstance(loader, partial) and loader.func is _table_image):
+    if not isinstance(loader, TableImage):
         return None
     import datasets
 
     from loracap.inputs import file_sha256
 
-    table, index, column = loader.args
+    table, index, column = loader.table, loader.index, loader.column
     if not isinstance(table.features.get(column), datasets.Image):
         return None
     key = (id(table), column)
