@@ -7,9 +7,13 @@
 scored by CIDEr and BLEU-4 on the synthetic test split, whose compositions (a shape in a reserved colour,
 a texture on a reserved shape) never occur in training (see loracap.data.synthetic).
 
-    python benchmarks/prefix_captioner.py                       # ~15 min on 2 CPU cores
-    python benchmarks/prefix_captioner.py --budget 30 --n 1500   # a quick look
+    python benchmarks/prefix_captioner.py                       # ~40 min on 2 CPU cores (3 seeds)
+    python benchmarks/prefix_captioner.py --budget 30 --n 1500 --seeds 0   # a quick look
     python benchmarks/prefix_captioner.py --results benchmarks/RESULTS.md   # append the table there
+    python benchmarks/prefix_captioner.py --methods ours,ours-unfrozen,vit-gpt2-frozen   # diagnostics
+
+The diagnostics swap the one thing the two best designs differ in most, whether the vision tower trains:
+ours with every SigLIP layer trained too, and ViT-GPT2 with SigLIP frozen.
 
 As SigLIP and SmolLM2 are pre-trained before anyone captions with them, the towers are pre-trained here
 first, once, and shared: a tiny SigLIP (sigmoid contrastive loss on the train split's image-caption pairs)
@@ -52,7 +56,7 @@ WIDTH, LAYERS, HEADS = 128, 4, 4
 CLIPCAP_PREFIX = 10  # ClipCap's prefix length for a frozen LM
 BATCH = 32
 WARMUP = 50  # steps
-CALIBRATION = 50  # steps of ours' shorter timing run (the other runs three times as many)
+CALIBRATION = 100  # steps of ours' shorter timing run (the other runs three times as many)
 MAX_TOKENS = 32
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # SmolLM2's first three: eos == bos == pad == 0
 
@@ -218,11 +222,15 @@ def fit(
 # --- (a) ours --------------------------------------------------------------------------------------------
 
 
-def run_ours(data: Path, vision: Path, lm: Path, seconds: float, out: Path, *, seed: int) -> dict[str, Any]:
+def run_ours(
+    data: Path, vision: Path, lm: Path, seconds: float, out: Path, *, seed: int, unfrozen: bool = False
+) -> dict[str, Any]:
     """`loracap train` as a user runs it, with `--cache-features` (the frozen tower's features computed
     once, then read from disk; training on them equals training on the images, a test checks), the time
-    to fill the cache counted in the budget."""
-    name = f"ours-{seed}"
+    to fill the cache counted in the budget. `unfrozen`: the diagnostic run with every vision layer
+    trained too (`--unfreeze-vision-layers`, which reads the images: no cache)."""
+    name = f"ours-{'unfrozen-' if unfrozen else ''}{seed}"
+    tower = {"unfreeze_vision_layers": LAYERS, "lr_vision": 5e-4} if unfrozen else {"cache_features": True}
     settings = dict(
         data=str(data),
         vision=str(vision),
@@ -241,9 +249,11 @@ def run_ours(data: Path, vision: Path, lm: Path, seconds: float, out: Path, *, s
         workers=1,
         progress=False,
         seed=seed,
-        cache_features=True,
-        feature_cache_dir=str(out / f"{name}-features"),  # empty: every seed pays for its own fill
+        checkpoint_every=10**9,  # no resumable checkpoints: the timing runs have none, the baselines neither
+        **tower,
     )
+    if not unfrozen:
+        settings["feature_cache_dir"] = str(out / f"{name}-features")  # empty: every seed pays for its fill
     # Two short runs time a step without the loop's start-up (data loader workers, first batches); the
     # first one also fills the cache, which the second one finds full. Each validates once, at its end,
     # as the real run does: a validation inside the longer probe would be charged to every step.
@@ -279,8 +289,16 @@ def run_ours(data: Path, vision: Path, lm: Path, seconds: float, out: Path, *, s
 
 
 def run_vision_encoder_decoder(
-    splits: dict[str, list[Example]], vision: Path, gpt2: Path, seconds: float, out: Path, *, seed: int
+    splits: dict[str, list[Example]],
+    vision: Path,
+    gpt2: Path,
+    seconds: float,
+    out: Path,
+    *,
+    seed: int,
+    frozen: bool = False,
 ) -> dict[str, Any]:
+    """`frozen`: the diagnostic run with the vision tower frozen, as it is in ours."""
     from transformers import (
         AutoImageProcessor,
         AutoTokenizer,
@@ -295,6 +313,7 @@ def run_vision_encoder_decoder(
     torch.manual_seed(seed)  # the new cross-attention layers
     decoder = quiet_load(GPT2LMHeadModel, gpt2, add_cross_attention=True)
     model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
+    model.encoder.requires_grad_(not frozen)
     eos = tokenizer.eos_token_id
     model.config.decoder_start_token_id = model.config.pad_token_id = model.config.eos_token_id = eos
     model.generation_config.decoder_start_token_id = eos
@@ -313,12 +332,11 @@ def run_vision_encoder_decoder(
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
     metrics = evaluate_examples(out, splits["test"], data="synthetic", split="test", progress=False)
-    trainable = sum(p.numel() for p in model.parameters())
     return {
         "train_seconds": run["seconds"],
         "steps": run["steps"],
-        "trainable": trainable,
-        "total": trainable,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in model.parameters()),
         **{k: metrics[k] for k in ("cider", "bleu4", "rouge_l")},
         "examples": metrics["captions"][:3],
     }
@@ -461,6 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2], help="e.g. 0,1,2"
     )
+    parser.add_argument(
+        "--methods",
+        type=lambda v: v.split(","),
+        default=["ours", "vit-gpt2", "clipcap"],
+        help="any of ours, vit-gpt2, clipcap and the diagnostics ours-unfrozen, vit-gpt2-frozen",
+    )
     parser.add_argument("--work", type=Path, help="keep the data and models here (default: a temp folder)")
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
@@ -494,13 +518,21 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"training each method for {args.budget:.0f} s", file=sys.stderr)
         vision, llama, gpt2 = work / "vision", work / "llama", work / "gpt2"
-        methods = {
+        every = {
             "ours": lambda seed: run_ours(data, vision, llama, args.budget, work, seed=seed),
             "vit-gpt2": lambda seed: run_vision_encoder_decoder(
                 splits, vision, gpt2, args.budget, work / f"vit-gpt2-{seed}", seed=seed
             ),
             "clipcap": lambda seed: run_clipcap(splits, vision, llama, args.budget, seed=seed),
+            # Diagnostics: is the gap between ours and ViT-GPT2 the frozen tower or the rest of the design?
+            "ours-unfrozen": lambda seed: run_ours(
+                data, vision, llama, args.budget, work, seed=seed, unfrozen=True
+            ),
+            "vit-gpt2-frozen": lambda seed: run_vision_encoder_decoder(
+                splits, vision, gpt2, args.budget, work / f"vit-gpt2-frozen-{seed}", seed=seed, frozen=True
+            ),
         }
+        methods = {name: every[name] for name in args.methods}
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
         for seed in args.seeds:  # seeds outermost: a run cut short still compares every method
             for name, run in methods.items():
@@ -525,16 +557,20 @@ def render(
         "ours": "(a) ours: frozen SigLIP patches -> MLP (2x2 shuffle) -> Llama + LoRA, `--cache-features`",
         "vit-gpt2": "(b) ViT-GPT2 style: SigLIP + GPT-2 cross-attention, all trained",
         "clipcap": "(c) ClipCap: frozen SigLIP pooled -> MLP -> 10 tokens -> frozen Llama",
+        "ours-unfrozen": "diagnostic: (a) with every SigLIP layer trained too (`--unfreeze-vision-layers`)",
+        "vit-gpt2-frozen": "diagnostic: (b) with SigLIP frozen",
     }
     seeds = ",".join(map(str, args.seeds))
+    methods = ",".join(args.methods)
+    methods = "" if methods == "ours,vit-gpt2,clipcap" else f" --methods {methods}"
     lines = [
         f"### Prefix captioner vs ViT-GPT2 vs ClipCap ({time.strftime('%Y-%m-%d')}, "
         f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__})",
         "",
         f"`python benchmarks/prefix_captioner.py --n {args.n} --budget {args.budget:.0f} "
-        f"--pretrain {pre['seconds']:.0f} --seeds {seeds}`: {counts['train']} train / {counts['val']} val / "
-        f"{counts['test']} test images, {IMAGE_SIZE} px; the test split's compositions never occur in "
-        f"training. Towers: width {WIDTH}, {LAYERS} layers; pre-training losses: SigLIP "
+        f"--pretrain {pre['seconds']:.0f} --seeds {seeds}{methods}`: {counts['train']} train / "
+        f"{counts['val']} val / {counts['test']} test images, {IMAGE_SIZE} px; the test split's compositions "
+        f"never occur in training. Towers: width {WIDTH}, {LAYERS} layers; pre-training losses: SigLIP "
         f"{pre['vision_loss']:.3f}, Llama {pre['llama_loss']:.3f}, GPT-2 {pre['gpt2_loss']:.3f}. "
         f"Whole run {total / 60:.1f} min. Scores are means over the seeds; CIDEr of each seed in brackets.",
         "",
