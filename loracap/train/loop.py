@@ -519,6 +519,11 @@ def train(settings: TrainSettings) -> TrainResult:
     finally:
         bar.close()
     train_seconds = time.perf_counter() - loop_started
+    # The DDP wrapper goes before the process group does: its Reducer, freed last, would destroy a Gloo
+    # group while holding the GIL, and the group's worker threads can need the GIL to finish: a hang at
+    # exit seen in two-process runs (pytorch/pytorch#56297).
+    model = accelerator.unwrap_model(model)
+    accelerator.free_memory()
     accelerator.end_training()
 
     seconds = time.perf_counter() - started
