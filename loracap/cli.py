@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     post = cap.add_argument_group("caption clean-up")
-    post.add_argument("--trigger", help="trigger word(s) placed first in every caption, once")
+    post.add_argument(
+        "--trigger", help="trigger word(s), put first and never twice (prose that names it keeps it in place)"
+    )
     post.add_argument("--prefix", default="", help="text added after the trigger, verbatim")
     post.add_argument("--suffix", default="", help="text added at the end, verbatim")
     post.add_argument("--keep-boilerplate", action="store_true", help="keep openers like 'The image shows'")
@@ -171,6 +173,18 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     srv.add_argument("--max-image-pixels", type=int, help="larger images get 413 (default: Pillow's limit)")
     srv.add_argument("--max-body-mb", type=float, default=32, help="larger request bodies get 413")
+    srv.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=1024,
+        help="requests whose text (system and user) has more tokens, by the model's tokenizer, get 400",
+    )
+    srv.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="require 'Authorization: Bearer KEY' on /v1 routes, KEY read from environment variable VAR "
+        "(never printed or logged); without it anyone who reaches the port can use the server",
+    )
     srv.add_argument("--served-model-name", help="the model name clients see (default: --model)")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
@@ -203,7 +217,9 @@ def _add_report_parser(commands: argparse._SubParsersAction) -> None:
     text = rep.add_argument_group("text checks")
     text.add_argument("--trigger", help="audit this trigger word: presence, position, tokenizer fusion")
     text.add_argument(
-        "--tokenizer", help="tokenizer for token counts and the trigger audit (default: --clip-model's)"
+        "--tokenizer",
+        help="tokenizer for token counts and the trigger audit (default: --clip-model's; with --no-clip only "
+        "if it is already on this machine, else the token checks are skipped)",
     )
     text.add_argument("--max-length", type=int, help="token window (default: the tokenizer's, 77 for CLIP)")
     text.add_argument("--t5-tokenizer", help="also count T5 tokens (Flux/SD3), e.g. google/t5-v1_1-xxl")
@@ -522,6 +538,8 @@ def _caption(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    if summary.write_problem():
+        print(f"loracap: error: {summary.write_problem()}", file=sys.stderr)
     print(f"loracap: {summary.describe()}", file=sys.stderr)
     return 0 if summary.ok else 1
 
@@ -573,6 +591,12 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"loracap: error: serving needs {exc.name}: pip install 'loracap[serve]'", file=sys.stderr)
         return 2
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env, "").strip()
+        if not api_key:  # refuse to start open when a key was asked for
+            print(f"loracap: error: --api-key-env: ${args.api_key_env} is not set or empty", file=sys.stderr)
+            return 2
     try:
         serve(
             args.model,
@@ -589,6 +613,8 @@ def _serve(args: argparse.Namespace) -> int:
             batch_wait_ms=args.batch_wait_ms,
             max_image_pixels=args.max_image_pixels,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+            max_prompt_tokens=args.max_prompt_tokens,
+            api_key=api_key,
         )
     except (ValueError, ModelUnavailable, BackendError) as exc:
         print(f"loracap: error: {exc}", file=sys.stderr)

@@ -6,8 +6,10 @@ folders, decoding and writing stay here, so the same batch step can run in a ser
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -25,9 +27,11 @@ from .inputs import (
 from .postprocess import PostProcess, merge_captions, postprocess
 from .request import CaptionRequest, StyleChoice, resolve_request
 from .styles import Style
-from .writers import atomic_write_text, key_collisions, open_store, sidecar_collisions
+from .writers import atomic_write_text, open_store, sidecar_collisions
 
 EXISTING_POLICIES = ("skip", "overwrite", "prepend", "append")
+# Write errors that no other file in the folder would escape: the run stops at the first one.
+_NOTHING_MORE_FITS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 FORMATS = ("sidecar", "jsonl", "kohya-json")
 
 
@@ -48,10 +52,14 @@ class RunSummary:
     model: str = ""
     errors_file: str | None = None
     errors: list[FileError] = field(default_factory=list)
+    write_error: str | None = None
+    """Why the run stopped writing (a full disk, a read-only folder): it stopped there."""
+    saved_elsewhere: str | None = None
+    """The folder holding what could not be written, laid out as the dataset: copy it over the dataset."""
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0
+        return self.failed == 0 and self.write_error is None
 
     def describe(self) -> str:
         rate = self.captioned / self.seconds if self.seconds > 0 else 0.0
@@ -62,6 +70,16 @@ class RunSummary:
         if self.errors_file:
             text += f"; errors listed in {self.errors_file}"
         return text
+
+    def write_problem(self) -> str | None:
+        """One line on a run that could not write, and where its captions went; None if it could."""
+        if self.write_error is None:
+            return None
+        if self.saved_elsewhere:
+            kept = f"what it could not write is in {self.saved_elsewhere}: copy that into the dataset folder"
+        else:
+            kept = "they could not be saved anywhere else either; a re-run captions them again"
+        return f"cannot write captions ({self.write_error}), so the run stopped; {kept}"
 
 
 @dataclass
@@ -129,6 +147,7 @@ def caption_folder(
         metadata_file=Path(metadata_file) if metadata_file else None,
         tags=chosen_style.tags,
     )
+    write_error: OSError | None = None
     try:
         todo = _plan(images, root, store, format, ext, existing, summary)
         if todo:
@@ -150,8 +169,18 @@ def caption_folder(
                 workers=workers,
                 progress=progress,
             )
+    except OSError as exc:
+        if exc.errno not in _NOTHING_MORE_FITS:
+            raise
+        write_error = exc
     finally:
-        store.close()
+        try:
+            store.close()
+        except OSError as exc:  # the final metadata write: its captions are kept elsewhere below
+            write_error = write_error or exc
+        if write_error is not None:
+            summary.write_error = f"{write_error.strerror or write_error}: {write_error.filename or root}"
+            summary.saved_elsewhere = _save_elsewhere(store.unsaved(), root)
         summary.seconds = time.perf_counter() - started
         summary.errors_file = _write_errors(errors_path, summary.errors)
     return summary
@@ -175,11 +204,9 @@ def _plan(
     images: list[Path], root: Path, store: Any, format: str, ext: str, existing: str, summary: RunSummary
 ) -> list[_Item]:
     """Which images to caption: colliding names fail, captioned ones are skipped unless asked."""
-    # Sidecar names and kohya keys drop the extension, so a.jpg and a.png collide; jsonl keeps it.
+    # Sidecar names drop the extension, so a.jpg and a.png collide; jsonl and kohya-json keys keep it.
     if format == "sidecar":
         clashes = {target.name: group for target, group in sidecar_collisions(images, ext).items()}
-    elif format == "kohya-json":
-        clashes = {f"key {key!r}": group for key, group in key_collisions(images, root).items()}
     else:
         clashes = {}
     shared: set[Path] = set()
@@ -198,7 +225,17 @@ def _plan(
     for path in images:
         if path in shared:
             continue
-        old = store.existing(path)
+        try:
+            old = store.existing(path)
+        except OSError as exc:  # a folder or FIFO named a.txt, undecodable bytes, a link out of the dataset
+            replaceable = getattr(exc, "replaceable", True)
+            if existing == "overwrite" and replaceable:
+                todo.append(_Item(path, None))  # nothing of it is read; the new caption takes its place
+                continue
+            why = f"cannot read the existing caption {store.target(path)}: {exc.strerror or exc}"
+            advice = "; left as it is" + (" (--existing overwrite replaces it)" if replaceable else "")
+            _fail(summary, root, path, "layout", why + advice)
+            continue
         if old is not None and existing == "skip":
             summary.skipped += 1
         else:
@@ -225,6 +262,7 @@ def _run(
 
     tags = request.tags
     bare = replace(options, trigger=None, prefix="", suffix="")
+    watch = _BrokenModelWatch(len(todo), batch_size)
     bar = tqdm(
         total=len(todo),
         unit="img",
@@ -247,21 +285,28 @@ def _run(
             items = batch.items
             for item, reason in batch.errors:
                 _fail(summary, root, item.path, "decode", reason, bar)
-            for item, raw in _generate(backend, items, batch.inputs, request, generation, summary, root, bar):
-                if not postprocess(raw, bare, tags=tags):  # nothing left but what the user adds
-                    _fail(summary, root, item.path, "caption", "the model returned an empty caption", bar)
+            for item, raw, error in _generate(backend, items, batch.inputs, request, generation):
+                if error is None and not postprocess(raw, bare, tags=tags):  # nothing left but what we add
+                    error = "the model returned an empty caption"
+                if error is not None:
+                    for failed, reason in watch.failed(item, error):
+                        _fail(summary, root, failed.path, "caption", reason, bar)
                     continue
+                for failed, reason in watch.captioned():
+                    _fail(summary, root, failed.path, "caption", reason, bar)
                 caption = postprocess(raw, options, tags=tags)
                 if item.old is not None and existing in ("prepend", "append"):
-                    caption = postprocess(
-                        merge_captions(caption, item.old, existing, tags=tags), options, tags=tags
-                    )
+                    caption = merge_captions(caption, item.old, existing, tags=tags, options=options)
                 try:
                     store.write(item.path, caption)
                     summary.captioned += 1
                 except OSError as exc:
+                    if exc.errno in _NOTHING_MORE_FITS:
+                        raise  # no other image's caption can be written either: stop, keep what was made
                     _fail(summary, root, item.path, "write", f"cannot write caption: {exc}", bar)
             bar.update(len(items) + len(batch.errors))
+        for failed, reason in watch.captioned():  # the run ended before the model was judged broken
+            _fail(summary, root, failed.path, "caption", reason, bar)
     finally:
         bar.close()
 
@@ -272,11 +317,10 @@ def _generate(
     inputs: Any,
     request: CaptionRequest,
     generation: GenerationSettings,
-    summary: RunSummary,
-    root: Path,
-    bar: Any,
 ):
-    """Caption a prepared batch; if the batch fails (out of memory, a bad image), retry one by one."""
+    """Caption a prepared batch; if the batch fails (out of memory, a bad image), retry one by one.
+
+    Yields (item, caption, None), or (item, None, reason) for an image the model failed on."""
     if not items:
         return
     try:
@@ -285,10 +329,11 @@ def _generate(
         raise
     except Exception as exc:  # noqa: BLE001 - isolate the image that breaks the model, keep the run going
         if len(items) == 1:
-            _fail(summary, root, items[0].path, "caption", f"{type(exc).__name__}: {exc}", bar)
+            yield items[0], None, f"{type(exc).__name__}: {exc}"
             return
     else:
-        yield from zip(items, captions, strict=True)
+        for item, caption in zip(items, captions, strict=True):
+            yield item, caption, None
         return
     for item in items:
         try:
@@ -297,9 +342,43 @@ def _generate(
         except (KeyboardInterrupt, BackendError):
             raise
         except Exception as exc:  # noqa: BLE001
-            _fail(summary, root, item.path, "caption", f"{type(exc).__name__}: {exc}", bar)
+            yield item, None, f"{type(exc).__name__}: {exc}"
         else:
-            yield item, caption
+            yield item, caption, None
+
+
+class _BrokenModelWatch:
+    """Until the model captions one image, hold back its per-image errors.
+
+    When the first images all fail with one and the same error (a checkpoint that cannot generate at
+    these settings, say), the model is at fault, not the images: the run stops with that error in one
+    line instead of listing it for every file. Once any image is captioned, errors are reported as usual.
+    """
+
+    def __init__(self, todo: int, batch_size: int) -> None:
+        # Two batches' worth (at least 8 images) is enough evidence; a run with fewer images judges by
+        # all of them, and one image alone never stops a run.
+        self.enough = max(2, min(todo, max(8, 2 * batch_size)))
+        self.held: list[tuple[_Item, str]] = []
+        self.trusted = False
+
+    def failed(self, item: _Item, reason: str) -> list[tuple[_Item, str]]:
+        """Record a model failure; returns the failures to report now."""
+        if self.trusted:
+            return [(item, reason)]
+        self.held.append((item, reason))
+        if len(self.held) >= self.enough and len({r for _, r in self.held}) == 1:
+            raise BackendError(
+                f"the model failed on each of the first {len(self.held)} images with the same error, "
+                f"so the run stopped (nothing was written): {reason}"
+            )
+        return []
+
+    def captioned(self) -> list[tuple[_Item, str]]:
+        """An image was captioned: the model works; returns the held failures to report now."""
+        self.trusted = True
+        held, self.held = self.held, []
+        return held
 
 
 def _prepare(backend: Backend, request: CaptionRequest, items: list[_Item], images: list) -> Any:
@@ -320,9 +399,37 @@ def _fail(summary: RunSummary, root: Path, path: Path, stage: str, reason: str, 
 
 
 def _write_errors(path: Path, errors: list[FileError]) -> str | None:
-    """This run's per-file errors as JSON lines; a stale list from an earlier run is removed."""
-    if not errors:
-        path.unlink(missing_ok=True)
+    """This run's per-file errors as JSON lines; a stale list from an earlier run is removed.
+
+    None when there are none, or when the list cannot be written (they were printed as they happened)."""
+    try:
+        if not errors:
+            path.unlink(missing_ok=True)
+            return None
+        atomic_write_text(path, "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in errors))
+    except OSError as exc:
+        print(f"loracap: cannot write the error list {path}: {exc.strerror or exc}", file=sys.stderr)
         return None
-    atomic_write_text(path, "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in errors))
     return str(path)
+
+
+def _save_elsewhere(unsaved: dict[str, str], root: Path) -> str | None:
+    """Write what the dataset folder could not take into a folder laid out like it, on another file
+    system if need be: loracap's cache, else the system's temporary folder. Returns that folder."""
+    from .backends.hub import loracap_cache_dir
+
+    if not unsaved:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for base in (loracap_cache_dir() / "unsaved", Path(tempfile.gettempdir()) / "loracap-unsaved"):
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix=f"{root.name}-{stamp}-", dir=base))  # never another run's
+            for name, text in unsaved.items():
+                target = folder / name if not Path(name).is_absolute() else folder / Path(name).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(target, text)
+        except OSError:
+            continue
+        return str(folder)
+    return None

@@ -7,6 +7,20 @@ every function takes `tags=`.
 `postprocess` is idempotent: running it on its own output changes nothing. That matters because
 captions are re-processed (a second run with `--overwrite`, a merge with an existing caption), and
 a trigger word or prefix must never pile up.
+
+A caption is one line: sd-scripts reads only the first line of a caption file (and OneTrainer picks one
+line at random), so lines are joined, tags with ", " and prose with ", " or, after a line that ends in
+punctuation, a space.
+
+The trigger rule, the same for a new caption and for a merge with an old one (`merge_captions`):
+
+- tags: the trigger is one tag, first; wherever else it appears (any case, "_" for " ") it is removed.
+- prose: the trigger as its own comma-separated item ("ohwx, a man" or "a man, ohwx") is removed. If the
+  text then names the trigger as a word ("a photo of ohwx in a park"), that is where it stays: adding it in
+  front would say it twice and cutting it out would break the sentence; only its spelling is made exact.
+  Otherwise it goes first, as its own item: "ohwx, a man in a park".
+
+The prefix follows the trigger when the trigger goes first; the suffix ends the caption.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ from dataclasses import dataclass, field
 _SPECIAL_TOKENS = re.compile(r"</?s>|<pad>|<unk>|</?poly>|<sep>|<loc_\d+>|<[A-Z][A-Z0-9_]*>")
 
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:])")
+_PUNCTUATION = (".", ",", ";", ":", "!", "?")
 
 # Boilerplate openers, tried at the start of prose, case-insensitively, until none matches (so
 # "This image is an image of a cat" goes all the way to "A cat"). Each one removes only framing words
@@ -59,7 +74,8 @@ class PostProcess:
     """What to do to every caption after the model wrote it."""
 
     trigger: str | None = None
-    """Trigger phrase, e.g. "ohwx woman": always first, never duplicated."""
+    """Trigger phrase, e.g. "ohwx woman": first and never duplicated; prose that names it in a sentence
+    keeps it there (module docstring)."""
     prefix: str = ""
     """Added verbatim after the trigger; the user controls separators ("photo of ", "masterpiece, ")."""
     suffix: str = ""
@@ -120,32 +136,37 @@ def split_tags(text: str) -> list[str]:
 
 
 def postprocess(text: str, options: PostProcess, *, tags: bool) -> str:
-    """Clean raw model text and add the trigger, prefix and suffix: trigger, prefix, body, suffix."""
-    text = _SPECIAL_TOKENS.sub(" ", text)
+    """Clean raw model text and add the trigger, prefix and suffix (see the module docstring)."""
     if tags:
         return _postprocess_tags(text, options)
     return _postprocess_prose(text, options)
 
 
-def merge_captions(new: str, old: str, policy: str, *, tags: bool) -> str:
-    """Combine a new caption with the one already on disk.
+def merge_captions(new: str, old: str, policy: str, *, tags: bool, options: PostProcess | None = None) -> str:
+    """The caption that replaces `old` (the one on disk) under `--existing prepend` or `append`.
 
-    policy "prepend" puts the new caption first, "append" the old one. Tags are de-duplicated
-    (case-insensitively, first spelling wins); prose is joined with a space, and a new caption equal
-    to the old one is not added again, so re-running a merge does not grow the file. Run the result
-    through `postprocess` to move the trigger back to the front.
+    "prepend" puts the new caption first, "append" the old one. Both lose their trigger, prefix and
+    suffix first, and the joined text gets them once, by the rule of the module docstring: merging never
+    doubles a trigger, wherever the old caption had it. Tags are de-duplicated (case-insensitively, first
+    spelling wins); prose is joined like lines, and a new caption the old one already says is not added
+    again, so re-running a merge does not grow the file. The result is final: `postprocess` leaves it as is.
     """
     if policy not in ("prepend", "append"):
         raise ValueError(f"unknown merge policy {policy!r}: expected 'prepend' or 'append'")
-    first, second = (new, old) if policy == "prepend" else (old, new)
+    options = options or PostProcess()
+    trigger = _clean_trigger(options.trigger)
     if tags:
-        return ", ".join(_dedupe(split_tags(first) + split_tags(second)))
-    first, second = _normalize_prose(first), _normalize_prose(second)
-    if not first or not second:
-        return first or second
-    if first.casefold() == second.casefold():
-        return _normalize_prose(old)
-    return f"{first} {second}"
+        new_tags, old_tags = (_tag_body(text, options, trigger) for text in (new, old))
+        first, second = (new_tags, old_tags) if policy == "prepend" else (old_tags, new_tags)
+        return postprocess(", ".join(first + second), options, tags=True)
+    new_body, old_body = (_prose_body(_prose_line(text), options, trigger) for text in (new, old))
+    if not re.search(r"\w", old_body):
+        body = new_body or old_body
+    elif not re.search(r"\w", new_body) or re.search(_phrase(new_body), old_body, re.IGNORECASE):
+        body = old_body  # nothing new: a second run of the same merge leaves the caption as it is
+    else:
+        body = _join_lines([new_body, old_body] if policy == "prepend" else [old_body, new_body])
+    return postprocess(body, options, tags=False)
 
 
 # --- tags ---------------------------------------------------------------------------------------------
@@ -186,6 +207,17 @@ def _replace_tag(tag: str, options: PostProcess) -> str:
 
 def _postprocess_tags(text: str, options: PostProcess) -> str:
     trigger = _clean_trigger(options.trigger)
+    body = _tag_body(text, options, trigger)
+    if options.max_tags is not None:
+        body = body[: options.max_tags]
+    rest = options.prefix + ", ".join(body) + options.suffix
+    # strip(" ,"): an empty body must not leave the separator of a prefix dangling ("masterpiece,").
+    return _join_trigger(trigger, " ".join(rest.split()).strip(" ,"))
+
+
+def _tag_body(text: str, options: PostProcess, trigger: str) -> list[str]:
+    """The cleaned tags of `text`, without the trigger, prefix and suffix and not yet cut to max_tags."""
+    text = _SPECIAL_TOKENS.sub(" ", text)
     # Our own output first loses its trigger, prefix and suffix as text: a prefix without a trailing
     # comma ("photo of ") is glued to the first tag, and only this finds it again on a second pass.
     text = " ".join(re.sub(r"\s*\n\s*", ", ", text).split())
@@ -207,12 +239,7 @@ def _postprocess_tags(text: str, options: PostProcess) -> str:
         key = tag_key(tag)
         if key and key not in removed and key not in decoration:
             body.append(tag)
-    body = _dedupe(body)
-    if options.max_tags is not None:
-        body = body[: options.max_tags]
-    rest = options.prefix + ", ".join(body) + options.suffix
-    # strip(" ,"): an empty body must not leave the separator of a prefix dangling ("masterpiece,").
-    return _join_trigger(trigger, " ".join(rest.split()).strip(" ,"))
+    return _dedupe(body)
 
 
 # --- prose --------------------------------------------------------------------------------------------
@@ -220,6 +247,27 @@ def _postprocess_tags(text: str, options: PostProcess) -> str:
 
 def _normalize_prose(text: str) -> str:
     return _SPACE_BEFORE_PUNCT.sub(r"\1", " ".join(text.split()))
+
+
+def _join_lines(lines: list[str]) -> str:
+    # A space after a line that ends a sentence or a clause, else ", ": the lines of an old caption are
+    # usually separate captions or a caption and its tags, and "a red car a blue door" would read as one.
+    out = ""
+    for line in (line.strip() for line in lines):
+        if not line:
+            continue
+        if not out:
+            out = line
+        elif out.endswith(_PUNCTUATION) or line.startswith(_PUNCTUATION):
+            out = f"{out} {line}"
+        else:
+            out = f"{out}, {line}"
+    return out
+
+
+def _prose_line(text: str) -> str:
+    """Raw prose as one normalised line, Florence-2 special tokens removed."""
+    return _normalize_prose(_join_lines(_SPECIAL_TOKENS.sub(" ", text).splitlines()))
 
 
 def _clean_trigger(trigger: str | None) -> str:
@@ -233,8 +281,10 @@ def _join_trigger(trigger: str, rest: str) -> str:
 
 
 def _phrase(text: str) -> str:
-    """A regex for `text` as a whole phrase: not glued to letters or digits on either side."""
-    return rf"(?<!\w){re.escape(text)}(?!\w)"
+    """A regex for `text` as a whole phrase: an end that is a letter or digit is not glued to another."""
+    start = r"(?<!\w)" if re.match(r"\w", text) else ""
+    end = r"(?!\w)" if re.search(r"\w$", text) else ""
+    return rf"{start}{re.escape(text)}{end}"
 
 
 def _strip_boilerplate_once(text: str) -> str:
@@ -289,12 +339,11 @@ def _prose_body(text: str, options: PostProcess, trigger: str) -> str:
 
 def _postprocess_prose(text: str, options: PostProcess) -> str:
     trigger = _clean_trigger(options.trigger)
-    body = _prose_body(_normalize_prose(text), options, trigger)
-    starts_with_trigger = trigger and re.match(_phrase(trigger), body, re.IGNORECASE)
-    if starts_with_trigger and not options.prefix:
-        # "ohwx woman standing in a field" already leads with the trigger as the subject of the
-        # sentence; kohya's keep_tokens counts the whole first comma item, so it stays as written
-        # (only the spelling is made exact). Forcing "ohwx woman, standing" would break the sentence.
-        return _normalize_prose(trigger + body[len(trigger) :] + options.suffix)
-    # With a prefix the trigger must come before it, so the sentence is kept whole after the prefix.
-    return _join_trigger(trigger, _normalize_prose(options.prefix + body + options.suffix).strip(" ,"))
+    body = _prose_body(_prose_line(text), options, trigger)
+    named = trigger and re.search(_phrase(trigger), body, re.IGNORECASE)
+    if named:
+        # The sentence names the trigger ("ohwx woman standing", "a photo of ohwx woman"): it stays there,
+        # spelled exactly, and is not added again (module docstring).
+        body = re.sub(_phrase(trigger), lambda _: trigger, body, flags=re.IGNORECASE)
+    rest = _normalize_prose(options.prefix + body + options.suffix).strip(" ,")
+    return rest if named else _join_trigger(trigger, rest)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .backends.base import ANY_MODE, Backend, BackendError, accepts
+from .files import read_regular_bytes
 from .styles import (
     PER_IMAGE_PLACEHOLDERS,
     Style,
@@ -182,7 +183,8 @@ def _mode_request(choice: StyleChoice, style: Style, backend: Backend, trigger: 
 
 
 def _read_text(path: Path) -> str | None:
+    # Only hints for the prompt, never written back: bad bytes may become U+FFFD. A FIFO is not read.
     try:
-        return path.read_text(encoding="utf-8", errors="replace").strip() or None
+        return read_regular_bytes(path).decode("utf-8", errors="replace").strip() or None
     except OSError:
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from PIL import Image
 
 import loracap
 from loracap.cli import main
+
+GENERATION = loracap.GenerationSettings(min_new_tokens=2, max_new_tokens=6)  # GEN_ARGS, for the Python API
 
 
 def run(folder: Path, model: Path, *extra: str) -> int:
@@ -105,7 +108,9 @@ def test_jsonl_and_kohya_formats(dataset, tiny_model):
 
     assert run(dataset, model, "--format", "kohya-json") == 0
     meta = json.loads((dataset / "meta_cap.json").read_text())
-    assert sorted(meta) == ["a", "b", "sub/c"] and all(meta[k]["caption"] for k in meta)
+    # absolute paths with the extension: the keys sd-scripts v0.9.x and v0.10.x both find
+    assert sorted(meta) == [str(dataset / n) for n in ("a.jpg", "b.PNG", "sub/c.webp")]
+    assert all(meta[k]["caption"] for k in meta)
 
 
 def test_images_sharing_a_stem_are_not_given_one_caption(tmp_path, tiny_model, capsys):
@@ -114,10 +119,96 @@ def test_images_sharing_a_stem_are_not_given_one_caption(tmp_path, tiny_model, c
     assert sorted(captions(tmp_path)) == ["b.txt"]
     err = capsys.readouterr().err
     assert "a.jpg, a.png would share one caption (a.txt)" in err
-    assert run(tmp_path, tiny_model("florence2"), "--format", "kohya-json") == 1
-    assert "a.jpg, a.png would share one caption (key 'a')" in capsys.readouterr().err
-    # jsonl keys keep the extension, so there both images get their own caption.
+    # jsonl file names and kohya-json keys keep the extension, so there both images get their own caption.
+    assert run(tmp_path, tiny_model("florence2"), "--format", "kohya-json") == 0
+    assert len(json.loads((tmp_path / "meta_cap.json").read_text())) == 3
     assert run(tmp_path, tiny_model("florence2"), "--format", "jsonl") == 0
+
+
+def test_a_model_that_fails_every_image_stops_with_one_line(tmp_path, tiny_model, capsys):
+    """A checkpoint that cannot generate at all is one error (exit 2), not the same error for every file."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model("vit-gpt2"), broken)
+    config = json.loads((broken / "generation_config.json").read_text())
+    config["decoder_start_token_id"] = 10**6  # a token the decoder has no embedding for
+    (broken / "generation_config.json").write_text(json.dumps(config))
+    data = tmp_path / "data"
+    write_images(data, [f"img{i:02d}.jpg" for i in range(22)])
+
+    assert run(data, broken, "--batch-size", "2") == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("loracap:")] == [
+        "loracap: error: the model failed on each of the first 8 images with the same error, "
+        "so the run stopped (nothing was written): IndexError: index out of range in self"
+    ]
+    assert not captions(data) and not (data / "loracap-errors.jsonl").exists()
+
+
+MAGENTA = (255, 0, 255)
+
+
+class _FailsOnMagenta:
+    """A loaded backend with one fault injected: it raises on any batch holding a pure magenta image, as a
+    real model may on one odd input (a device-side assert, say). Everything else runs the real model."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def prepare(self, images, mode, prompt=None):
+        poisoned = any(im.getpixel((0, 0)) == MAGENTA for im in images)
+        return self.backend.prepare(images, mode, prompt), poisoned
+
+    def generate(self, inputs, settings):
+        prepared, poisoned = inputs
+        if poisoned:
+            raise RuntimeError("device-side assert triggered")
+        return self.backend.generate(prepared, settings)
+
+
+def test_images_a_working_model_fails_on_are_reported_and_the_rest_captioned(tmp_path, tiny_model):
+    """Failures before the first caption are held back, not lost: once the model has captioned an image,
+    they are reported per file like any other."""
+    from loracap.backends import load_backend
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a-odd.png", "b-odd.png"):  # first in order: they fail before any image is captioned
+        Image.new("RGB", (48, 40), MAGENTA).save(data / name)
+    write_images(data, ["c.jpg", "d.jpg", "e.jpg"])
+    backend = _FailsOnMagenta(load_backend(str(tiny_model("vit-gpt2")), device="cpu"))
+    summary = loracap.caption_folder(
+        data, backend=backend, batch_size=1, generation=GENERATION, progress=False
+    )
+    assert (summary.captioned, summary.failed) == (3, 2)
+    assert sorted(captions(data)) == ["c.txt", "d.txt", "e.txt"]
+    errors = [json.loads(line) for line in (data / "loracap-errors.jsonl").read_text().splitlines()]
+    assert {e["path"]: e["stage"] for e in errors} == {"a-odd.png": "caption", "b-odd.png": "caption"}
+    assert all("device-side assert" in e["reason"] for e in errors)
+
+    # One image alone that the model fails on is that image's error, not a broken model.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    Image.new("RGB", (48, 40), MAGENTA).save(alone / "odd.png")
+    summary = loracap.caption_folder(alone, backend=backend, generation=GENERATION, progress=False)
+    assert (summary.captioned, summary.failed) == (0, 1) and summary.errors[0].path == "odd.png"
+
+
+def test_a_decode_length_past_the_decoder_is_cut_to_fit_and_said_once(tmp_path, tiny_model, capsys):
+    """BLIP's decoder has 512 learned positions: asking for more would fail every image with IndexError."""
+    import torch
+
+    torch.set_num_threads(1)
+    blip = shutil.copytree(tiny_model("blip"), tmp_path / "blip")  # its own name: said once per model
+    data = tmp_path / "data"
+    write_images(data, ["a.jpg", "b.jpg"])
+    args = ["--batch-size", "1", "--min-new-tokens", "600", "--max-new-tokens", "600", "--quiet"]
+    assert main(["caption", str(data), "--model", str(blip), *args]) == 0
+    err = capsys.readouterr().err
+    assert err.count("decoder holds 512 positions, so captions stop at 512 new tokens (not 600)") == 1
+    assert len(captions(data)) == 2
 
 
 def test_usage_errors_exit_2_with_one_line(tmp_path, tiny_model, capsys):
@@ -157,41 +248,57 @@ def test_import_is_light():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+# Runs `loracap caption` as a user does, except that after the fifth caption is written the process
+# announces it and waits, so the Ctrl-C lands mid-run on any machine, fast or loaded.
+_PAUSE_AFTER_FIVE = """
+import sys, time
+from pathlib import Path
+from loracap.writers import sidecar
+
+ready, written, write = Path(sys.argv[1]), [], sidecar.SidecarStore.write
+
+def write_then_pause(self, image, text):
+    write(self, image, text)
+    written.append(image)
+    if len(written) == 5:
+        ready.touch()
+        while True:
+            time.sleep(0.05)
+
+sidecar.SidecarStore.write = write_then_pause
+from loracap.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_interrupted_run_leaves_no_partial_files_and_resumes(tmp_path, tiny_model):
     """Ctrl-C mid-run: written captions are complete, nothing stray is left, a re-run finishes the rest."""
     data = tmp_path / "data"
     write_images(data, [f"img{i:02d}.jpg" for i in range(40)])
-    cmd = [
-        sys.executable,
-        "-m",
-        "loracap",
-        "caption",
-        str(data),
-        "--model",
-        str(tiny_model("florence2")),
-        "--batch-size",
-        "1",
-        "--min-new-tokens",
-        "20",
-        "--max-new-tokens",
-        "20",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(data.glob("*.txt")) and time.time() < deadline and proc.poll() is None:
+    args = ["caption", str(data), "--model", str(tiny_model("florence2")), "--batch-size", "1", *GEN_ARGS]
+    ready = tmp_path / "paused"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PAUSE_AFTER_FIVE, str(ready), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()[1]
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Run the same command again to resume" in err
     done = captions(data)
-    assert 0 < len(done) < 40
+    assert len(done) == 5
     assert all(text.strip() for text in done.values())
     assert not [p for p in data.iterdir() if p.name.startswith(".")]  # no temp files
 
-    result = subprocess.run(cmd + ["--quiet"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "loracap", *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert f"{40 - len(done)} captioned, {len(done)} skipped" in result.stderr
+    assert "35 captioned, 5 skipped" in result.stderr
+    assert captions(data).items() >= done.items()  # the first five were not captioned again
     assert len(captions(data)) == 40
 
 

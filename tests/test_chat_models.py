@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -27,13 +26,10 @@ def test_chat_archs_are_registered():
 
 
 @pytest.mark.parametrize("arch", CHAT_ARCHS)
-def test_chat_model_builds_fast_and_reloads(tmp_path, arch):
+def test_chat_model_is_tiny_and_reloads(tmp_path, arch):
     from transformers import AutoModelForImageTextToText
 
-    make_tiny_model(arch, tmp_path / "warm-up")  # the first build pays for importing the model classes
-    start = time.perf_counter()
     folder = make_tiny_model(arch, tmp_path / "model")
-    assert time.perf_counter() - start < 2.0
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == MODEL_TYPES[arch]
     # What a loader needs besides the weights: image processor, tokenizer and (chat models) a template.
@@ -43,6 +39,8 @@ def test_chat_model_builds_fast_and_reloads(tmp_path, arch):
         assert (folder / "chat_template.jinja").is_file()
     model = AutoModelForImageTextToText.from_pretrained(folder)
     assert model.config.model_type == MODEL_TYPES[arch]
+    # Tiny is what keeps the suite fast on a CPU: well under a million parameters per model.
+    assert model.num_parameters() < 1_000_000
     # The same seed writes the same weights.
     again = make_tiny_model(arch, tmp_path / "again")
     assert (again / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()

@@ -98,10 +98,24 @@ def test_find_images_symlinks(tmp_path: Path) -> None:
         (root / "linkdir").symlink_to(outside, target_is_directory=True)
         (root / "loop").symlink_to(root, target_is_directory=True)
         (root / "broken.png").symlink_to(tmp_path / "nowhere.png")
+        (root / "circular.png").symlink_to(root / "circular.png")
+        (root / "folder.png").symlink_to(outside, target_is_directory=True)
     except OSError:
         pytest.skip("symlinks not supported here")
-    # The file link is followed (and keeps its own path); folder links and broken links are not.
-    assert find_images(root) == [root / "linked.png"]
+    # The file link is followed (and keeps its own path); folder links are folders, never entered. Broken
+    # and looping links with an image's name are listed, so they are reported instead of vanishing.
+    assert find_images(root) == [root / "broken.png", root / "circular.png", root / "linked.png"]
+    _assert_decode_error(root / "broken.png", "broken symbolic link")
+    _assert_decode_error(root / "circular.png", "symbolic link loop")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+def test_a_fifo_named_like_an_image_is_reported_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would wait for a writer: forever
+    assert find_images(tmp_path) == [tmp_path / "pipe.png"]
+    _assert_decode_error(tmp_path / "pipe.png", "FIFO")
+    with pytest.raises(OSError, match="FIFO"):
+        file_sha256(tmp_path / "pipe.png")
 
 
 def test_find_images_bad_root(tmp_path: Path) -> None:
@@ -322,7 +336,7 @@ def test_bad_files_raise_decode_error(tmp_path: Path) -> None:
     _assert_decode_error(_touch(tmp_path / "noise.jpg", noise), "not a recognised image format")
     _assert_decode_error(tmp_path / "missing.jpg", "not found")
     (tmp_path / "folder.jpg").mkdir()
-    _assert_decode_error(tmp_path / "folder.jpg", "directory")
+    _assert_decode_error(tmp_path / "folder.jpg", "a folder, not a file")
 
 
 def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -336,7 +350,7 @@ def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             def refuse(*args, **kwargs):
                 raise PermissionError(13, "Permission denied", str(path))
 
-            monkeypatch.setattr(decode, "open", refuse, raising=False)
+            monkeypatch.setattr(decode, "open_regular", refuse)
         _assert_decode_error(path, "permission denied")
     finally:
         path.chmod(0o644)

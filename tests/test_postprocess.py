@@ -40,8 +40,14 @@ PROSE_CASES = [
     ("Ohwx woman standing, ohwx woman", P(trigger="ohwx woman"), "ohwx woman standing"),
     ("The image shows ohwx woman smiling.", P(trigger="ohwx woman"), "ohwx woman smiling."),
     ("ohwx womanly figure", P(trigger="ohwx woman"), "ohwx woman, ohwx womanly figure"),
-    # inside a sentence the trigger is grammar: kept, and the trigger still goes first
-    ("a photo of ohwx woman smiling", P(trigger="ohwx woman"), "ohwx woman, a photo of ohwx woman smiling"),
+    # inside a sentence the trigger is grammar: it stays there and is not added again
+    ("a photo of ohwx woman smiling", P(trigger="ohwx woman"), "a photo of ohwx woman smiling"),
+    ("a photo of OHWX in a park", P(trigger="ohwx"), "a photo of ohwx in a park"),
+    ("ohwx, a photo of ohwx in a park", P(trigger="ohwx"), "a photo of ohwx in a park"),
+    ("a photo of ohwx in a park, ohwx", P(trigger="ohwx", suffix=", 4k"), "a photo of ohwx in a park, 4k"),
+    # one line: sd-scripts reads only the first line of a caption file
+    ("old line one\nold line two", P(trigger="ohwx"), "ohwx, old line one, old line two"),
+    ("A cat.\n\nA dog\n, sleeping", P(), "A cat. A dog, sleeping"),
     ("", P(trigger="ohwx woman"), "ohwx woman"),
     ("a cat", P(trigger="  ohwx   woman "), "ohwx woman, a cat"),
     ("a cat", P(trigger=""), "a cat"),
@@ -49,11 +55,7 @@ PROSE_CASES = [
     ("a cat", P(trigger="ohwx", prefix="photo of ", suffix=", 4k"), "ohwx, photo of a cat, 4k"),
     ("Photo of a cat, 4k", P(trigger="ohwx", prefix="photo of ", suffix=", 4k"), "ohwx, photo of a cat, 4k"),
     ("photo offset print", P(prefix="photo of "), "photo of photo offset print"),
-    (
-        "ohwx woman standing",
-        P(trigger="ohwx woman", prefix="photo, "),
-        "ohwx woman, photo, ohwx woman standing",
-    ),
+    ("ohwx woman standing", P(trigger="ohwx woman", prefix="photo, "), "photo, ohwx woman standing"),
     ("The image shows a cat", P(prefix="style: "), "style: A cat"),
 ]
 
@@ -80,6 +82,7 @@ TAG_CASES = [
     ("ohwx, a, b, c", P(trigger="ohwx", max_tags=2), "ohwx, a, b"),
     ("a, b", P(max_tags=0, trigger="ohwx"), "ohwx"),
     ("1girl, OHWX, solo", P(trigger="ohwx"), "ohwx, 1girl, solo"),
+    ("1girl\nohwx, solo\nsmile", P(trigger="ohwx"), "ohwx, 1girl, solo, smile"),
     (
         "1girl, solo",
         P(trigger="ohwx", prefix="masterpiece, ", suffix=", best quality"),
@@ -140,10 +143,79 @@ def test_merge_captions():
     assert merge_captions("A dog.", "A cat.", "prepend", tags=False) == "A dog. A cat."
     assert merge_captions("A dog.", "A cat.", "append", tags=False) == "A cat. A dog."
     assert merge_captions("A dog.", "  ", "append", tags=False) == "A dog."
+    assert merge_captions("a dog", "a cat", "append", tags=False) == "a cat, a dog"
     # re-running a merge does not grow the caption
     assert merge_captions("A cat.", "a  cat.\n", "append", tags=False) == "a cat."
+    assert merge_captions("a dog", "a cat, a dog", "append", tags=False) == "a cat, a dog"
     with pytest.raises(ValueError, match="merge policy"):
         merge_captions("a", "b", "replace", tags=False)
+
+
+OHWX = P(trigger="ohwx")
+DECORATED = P(trigger="ohwx", prefix="photo of ", suffix=", 4k")
+
+# (new caption as written by postprocess, old caption on disk, options, tags, append, prepend)
+MERGE_CASES = [
+    # the case: an old two-line caption, once ran into "ohwx, old line one old line two ohwx, ..."
+    (
+        "ohwx, a man on a bench",
+        "old line one\nold line two",
+        OHWX,
+        False,
+        "ohwx, old line one, old line two, a man on a bench",
+        "ohwx, a man on a bench, old line one, old line two",
+    ),
+    # the old caption already has the trigger as an item, in any case
+    (
+        "ohwx, a man on a bench",
+        "OHWX, a photo in a park",
+        OHWX,
+        False,
+        "ohwx, a photo in a park, a man on a bench",
+        "ohwx, a man on a bench, a photo in a park",
+    ),
+    # ... or in a sentence: there it stays, and nothing is added
+    (
+        "ohwx, a man on a bench",
+        "a photo of ohwx in a park",
+        OHWX,
+        False,
+        "a photo of ohwx in a park, a man on a bench",
+        "a man on a bench, a photo of ohwx in a park",
+    ),
+    ("ohwx standing", "A park.", OHWX, False, "A park. ohwx standing", "ohwx standing, A park."),
+    # prefix and suffix once, around both
+    (
+        "ohwx, photo of a man, 4k",
+        "ohwx, photo of a dog, 4k",
+        DECORATED,
+        False,
+        "ohwx, photo of a dog, a man, 4k",
+        "ohwx, photo of a man, a dog, 4k",
+    ),
+    # tags: one trigger tag, first; a prefix glued to the first tag is not glued to another one
+    ("ohwx, a, b", "c\nOHWX, d", OHWX, True, "ohwx, c, d, a, b", "ohwx, a, b, c, d"),
+    ("ohwx, a, b", "ohwx, b", OHWX, True, "ohwx, b, a", "ohwx, a, b"),
+    (
+        "ohwx, photo of a, b, 4k",
+        "ohwx, photo of c, 4k",
+        DECORATED,
+        True,
+        "ohwx, photo of c, a, b, 4k",
+        "ohwx, photo of a, b, c, 4k",
+    ),
+]
+
+
+@pytest.mark.parametrize(("new", "old", "options", "tags", "append", "prepend"), MERGE_CASES)
+def test_merge_keeps_the_trigger_rule(new, old, options, tags, append, prepend):
+    assert postprocess(new, options, tags=tags) == new  # the new caption is as the pipeline has it
+    for policy, expected in (("append", append), ("prepend", prepend)):
+        merged = merge_captions(new, old, policy, tags=tags, options=options)
+        assert merged == expected
+        assert postprocess(merged, options, tags=tags) == merged
+        # the next run with the same new caption changes nothing
+        assert merge_captions(new, merged, policy, tags=tags, options=options) == merged
 
 
 # --- idempotence over generated input ---------------------------------------------------------------
@@ -222,6 +294,19 @@ def test_idempotent(text, options, tags):
 @given(text=texts, tags=st.booleans())
 def test_trigger_first_and_once_as_an_item(text, tags):
     out = postprocess(text, P(trigger="ohwx woman"), tags=tags)
-    assert out.startswith("ohwx woman")
     items = [item.strip().casefold() for item in out.split(",")]
-    assert items.count("ohwx woman") <= 1
+    assert items.count("ohwx woman") <= 1 and "\n" not in out
+    # First, unless prose names it in a sentence, which then keeps it (spelled exactly) instead.
+    assert out.startswith("ohwx woman") or (not tags and "ohwx woman" in out)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(new=texts, old=texts, options=st.sampled_from(OPTIONS), tags=st.booleans())
+def test_merge_is_final_and_stable(new, old, options, tags):
+    new = postprocess(new, options, tags=tags)
+    for policy in ("append", "prepend"):
+        merged = merge_captions(new, old, policy, tags=tags, options=options)
+        assert postprocess(merged, options, tags=tags) == merged
+        assert "\n" not in merged
+        if not tags:  # tags de-duplicate; prose finds the new caption in the merged one
+            assert merge_captions(new, merged, policy, tags=tags, options=options) == merged

@@ -307,3 +307,34 @@ def test_analyze_text_puts_it_together(clip_tokenizer):
     assert [g.indices for g in report.duplicates.exact] == [[0, 1]]
     assert ("ohwx", 0.75) not in report.tags.common and report.tags.common == [("1girl", 1.0)]
     assert report.sensitive.terms["1girl"].captions == 4
+
+
+def test_without_a_tokenizer_the_trigger_audit_keeps_presence_position_and_glued():
+    captions = [
+        "ohwx, 1girl, smile",
+        "1girl, ohwxwoman, smile",
+        "1girl, smile, outdoors",
+        "1girl, smile, Ohwx",
+    ]
+
+    report = audit_trigger(captions, None, "ohwx")
+
+    assert report.trigger_tokens is None
+    assert report.with_trigger == 3 and report.without == [2]
+    assert [h.where for h in report.hits] == ["first_tag", "middle", "end"]
+    assert report.glued == [1] and report.case_mismatch == [3]
+    # Fusion needs the tokenizer: unknown (None), not "not fused".
+    assert report.fused == [] and all(h.fused is None and h.tokens == [] for h in report.hits)
+
+
+def test_analyze_text_without_a_tokenizer_skips_only_the_token_checks(clip_tokenizer):
+    captions = ["ohwx, 1girl, smile", "ohwx, 1girl, smile", "ohwx, 1girl, hat", "ohwxgirl, 1girl, outdoors"]
+
+    report = analyze_text(captions, None, trigger="ohwx")
+
+    assert report.tokens is None
+    assert [g.indices for g in report.duplicates.exact] == [[0, 1]]
+    assert report.tags.common == [("1girl", 1.0)] and report.sensitive.terms["1girl"].captions == 4
+    assert report.trigger is not None and report.trigger.glued == [3]
+    with pytest.raises(ValueError, match="pass a tokenizer"):  # T5 counts are not silently dropped
+        analyze_text(captions, None, t5_tokenizer=clip_tokenizer)

@@ -11,8 +11,11 @@ import pytest
 from PIL import Image
 
 import loracap
+from loracap.backends import hub
+from loracap.backends.hub import hf_cache_dir
 from loracap.cli import main
-from loracap.quality.gates import CHECKS, Rule, evaluate, parse_rules
+from loracap.quality.clipscore import DEFAULT_MODEL
+from loracap.quality.gates import CHECKS, NEEDS_TOKENS, Rule, evaluate, parse_rules
 
 TRIGGER = "ohwx"
 LONG_CAPTION = f"{TRIGGER}, " + " ".join(f"detail{i}" for i in range(120))
@@ -237,3 +240,129 @@ def test_missing_clip_model_offline_gives_the_one_line_fix(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert "openai/clip-vit-large-patch14" in err and "hf download" in err
     assert not (tmp_path / "out").exists()
+
+
+# --- --no-clip without a tokenizer: the token checks are skipped, not downloaded for ---------------------
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Hub mode on (HF_HUB_OFFLINE unset) with downloading made a test failure: --no-clip must not fetch a
+    CLIP checkpoint for its tokenizer, online or not."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def download(spec, *args):
+        raise AssertionError(f"tried to download {spec}")
+
+    monkeypatch.setattr(hub, "_download", download)
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
+def test_no_clip_without_tokenizer_skips_the_token_checks(
+    tiny_model, tmp_path: Path, capsys, request, online: bool
+) -> None:
+    if online:
+        request.getfixturevalue("no_downloads")
+    root = planted_dataset(tmp_path / "ds")
+    (root / "img4.txt").write_text("", encoding="utf-8")
+    out = tmp_path / "out"
+    # The default CLIP model, which is not in the tests' empty Hugging Face cache.
+    rc = main(["report", str(root), "--no-clip", "--trigger", TRIGGER, "--out", str(out), "--quiet"])
+
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "token checks skipped" in printed and "--tokenizer ID_OR_FOLDER" in printed
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    # Skipped reads as skipped, never as "0 truncated".
+    assert set(data["tokens"]) == {"skipped"} and DEFAULT_MODEL in data["tokens"]["skipped"]
+    assert {name for name, n in data["checks"].items() if n is None} == NEEDS_TOKENS
+    assert all(p["tokens"] is None and p["truncated"] is None for p in data["pairs"])
+    assert data["trigger"]["tokens"] is None
+    # Every other check still ran.
+    assert data["dataset"]["missing"] == ["nocap.jpg"]
+    assert [g["paths"] for g in data["duplicates"]["exact"]] == [["copy_exact.jpg", "img1.jpg"]]
+    assert data["checks"]["duplicate-image"] == 2 and data["checks"]["empty-caption"] == 1
+    assert [p["path"] for p in data["pairs"] if p["empty"]] == ["img4.jpg"]
+    assert [f["path"] for f in data["trigger"]["fused"]] == ["img3.jpg"]  # "ohwxwoman": glued, still seen
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Token checks skipped" in html and "fusion check was skipped" in html
+
+    # A tokenizer given explicitly brings the token section back.
+    rc = main(
+        [
+            "report",
+            str(root),
+            "--no-clip",
+            "--tokenizer",
+            str(tiny_model("clip")),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert rc == 0 and data["tokens"]["tokenizer"] == str(tiny_model("clip"))
+    assert [t["path"] for t in data["tokens"]["truncated"]] == ["img2.jpg"] and data["checks"][
+        "truncated"
+    ] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--fail-on", "truncated"], "needs token counts"),
+        (["--fail-on", "t5-truncated>2"], "needs token counts"),
+        (["--trigger", TRIGGER, "--fail-on", "fused-trigger"], "needs token counts"),
+        (["--t5-tokenizer", "google/t5-v1_1-xxl"], "--t5-tokenizer"),
+    ],
+)
+def test_token_options_without_a_tokenizer_fail_before_any_work(
+    tmp_path: Path, capsys, args: list[str], message: str
+) -> None:
+    root = planted_dataset(tmp_path / "ds")
+    rc = main(["report", str(root), "--no-clip", "--out", str(tmp_path / "out"), "--quiet", *args])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "--tokenizer ID_OR_FOLDER" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_clip_uses_the_cached_clip_tokenizer(
+    tiny_model, tmp_path: Path, monkeypatch, no_downloads
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))  # not the cache the other tests share
+    # Laid out as huggingface_hub's cache does: refs/main -> snapshots/<commit>.
+    repo = hf_cache_dir() / f"models--{DEFAULT_MODEL.replace('/', '--')}"
+    shutil.copytree(tiny_model("clip"), repo / "snapshots" / ("ab12" * 10))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("ab12" * 10, encoding="utf-8")
+    root = planted_dataset(tmp_path / "ds")
+
+    rc, data = run_report(
+        root, tmp_path / "out", DEFAULT_MODEL, "--no-clip", "--no-images", "--fail-on", "truncated"
+    )
+
+    assert rc == 1  # the rule is accepted: img2.jpg is over the window
+    assert data["tokens"]["tokenizer"] == DEFAULT_MODEL
+    assert [t["path"] for t in data["tokens"]["truncated"]] == ["img2.jpg"]
+
+
+def test_a_given_tokenizer_that_is_not_here_is_an_error(tmp_path: Path, capsys) -> None:
+    root = planted_dataset(tmp_path / "ds")
+    rc = main(
+        ["report", str(root), "--no-clip", "--tokenizer", "acme/not-cached", "--out", str(tmp_path / "out")]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "acme/not-cached" in err and "hf download" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_token_rules_need_a_tokenizer() -> None:
+    with pytest.raises(ValueError, match="needs token counts"):
+        parse_rules(["missing-caption,truncated>3"], tokens=False)
+    # Counted without a tokenizer: still accepted.
+    assert parse_rules(["empty-caption", "duplicate-caption"], tokens=False) == [
+        Rule("empty-caption", 0),
+        Rule("duplicate-caption", 0),
+    ]

@@ -1,7 +1,8 @@
 """`loracap serve` and the remote backend, over real HTTP on 127.0.0.1: no mocked transport, no mocked model.
 
-A tiny BLIP model is served by uvicorn in a background thread; the remote backend, plain httpx calls and a
-hand-written http.server (for retries and error paths) talk to it through real sockets.
+Tiny BLIP and LLaVA models are served by uvicorn in a background thread (or by `loracap serve` in a
+subprocess); the remote backend, plain httpx calls, raw sockets and a hand-written http.server (for retries
+and error paths) talk to them through real sockets.
 """
 
 from __future__ import annotations
@@ -11,10 +12,17 @@ import hashlib
 import http.server
 import io
 import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pytest
 from PIL import Image
@@ -88,17 +96,23 @@ def blip(tiny_model):
 
 
 @pytest.fixture(scope="module")
+def llava(tiny_model):
+    """A tiny chat model: follows instructions; its decoder (RoPE, 512 positions) writes long captions."""
+    return load_backend(str(tiny_model("llava")), device="cpu")
+
+
+@pytest.fixture(scope="module")
 def served(blip):
-    """(base URL, list of batch sizes passed to the real backend's generate)."""
+    """(base URL, list of batch sizes passed to the real backend's generate_detailed)."""
     backend = blip
     batches: list[int] = []
-    real_generate = backend.generate
+    real_generate = backend.generate_detailed
 
-    def counting_generate(inputs, settings):
+    def counting_generate(inputs, settings, interrupt=None):
         batches.append(len(inputs["pixel_values"]))
-        return real_generate(inputs, settings)
+        return real_generate(inputs, settings, interrupt)
 
-    backend.generate = counting_generate
+    backend.generate_detailed = counting_generate
     app = create_app(
         backend,
         model_name="tiny-blip",
@@ -169,7 +183,7 @@ def test_concurrent_requests_share_generate_calls(served):
     assert answer["id"] and isinstance(answer["created"], int) and "usage" in answer
     (choice,) = answer["choices"]
     assert choice["message"]["role"] == "assistant" and choice["message"]["content"]
-    assert choice["finish_reason"] == "stop"
+    assert choice["finish_reason"] in ("stop", "length")
 
 
 def test_text_selects_a_mode_and_max_tokens_is_honoured(served):
@@ -204,6 +218,7 @@ class _InstructionBlip:
 
     def __init__(self, blip):
         self.blip, self.name, self.image_side = blip, "tiny-instruct", blip.image_side
+        self.tokenizer = blip.processor.tokenizer  # counts the prompt against --max-prompt-tokens
         self.prompts: list[tuple[str, str | list[str] | None]] = []
 
     def prepare(self, images, mode, prompt=None):
@@ -272,15 +287,23 @@ class _ScriptedChat:
 
 def _app_of_serve(monkeypatch, backend, **kw):
     """The app `serve(**kw)` builds around `backend`, captured where uvicorn would have run it."""
+    from loracap.serve import serve
+
+    return _captured_app(monkeypatch, backend, lambda: serve(backend.name, **kw))
+
+
+def _captured_app(monkeypatch, backend, start):
+    """The app that `start()` (serve, or `loracap serve`) builds around `backend`, captured where uvicorn
+    would have run it."""
     import uvicorn
 
     import loracap.backends
-    from loracap.serve import serve
 
     apps = []
     monkeypatch.setattr(loracap.backends, "load_backend", lambda model, **_: backend)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **_: apps.append(app))
-    serve(backend.name, **kw)
+    with monkeypatch.context() as patch:  # only while it starts: the test then serves the app for real
+        patch.setattr(uvicorn.Server, "run", lambda server, *_, **__: apps.append(server.config.app))
+        start()
     (app,) = apps
     return app
 
@@ -310,19 +333,25 @@ def test_serve_takes_one_extra_as_a_string(monkeypatch):
     assert backend.prompts == [render_prompt(load_style("training-caption"), extras=["lighting"])]
 
 
-@contextmanager
-def _cli_server(*args: str):
-    """`loracap serve ARGS` in a subprocess on a free loopback port; yields its base URL once it answers."""
-    import socket
-    import subprocess
-    import sys
+@dataclass
+class _Served:
+    base: str
+    proc: subprocess.Popen
+    output: str = ""
+    """Everything it printed, once it has exited."""
 
+
+@contextmanager
+def _cli_server(*args: str, env: dict[str, str] | None = None):
+    """`loracap serve ARGS` in a subprocess on a free loopback port (one torch thread, plus `env`); yields a
+    _Served once it answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "loracap", "serve", "--port", str(port), "--device", "cpu", *args]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environ)
+    served = _Served(f"http://127.0.0.1:{port}", proc)
     try:
         with httpx.Client(timeout=TIMEOUT) as client:
             deadline = time.monotonic() + 60
@@ -330,11 +359,11 @@ def _cli_server(*args: str):
                 assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
                 assert time.monotonic() < deadline, "loracap serve did not come up in 60 s"
                 try:
-                    client.get(f"{base}/health")
+                    client.get(f"{served.base}/health")
                     break
                 except httpx.TransportError:
                     time.sleep(0.1)
-        yield base
+        yield served
     finally:
         proc.terminate()
         try:
@@ -342,32 +371,40 @@ def _cli_server(*args: str):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+        served.output = proc.stdout.read().decode(errors="replace")
         proc.stdout.close()
 
 
 def test_loracap_serve_and_loracap_caption_through_it(tiny_model, tmp_path, monkeypatch, capsys):
-    """The two commands end to end: a chat model served with a default style, a folder captioned remotely."""
+    """The two commands end to end: a chat model served with a default style and an API key, a folder
+    captioned remotely with that key."""
     from conftest import write_images
 
     from loracap.cli import main
 
     model = str(tiny_model("llava"))
-    serve_args = ["--model", model, "--style", "booru-tags", "--length", "short", "--log-level", "warning"]
-    with _cli_server(*serve_args, "--max-new-tokens", "6", "--min-new-tokens", "2") as base:
+    serve_args = ["--model", model, "--style", "booru-tags", "--length", "short", "--log-level", "info"]
+    serve_args += ["--max-new-tokens", "6", "--min-new-tokens", "2", "--api-key-env", "LORACAP_SERVE_KEY"]
+    with _cli_server(*serve_args, env={"LORACAP_SERVE_KEY": KEY}) as server:
+        url = f"{server.base}/v1/chat/completions"
         with httpx.Client(timeout=TIMEOUT) as client:
-            health = client.get(f"{base}/health").json()
+            health = client.get(f"{server.base}/health").json()
             # No text part: the served style's instruction is used instead of a 400 "missing_prompt".
-            bare = client.post(f"{base}/v1/chat/completions", json=_chat(_data_url(_png()), text=None))
+            bare = client.post(
+                url, json=_chat(_data_url(_png()), text=None), headers={"Authorization": f"Bearer {KEY}"}
+            )
+            keyless = client.post(url, json=_chat(_data_url(_png()), text=None))
         assert health["status"] == "ok" and health["model"] == model and health["mode"] == "*"
         assert bare.status_code == 200, bare.text
         assert bare.json()["choices"][0]["message"]["content"]
+        assert keyless.status_code == 401 and keyless.json()["error"]["code"] == "invalid_api_key"
 
         write_images(tmp_path, ["a.png", "b.jpg", "sub/c.webp"])
         (tmp_path / "broken.png").write_bytes(b"not a png")
         monkeypatch.setenv("LORACAP_TEST_KEY", KEY)
         capsys.readouterr()
         status = main(
-            ["caption", str(tmp_path), "--model", "openai:tiny", "--api-base", f"{base}/v1"]
+            ["caption", str(tmp_path), "--model", "openai:tiny", "--api-base", f"{server.base}/v1"]
             + ["--api-key-env", "LORACAP_TEST_KEY", "--style", "training-caption", "--extra", "lighting"]
             + ["--trigger", "ohwx", "--max-new-tokens", "6", "--quiet"]
         )
@@ -378,6 +415,8 @@ def test_loracap_serve_and_loracap_caption_through_it(tiny_model, tmp_path, monk
     assert all(c.startswith("ohwx") and len(c) > len("ohwx, ") for c in captions.values())
     assert "3 captioned" in output.err and "1 failed" in output.err
     assert KEY not in output.out + output.err
+    # The server logged every request (--log-level info) and never the key.
+    assert "POST /v1/chat/completions" in server.output and KEY not in server.output
 
 
 def test_serve_refuses_a_style_its_model_cannot_write(tiny_model, capsys):
@@ -391,6 +430,7 @@ def test_serve_refuses_a_style_its_model_cannot_write(tiny_model, capsys):
 # --- bad requests: always 4xx with OpenAI's error body ----------------------------------------------
 
 _TRUNCATED_PNG = _png((40, 40), (1, 2, 3))[:60]
+_JSON = {"content-type": "application/json"}
 
 BAD_REQUESTS = {
     "no image": ({"json": _chat(None)}, 400, "no image"),
@@ -426,11 +466,66 @@ BAD_REQUESTS = {
     "bad max_tokens": ({"json": _chat(_data_url(_png()), max_tokens="ten")}, 400, "max_tokens"),
     "streaming": ({"json": _chat(_data_url(_png()), stream=True)}, 400, "stream"),
     "body too large": ({"json": _chat(_data_url(_png()), "x" * (BODY_LIMIT + 1000))}, 413, "bytes"),
+    # json.loads raised RecursionError on these (a 500 and a traceback per request)
+    "deeply nested JSON": (
+        {"content": b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "headers": _JSON},
+        400,
+        "JSON",
+    ),
+    # json.dumps writes a lone surrogate as the escape "\ud800", which JSON allows and UTF-8 cannot encode
+    "lone surrogate in the text": (
+        {"content": json.dumps(_chat(_data_url(_png()), "a \ud800 b")).encode(), "headers": _JSON},
+        400,
+        "invalid JSON",
+    ),
+    "lone surrogate in the mode": (
+        {"content": json.dumps(_chat(_data_url(_png()), mode="\udfff")).encode(), "headers": _JSON},
+        400,
+        "invalid JSON",
+    ),
+    "image in an earlier user message": (
+        {
+            "json": {
+                "messages": _chat(_data_url(_png()))["messages"] + [{"role": "user", "content": "Again."}]
+            }
+        },
+        400,
+        "in one user message",
+    ),
+    "conversation history": (
+        {
+            "json": {
+                "messages": [{"role": "assistant", "content": "Hi."}, *_chat(_data_url(_png()))["messages"]]
+            }
+        },
+        400,
+        "'assistant'",
+    ),
+    "an image in a system message": (
+        {
+            "json": {
+                "messages": [
+                    {"role": "system", "content": _chat(_data_url(_png()))["messages"][0]["content"]}
+                ]
+            }
+        },
+        400,
+        "messages[0].content",
+    ),
+    "max_tokens past the decoder": (
+        {"json": _chat(_data_url(_png()), max_tokens=4000)},
+        400,
+        "writes at most",
+    ),
+    "fractional max_tokens": ({"json": _chat(_data_url(_png()), max_tokens=5.5)}, 400, "max_tokens"),
+    "max_tokens as a string": ({"json": _chat(_data_url(_png()), max_tokens="5")}, 400, "max_tokens"),
+    "temperature out of range": ({"json": _chat(_data_url(_png()), temperature=3)}, 400, "temperature"),
+    "empty stop string": ({"json": _chat(_data_url(_png()), stop="")}, 400, "stop"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
-def test_bad_requests_get_openai_shaped_4xx(served, case):
+def test_bad_requests_get_openai_shaped_4xx(served, case, caplog):
     base, _ = served
     kwargs, status, words = BAD_REQUESTS[case]
     with httpx.Client(timeout=TIMEOUT) as client:
@@ -439,6 +534,34 @@ def test_bad_requests_get_openai_shaped_4xx(served, case):
     error = r.json()["error"]
     assert words.lower() in error["message"].lower()
     assert error["type"] == "invalid_request_error" and error["code"]
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR], "a client mistake was logged"
+
+
+# OpenAI parameters a captioner cannot honour: refused by name instead of accepted and ignored.
+UNSUPPORTED = {
+    "logprobs": True,
+    "top_logprobs": 3,
+    "response_format": {"type": "json_object"},
+    "tools": [{"type": "function", "function": {"name": "caption"}}],
+    "tool_choice": "auto",
+    "frequency_penalty": 0.5,
+    "presence_penalty": 0.5,
+    "logit_bias": {"50": -100},
+    "n": 2,
+    "stream": True,
+}
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_parameters_a_captioner_cannot_honour_are_refused_by_name(served, name):
+    base, _ = served
+    with httpx.Client(timeout=TIMEOUT) as client:
+        r = client.post(
+            f"{base}/v1/chat/completions", json=_chat(_data_url(_png()), **{name: UNSUPPORTED[name]})
+        )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == name and name in error["message"]
 
 
 def test_unknown_routes_and_methods_use_the_error_shape(served):
@@ -448,6 +571,271 @@ def test_unknown_routes_and_methods_use_the_error_shape(served):
         wrong_method = client.get(f"{base}/v1/chat/completions")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"]
+
+
+# --- what the server reports, and what it honours ------------------------------------------------------
+
+
+def _caption(response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def test_finish_reason_and_usage_tell_the_truth(served):
+    base, _ = served
+    url = f"{base}/v1/chat/completions"
+    image = _data_url(_png())
+    with httpx.Client(timeout=TIMEOUT) as client:
+        cut = client.post(url, json=_chat(image, max_tokens=3)).json()
+        # null is "not set": it used to hide max_tokens
+        null = client.post(url, json=_chat(image, max_tokens=2, max_completion_tokens=None)).json()
+        full = _caption(client.post(url, json=_chat(image, max_tokens=12)))
+        stop = " " + full.split()[2]
+        stopped = client.post(url, json=_chat(image, max_tokens=12, stop=[stop, "never there"])).json()
+    # The tiny model never ends a caption itself: max_tokens cut it, and the server says so.
+    assert cut["choices"][0]["finish_reason"] == "length"
+    assert cut["usage"]["completion_tokens"] == 3 and cut["usage"]["prompt_tokens"] >= 1
+    assert cut["usage"]["total_tokens"] == cut["usage"]["prompt_tokens"] + 3
+    assert null["usage"]["completion_tokens"] == 2
+    # A stop string ends the caption before it, and that is a "stop".
+    caption = stopped["choices"][0]["message"]["content"]
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stop not in caption and full.startswith(caption) and len(caption) < len(full)
+
+
+@pytest.mark.parametrize("arch", ["florence2", "vit-gpt2", "llava"])
+def test_every_model_family_counts_its_tokens(tiny_model, arch):
+    """BLIP is covered above; Florence-2's decoder is made to write an end token at the limit, which is
+    still a "length"."""
+    backend = load_backend(str(tiny_model(arch)), device="cpu")
+    app = create_app(backend, generation=GenerationSettings(max_new_tokens=8))
+    with _uvicorn(app) as base, httpx.Client(timeout=TIMEOUT) as client:
+        answer = client.post(
+            f"{base}/v1/chat/completions", json=_chat(_data_url(_png()), max_tokens=3)
+        ).json()
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 3 and answer["usage"]["prompt_tokens"] >= 1
+
+
+def test_temperature_top_p_and_seed_sample(served):
+    import torch
+
+    torch.set_num_threads(1)
+    base, _ = served
+    url = f"{base}/v1/chat/completions"
+    image = _data_url(_png())
+    with httpx.Client(timeout=TIMEOUT) as client:
+
+        def caption(**kw) -> str:
+            return _caption(client.post(url, json=_chat(image, max_tokens=8, **kw)))
+
+        greedy = caption()
+        seeded = [caption(temperature=1.5, seed=7), caption(temperature=1.5, seed=7)]
+        seeds = {caption(temperature=1.5, seed=seed) for seed in range(6)}
+        nucleus = {caption(top_p=0.9, seed=seed) for seed in range(6)}
+        # Greedy and sampling requests at once: they are never captioned in one batch.
+        mixed = [{"temperature": 1.5}, {}] * 4
+        with ThreadPoolExecutor(len(mixed)) as pool:
+            together = list(pool.map(lambda kw: caption(**kw), mixed))
+    assert all(caption == greedy for caption in together[1::2])  # unchanged by the sampling requests
+    assert seeded[0] == seeded[1]  # a seed makes sampling repeatable
+    assert len(seeds) > 1 and len(nucleus) > 1  # and sampling samples: by temperature, or by top_p alone
+
+
+def test_a_long_prompt_is_refused_before_any_work(blip):
+    backend = _InstructionBlip(blip)
+    app = create_app(backend, max_prompt_tokens=50, generation=GenerationSettings(max_new_tokens=4))
+    image = _data_url(_png())
+    with _uvicorn(app) as base, httpx.Client(timeout=TIMEOUT) as client:
+        url = f"{base}/v1/chat/completions"
+        fits = client.post(url, json=_chat(image, "a photo of"))
+        long = client.post(url, json=_chat(image, "a photo of " * 40))
+        # 1 MB of text: it used to hold the server for everyone, and never finish
+        huge = client.post(url, json=_chat(image, "a photo of " * 100_000))
+        system = {"role": "system", "content": "Write one caption. " * 20}
+        long_system = client.post(url, json={"messages": [system, *_chat(image, "a photo of")["messages"]]})
+    assert fits.status_code == 200, fits.text
+    for refused in (long, huge, long_system):
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "prompt_too_long" and "50 tokens" in error["message"]
+    assert backend.prompts == [("*", "a photo of")]  # nothing else reached the model
+
+
+def test_a_chat_model_reads_the_system_message(llava):
+    app = create_app(llava, generation=GenerationSettings(max_new_tokens=4, min_new_tokens=2))
+    user = _chat(_data_url(_png()), "Describe the image.")["messages"]
+    system = {"role": "system", "content": "You caption photos for a training set."}
+    with _uvicorn(app) as base, httpx.Client(timeout=TIMEOUT) as client:
+        url = f"{base}/v1/chat/completions"
+        plain = client.post(url, json={"messages": user})
+        with_system = client.post(url, json={"messages": [system, *user]})
+    assert plain.status_code == with_system.status_code == 200, with_system.text
+    # The system turn is part of what the model read: more prompt tokens, by the model's own count.
+    assert with_system.json()["usage"]["prompt_tokens"] > plain.json()["usage"]["prompt_tokens"] > 0
+
+
+def test_a_fixed_mode_model_takes_a_system_message_as_it_takes_free_text(served):
+    base, _ = served
+    body = {"messages": [{"role": "system", "content": "You are a helpful assistant."}]}
+    body["messages"] += _chat(_data_url(_png()))["messages"]
+    with httpx.Client(timeout=TIMEOUT) as client:
+        assert _caption(client.post(f"{base}/v1/chat/completions", json=body))
+
+
+def test_the_api_key_guards_the_v1_routes(blip, caplog):
+    app = create_app(blip, api_key=KEY, generation=GenerationSettings(max_new_tokens=4, min_new_tokens=2))
+    body = _chat(_data_url(_png()))
+    with _uvicorn(app) as base, httpx.Client(timeout=TIMEOUT) as client:
+        url = f"{base}/v1/chat/completions"
+        missing = client.post(url, json=body)
+        wrong = client.post(url, json=body, headers={"Authorization": "Bearer sk-test-SECRET-0123456788"})
+        # Checked before the body is read: without the key, a broken body is a 401 too.
+        junk = client.post(url, content=b"{not json", headers={**_JSON, "Authorization": "Basic abc"})
+        models = client.get(f"{base}/v1/models")
+        ok = client.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"})
+        listed = client.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        open_routes = [client.get(f"{base}/{path}").status_code for path in ("health", "openapi.json")]
+    for refused in (missing, wrong, junk, models):
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+        assert refused.headers["www-authenticate"] == "Bearer" and KEY not in refused.text
+    assert _caption(ok) and listed.status_code == 200 and open_routes == [200, 200]
+    assert KEY not in caplog.text
+
+
+def test_loracap_serve_passes_its_options_to_the_app(blip, monkeypatch, capsys):
+    from loracap.cli import main
+
+    monkeypatch.setenv("LORACAP_SERVE_KEY", KEY)
+    args = ["serve", "--model", "tiny", "--max-prompt-tokens", "5", "--api-key-env", "LORACAP_SERVE_KEY"]
+    app = _captured_app(monkeypatch, blip, lambda: main(args))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with _uvicorn(app) as base, httpx.Client(timeout=TIMEOUT) as client:
+        url = f"{base}/v1/chat/completions"
+        keyless = client.post(url, json=_chat(_data_url(_png()), "caption"))
+        long = client.post(
+            url, json=_chat(_data_url(_png()), "one two three four five six seven"), headers=auth
+        )
+    assert keyless.status_code == 401
+    assert long.status_code == 400 and "limit of 5 tokens" in long.json()["error"]["message"]
+    # Asked for a key it does not have, it refuses to start open.
+    monkeypatch.delenv("LORACAP_SERVE_KEY")
+    assert main(args) == 2
+    assert "$LORACAP_SERVE_KEY is not set" in capsys.readouterr().err
+
+
+def test_the_request_schema_is_published(served):
+    base, _ = served
+    with httpx.Client(timeout=TIMEOUT) as client:
+        schema = client.get(f"{base}/openapi.json").json()
+    components = schema["components"]["schemas"]
+    request = components["ChatCompletionRequest"]
+    assert request["additionalProperties"] is False  # what it does not list is refused, not ignored
+    assert {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop"} <= set(
+        request["properties"]
+    )
+    operation = schema["paths"]["/v1/chat/completions"]["post"]
+    assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ChatCompletionRequest"
+    )
+    assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ChatCompletion"
+    )
+    # Refusals are 400s with OpenAI's error body, not FastAPI's 422.
+    assert "422" not in operation["responses"] and "4XX" in operation["responses"]
+    assert components["Choice"]["properties"]["finish_reason"]["enum"] == ["stop", "length"]
+
+
+# --- never stall: clients that leave, prompts that are too long, shutdown ----------------------------
+
+
+class _Watched:
+    """A real backend, recording the completion tokens of every generate call; `busy` is set while the
+    model generates."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.calls: list[list[int]] = []
+        self.busy = threading.Event()
+
+    def __getattr__(self, name):  # name, modes, instructions, model, tokenizer, ...: the backend's own
+        return getattr(self.backend, name)
+
+    def prepare(self, images, mode, prompt=None):
+        return self.backend.prepare(images, mode, prompt)
+
+    def generate(self, inputs, settings):
+        return [g.text for g in self.generate_detailed(inputs, settings)]
+
+    def generate_detailed(self, inputs, settings, interrupt=None):
+        self.busy.set()
+        try:
+            results = self.backend.generate_detailed(inputs, settings, interrupt)
+        finally:
+            self.busy.clear()
+        self.calls.append([r.completion_tokens for r in results])
+        return results
+
+
+def _open_request(base: str, body: dict) -> socket.socket:
+    """A chat completion sent on a socket of its own and left unread: closing it is the client leaving."""
+    host, port = base.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def test_work_for_a_client_that_left_is_dropped(llava):
+    import torch
+
+    torch.set_num_threads(1)
+    backend, long = _Watched(llava), 400  # fits the tiny LLaVA's 512 positions after its prompt
+    # One caption at a time, each long: a second request waits in the queue while the first runs.
+    app = create_app(
+        backend, max_batch=1, generation=GenerationSettings(max_new_tokens=long, min_new_tokens=long)
+    )
+    body = _chat(_data_url(_png()))
+    with _uvicorn(app) as base:
+        running = _open_request(base, body)
+        assert backend.busy.wait(TIMEOUT)
+        queued = _open_request(base, body)
+        deadline = time.monotonic() + TIMEOUT
+        while not app.state.batcher.pending:
+            assert time.monotonic() < deadline, "the second request was never queued"
+            time.sleep(0.01)
+        queued.close()
+        running.close()
+        # A client that stays is answered as soon as the model is free.
+        kept = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=TIMEOUT)
+    first, *others = backend.calls
+    assert first[0] < long  # the running caption stopped soon after its client left
+    assert others == [[long]]  # the queued one never ran; the kept one ran in full
+    assert kept.status_code == 200 and kept.json()["usage"]["completion_tokens"] == long
+
+
+def test_sigterm_stops_a_busy_server_within_seconds(tiny_model):
+    n, long = 12, 500
+    args = ["--model", str(tiny_model("llava")), "--max-batch", "1", "--log-level", "warning"]
+    args += ["--max-new-tokens", str(long), "--min-new-tokens", str(long)]
+    body = _chat(_data_url(_png()))
+    with _cli_server(*args) as server, httpx.Client(timeout=60) as client, ThreadPoolExecutor(n) as pool:
+        pending = [
+            pool.submit(client.post, f"{server.base}/v1/chat/completions", json=body) for _ in range(n)
+        ]
+        # Once one caption is done, the others are queued behind the model (each takes it a while).
+        wait(pending, timeout=60, return_when=FIRST_COMPLETED)
+        server.proc.send_signal(signal.SIGTERM)
+        # uvicorn used to wait for every queued caption first: minutes, with a real model and queue.
+        server.proc.wait(timeout=30)
+        responses = [future.result() for future in pending]
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503} and statuses.count(503) >= n // 2, statuses
+    assert all(r.json()["error"]["code"] == "unavailable" for r in responses if r.status_code == 503)
+    assert server.proc.returncode in (0, -signal.SIGTERM)
+    assert "Traceback" not in server.output, server.output
 
 
 # --- the remote backend against a scripted server: retries, key, errors ------------------------------

@@ -10,11 +10,12 @@ from loracap.writers import (
     JsonlStore,
     KohyaJsonStore,
     atomic_write_text,
-    key_collisions,
     open_store,
     sidecar_collisions,
 )
 from loracap.writers import atomic as atomic_module
+from loracap.writers.jsonl import is_split_folder, metadata_files, split_of
+from loracap.writers.sidecar import UnreadableCaption
 
 
 def make_images(root: Path, *names: str) -> list[Path]:
@@ -98,9 +99,10 @@ def test_sidecar_existing(tmp_path):
     assert store.existing(c) == "bom caption"
     (tmp_path / "d.txt").write_bytes("utf-16 caption é".encode("utf-16"))  # with BOM
     assert store.existing(d) == "utf-16 caption é"
-    # Undecodable bytes still count as a caption, so it is not overwritten as if missing.
+    # Undecodable bytes are not "no caption" (to be overwritten as if missing) nor text to merge with.
     (tmp_path / "e.txt").write_bytes(b"caf\xe9 latin-1")
-    assert store.existing(e) == "caf\ufffd latin-1"
+    with pytest.raises(UnreadableCaption, match="not utf-8 text"):
+        store.existing(e)
 
 
 def test_sidecar_keeps_old_caption_when_replace_fails(tmp_path, monkeypatch):
@@ -221,7 +223,7 @@ def test_jsonl_corrupt_trailing_line_loses_nothing_else(tmp_path):
     with pytest.warns(UserWarning, match="line 3"):
         store = open_store("jsonl", tmp_path)
     assert isinstance(store, JsonlStore)
-    assert store.corrupt_lines == [(3, '{"file_na')]
+    assert store.files[""].corrupt_lines == [(3, '{"file_na')]
     assert store.existing(a) == "kept a"
     assert store.existing(c) is None
     store.write(c, "new c")
@@ -269,6 +271,100 @@ def test_jsonl_read_only_folder_keeps_records_for_a_later_flush(tmp_path, monkey
     assert open_store("jsonl", tmp_path).existing(a) == "x"
 
 
+def test_split_folders_as_datasets_names_them():
+    # datasets/data_files.py: SPLIT_KEYWORDS, joined to other words by "-._ 0-9", case-sensitive.
+    splits = [
+        "train",
+        "training",
+        "test",
+        "testing",
+        "eval",
+        "evaluation",
+        "validation",
+        "valid",
+        "dev",
+        "val",
+    ]
+    splits += ["train-2024", "my_val", "2024 test", "cats.train.v2"]
+    for name in splits:
+        assert is_split_folder(name), name
+    for name in ["Train", "TEST", "contest", "trainer", "retrain", "evals", "devices", ".train", "sub"]:
+        assert not is_split_folder(name), name
+    assert split_of("train/sub/a.jpg") == ("train", "sub/a.jpg")
+    assert split_of("cats/test/train/a.jpg") == ("cats/test", "train/a.jpg")  # the outermost
+    assert split_of("./sub/a.jpg") == ("", "sub/a.jpg")
+    assert split_of("train.jpg") == ("", "train.jpg")  # a file, not a folder
+    assert split_of("../train/a.jpg") == ("", "../train/a.jpg")  # outside the dataset: not its split
+    assert split_of("/data/train/a.jpg") == ("", "/data/train/a.jpg")
+
+
+def test_jsonl_one_file_per_split_folder(tmp_path):
+    images = make_images(tmp_path, "train/a.png", "train/sub/b.png", "test/c.png", "my_val/d.png", "e.png")
+    with open_store("jsonl", tmp_path) as store:
+        for image in images:
+            store.write(image, image.stem)
+        assert [store.target(p) for p in images[::2]] == [
+            "train/metadata.jsonl",
+            "test/metadata.jsonl",
+            "metadata.jsonl",
+        ]
+
+    def records(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    assert records(tmp_path / "train/metadata.jsonl") == [
+        {"file_name": "a.png", "text": "a"},
+        {"file_name": "sub/b.png", "text": "b"},
+    ]
+    assert records(tmp_path / "test/metadata.jsonl") == [{"file_name": "c.png", "text": "c"}]
+    assert records(tmp_path / "my_val/metadata.jsonl") == [{"file_name": "d.png", "text": "d"}]
+    assert records(tmp_path / "metadata.jsonl") == [{"file_name": "e.png", "text": "e"}]
+    assert metadata_files(tmp_path) == [
+        tmp_path / "metadata.jsonl",
+        *(tmp_path / name / "metadata.jsonl" for name in ("my_val", "test", "train")),
+    ]
+    store = open_store("jsonl", tmp_path)
+    assert [store.existing(p) for p in images] == ["a", "b", "c", "d", "e"]
+
+
+def test_jsonl_root_records_of_split_images_move_to_the_split_file(tmp_path):
+    a, c = make_images(tmp_path, "train/a.png", "test/c.png")
+    root_file = tmp_path / "metadata.jsonl"
+    old = [
+        {"file_name": "train/a.png", "text": "old a", "score": 7},
+        {"file_name": "./test/c.png", "text": "old c"},
+    ]
+    root_file.write_text("".join(json.dumps(r) + "\n" for r in old))
+    (tmp_path / "test/metadata.jsonl").write_text(
+        json.dumps({"file_name": "c.png", "text": "split c"}) + "\n"
+    )
+    store = open_store("jsonl", tmp_path)
+    assert (store.existing(a), store.existing(c)) == ("old a", "split c")  # the split's own record wins
+    store.close()  # nothing written, yet the records move to where imagefolder reads them
+    assert json.loads((tmp_path / "train/metadata.jsonl").read_text()) == {
+        "file_name": "a.png",
+        "text": "old a",
+        "score": 7,
+    }
+    assert json.loads((tmp_path / "test/metadata.jsonl").read_text()) == {
+        "file_name": "c.png",
+        "text": "split c",
+    }
+    assert not root_file.exists()  # it held only records of split images
+
+
+def test_jsonl_named_metadata_file_stays_one_file(tmp_path):
+    a, b = make_images(tmp_path, "train/a.png", "b.png")
+    with open_store("jsonl", tmp_path, metadata_file=tmp_path / "metadata.jsonl") as store:
+        store.write(a, "a")
+        store.write(b, "b")
+    assert not (tmp_path / "train/metadata.jsonl").exists()
+    assert [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()] == [
+        {"file_name": "train/a.png", "text": "a"},
+        {"file_name": "b.png", "text": "b"},
+    ]
+
+
 # --- kohya-json ---------------------------------------------------------------------------------------
 
 
@@ -282,10 +378,11 @@ def test_kohya_json_caption_and_tags(tmp_path):
         assert store.existing(a) is None  # tags and caption are separate fields
         store.write(a, "1girl, solo")
     text = (tmp_path / "meta_cap.json").read_text(encoding="utf-8")
-    assert "café" in text and '\n  "a": {' in text  # ensure_ascii=False, indent 2
+    assert "café" in text and f"\n  {json.dumps(str(a))}: {{" in text  # ensure_ascii=False, indent 2
+    # Keys are absolute paths with the extension: see test_trainer_formats.py for why.
     assert json.loads(text) == {
-        "a": {"caption": "a woman, café", "tags": "1girl, solo"},
-        "sub/b": {"caption": "a dog"},
+        str(a): {"caption": "a woman, café", "tags": "1girl, solo"},
+        str(b): {"caption": "a dog"},
     }
     store = open_store("kohya-json", tmp_path)
     assert isinstance(store, KohyaJsonStore)
@@ -302,9 +399,53 @@ def test_kohya_json_keeps_other_fields(tmp_path):
     with open_store("kohya-json", tmp_path) as store:
         store.write(a, "new caption")
     assert json.loads(meta.read_text()) == {
-        "a": {"tags": "x", "train_resolution": [512, 512], "caption": "new caption"},
+        str(a): {"tags": "x", "train_resolution": [512, 512], "caption": "new caption"},
+        "gone": {"caption": "y"},  # names no image: left as it is
+    }
+
+
+def test_kohya_json_reads_old_keys_and_rewrites_them(tmp_path):
+    a_jpg, a_png, b, c = make_images(tmp_path, "a.jpg", "a.png", "sub/b.jpg", "sub/c.png")
+    meta = tmp_path / "meta_cap.json"
+    old = {
+        "a": {"caption": "old a"},  # a.jpg and a.png: sd-scripts v0.9.x took the first in sorted order
+        "sub/b": {"caption": "old b", "train_resolution": [512, 512]},
+        "sub/c.png": {"tags": "old c"},  # relative with extension: v0.10.x reads it, v0.9.x does not
+        str(c): {"caption": "new c"},
         "gone": {"caption": "y"},
     }
+    meta.write_text(json.dumps(old))
+    store = open_store("kohya-json", tmp_path)
+    assert [store.existing(p) for p in (a_jpg, a_png, b, c)] == ["old a", None, "old b", "new c"]
+    store.close()  # nothing written, yet the file gets the keys sd-scripts v0.10.x can load
+    assert json.loads(meta.read_text()) == {
+        str(a_jpg): {"caption": "old a"},
+        str(b): {"caption": "old b", "train_resolution": [512, 512]},
+        str(c): {"tags": "old c", "caption": "new c"},
+        "gone": {"caption": "y"},
+    }
+
+
+def test_kohya_json_keys_do_not_depend_on_how_the_folder_is_spelled(tmp_path):
+    (a,) = make_images(tmp_path / "real", "a.png")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real", target_is_directory=True)
+    with open_store("kohya-json", link) as store:
+        store.write(link / "a.png", "x")
+    assert list(json.loads((link / "meta_cap.json").read_text())) == [str(a.resolve())]
+    assert open_store("kohya-json", tmp_path / "real").existing(a) == "x"
+    meta = tmp_path / "real/meta_cap.json"
+    meta.write_text(json.dumps({str(link / "a.png"): {"caption": "y"}}))  # as --full_path may spell it
+    assert open_store("kohya-json", tmp_path / "real").existing(a) == "y"
+
+
+def test_kohya_json_images_sharing_a_stem_keep_their_own_captions(tmp_path):
+    a_jpg, a_png = make_images(tmp_path, "a.jpg", "a.png")
+    with open_store("kohya-json", tmp_path) as store:
+        store.write(a_jpg, "jpg")
+        store.write(a_png, "png")
+    store = open_store("kohya-json", tmp_path)
+    assert (store.existing(a_jpg), store.existing(a_png)) == ("jpg", "png")
 
 
 def test_kohya_json_refuses_corrupt_file(tmp_path):
@@ -328,11 +469,6 @@ def test_sidecar_collisions(tmp_path):
         tmp_path / "C.txt": [tmp_path / "C.JPG", tmp_path / "c.webp"],
     }
     assert list(sidecar_collisions(images, "caption")) == [tmp_path / "a.caption", tmp_path / "C.caption"]
-
-
-def test_key_collisions(tmp_path):
-    images = [tmp_path / n for n in ("a.jpg", "a.png", "sub/a.png", "b.png")]
-    assert key_collisions(images, tmp_path) == {"a": [tmp_path / "a.jpg", tmp_path / "a.png"]}
 
 
 def test_stores_never_leave_temp_files(tmp_path):

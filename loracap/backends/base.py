@@ -8,6 +8,8 @@ images in memory (the Python API, a server, a Ray Data actor).
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,18 +29,118 @@ class GenerationSettings:
     min_new_tokens: int | None = None
     num_beams: int = 1
     repetition_penalty: float | None = None
+    do_sample: bool = False
+    """Sample (with `temperature` and `top_p`) instead of decoding greedily."""
+    temperature: float = 1.0
+    top_p: float = 1.0
 
-    def generate_kwargs(self, default_max_new_tokens: int) -> dict[str, Any]:
+    def generate_kwargs(
+        self, default_max_new_tokens: int, *, interrupt: Callable[[], bool] | None = None
+    ) -> dict[str, Any]:
+        """transformers `generate` kwargs. `interrupt`: checked after every decoding step; once it returns
+        True generation stops (a server whose clients have gone, or that is shutting down)."""
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens or default_max_new_tokens,
             "num_beams": self.num_beams,
-            "do_sample": False,
+            "do_sample": self.do_sample,
         }
+        if self.do_sample:
+            # OpenAI's temperature / top_p have no top_k: sample from the whole distribution, whatever
+            # top_k the checkpoint's generation config suggests (0 turns it off).
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
         if self.min_new_tokens:
             kwargs["min_new_tokens"] = self.min_new_tokens
         if self.repetition_penalty:
             kwargs["repetition_penalty"] = self.repetition_penalty
+        if interrupt is not None:
+            kwargs["stopping_criteria"] = [_Interrupt(interrupt)]
         return kwargs
+
+
+def decoder_positions(model: Any) -> int | None:
+    """How many positions the model's text decoder has (its context), or None when it is not known."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "get_text_config"):
+        return None
+    text = config.get_text_config(decoder=True)
+    positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
+
+
+_TOLD_SHORT: set[str] = set()  # models whose short decoder was already reported in this process
+
+
+def fit_decoder(kwargs: dict[str, Any], model: Any, used: int, name: str) -> dict[str, Any]:
+    """Cut `max_new_tokens` (and `min_new_tokens`) to what fits the decoder after the `used` positions
+    it starts from. Decoders with learned positions (BART in Florence-2, BLIP, GPT-2) fail past their
+    last one with "index out of range" on every image; a shorter caption is what the model can write.
+    Said once per model."""
+    positions = decoder_positions(model)
+    # The decoder reads the `used` tokens and every new one but the last: used + new - 1 positions.
+    room = max(1, positions - used + 1) if positions is not None else None
+    if room is None or kwargs["max_new_tokens"] <= room:
+        return kwargs
+    if name not in _TOLD_SHORT:
+        _TOLD_SHORT.add(name)
+        print(
+            f"loracap: {name}'s decoder holds {positions} positions, so captions stop at {room} new tokens "
+            f"(not {kwargs['max_new_tokens']})",
+            file=sys.stderr,
+        )
+    fitted = {**kwargs, "max_new_tokens": room}
+    if fitted.get("min_new_tokens", 0) > room:
+        fitted["min_new_tokens"] = room
+    return fitted
+
+
+class _Interrupt:
+    """A transformers stopping criterion that ends every row once `interrupt()` is True."""
+
+    def __init__(self, interrupt: Callable[[], bool]) -> None:
+        self.interrupt = interrupt
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.interrupt(), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One caption and what it took, for servers that report OpenAI's `usage` and `finish_reason`."""
+
+    text: str
+    prompt_tokens: int
+    """Tokens the model read before writing: its text input, with the image's placeholder tokens where
+    the model has them, or for a captioner without text input the tokens its decoder starts from."""
+    completion_tokens: int
+    """Tokens generated, up to and with the end-of-sequence token."""
+    truncated: bool
+    """The caption ran into max_new_tokens before the model ended it."""
+
+
+def generations(
+    texts: Sequence[str],
+    prompt_tokens: Sequence[int],
+    new_tokens: Any,
+    generation_config: Any,
+    max_new_tokens: int,
+) -> list[Generation]:
+    """Generations from `generate`'s output past the prompt (`new_tokens`, one row per caption; rows that
+    ended early are padded): a row counts up to and with its first end-of-sequence token, and a row
+    without one ran into the length limit."""
+    eos = generation_config.eos_token_id
+    eos_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    # BART-style decoders (Florence-2) are made to write the end token at the limit: one there is no sign
+    # that the model ended the caption itself.
+    forced_end = generation_config.forced_eos_token_id is not None
+    results = []
+    for text, prompt, row in zip(texts, prompt_tokens, new_tokens.tolist(), strict=True):
+        end = next((i for i, token in enumerate(row) if token in eos_ids), None)
+        count = len(row) if end is None else end + 1
+        truncated = end is None or (forced_end and count >= max_new_tokens)
+        results.append(Generation(text, int(prompt), count, truncated))
+    return results
 
 
 class Backend(Protocol):
@@ -62,6 +164,10 @@ class Backend(Protocol):
 
     def generate(self, inputs: Any, settings: GenerationSettings) -> list[str]:
         """Run the model on prepared inputs; one raw caption per image."""
+
+    # Optional (the local transformers backends have it; `loracap serve` uses it when present):
+    # def generate_detailed(self, inputs, settings, interrupt=None) -> list[Generation]:
+    #     """As `generate`, with token counts; `interrupt` as in `GenerationSettings.generate_kwargs`."""
 
 
 ANY_MODE = "*"  # in `Backend.modes`: an instruction-following model, any caption style

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .base import GenerationSettings, check_mode
+from .base import Generation, GenerationSettings, check_mode, fit_decoder, generations
 from .device import Placement, default_batch_size, image_side, load_model
 
 
@@ -34,10 +35,22 @@ class BlipBackend:
         batch["pixel_values"] = batch["pixel_values"].to(self.placement.dtype)
         return dict(batch)
 
-    @torch.inference_mode()
     def generate(self, inputs: dict[str, Any], settings: GenerationSettings) -> list[str]:
+        return [g.text for g in self.generate_detailed(inputs, settings)]
+
+    @torch.inference_mode()
+    def generate_detailed(
+        self,
+        inputs: dict[str, Any],
+        settings: GenerationSettings,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> list[Generation]:
         device = self.placement.device
-        out = self.model.generate(
-            **{k: v.to(device) for k, v in inputs.items()}, **settings.generate_kwargs(40)
-        )
-        return [text.strip() for text in self.processor.batch_decode(out, skip_special_tokens=True)]
+        # The decoder continues from its start token, or from the prompt ("a photo of"), whose trailing
+        # [SEP] BLIP's generate drops.
+        start = inputs["input_ids"].shape[1] - 1 if "input_ids" in inputs else 1
+        kwargs = fit_decoder(settings.generate_kwargs(40, interrupt=interrupt), self.model, start, self.name)
+        out = self.model.generate(**{k: v.to(device) for k, v in inputs.items()}, **kwargs)
+        texts = [text.strip() for text in self.processor.batch_decode(out, skip_special_tokens=True)]
+        config, limit = self.model.generation_config, kwargs["max_new_tokens"]
+        return generations(texts, [start] * len(texts), out[:, start:], config, limit)

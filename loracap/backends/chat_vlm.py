@@ -21,12 +21,21 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .base import ANY_MODE, BackendError, GenerationSettings, check_mode
+from .base import (
+    ANY_MODE,
+    BackendError,
+    Generation,
+    GenerationSettings,
+    check_mode,
+    fit_decoder,
+    generations,
+)
 from .device import Placement, default_batch_size, image_side, load_model, quantization_kwargs
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -84,13 +93,16 @@ class ChatVLMBackend:
             vocab = self.tokenizer.get_vocab()
             self.non_caption_ids = [i for t, i in vocab.items() if _LOC_SEG.fullmatch(t)]
 
-    def prompt_text(self, prompt: str) -> str:
-        """The full text for one image: the chat template around the instruction, or PaliGemma's task."""
+    def prompt_text(self, prompt: str, system: str | None = None) -> str:
+        """The full text for one image: the chat template around the instruction (after a system message
+        when there is one), or PaliGemma's task."""
         if self.paligemma:
             return "<image>" + prompt
         conversation = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
         ]
+        if system:
+            conversation.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
         # Rendered through the tokenizer with the processor's template, not `processor.apply_chat_template`:
         # SmolVLM's override of the latter reads its video processor, which is absent without torchvision.
         template = self.processor.chat_template or self.tokenizer.chat_template
@@ -98,8 +110,11 @@ class ChatVLMBackend:
             conversation, chat_template=template, add_generation_prompt=True, tokenize=False
         )
 
-    def prepare(self, images: list, mode: str, prompt: str | list[str] | None = None) -> dict[str, Any]:
-        """`prompt`: one instruction for the batch, or one per image (styles with {tags} or {folder})."""
+    def prepare(
+        self, images: list, mode: str, prompt: str | list[str] | None = None, *, system: str | None = None
+    ) -> dict[str, Any]:
+        """`prompt`: one instruction for the batch, or one per image (styles with {tags} or {folder}).
+        `system`: a system message before every instruction (chat models only)."""
         caption_only = prompt is None
         if self.paligemma:
             check_mode(self, mode)
@@ -107,7 +122,9 @@ class ChatVLMBackend:
         elif prompt is None:
             raise BackendError(f"{self.name} follows instructions: it needs a prompt saying what to write")
         prompts = prompt if isinstance(prompt, list) else [prompt] * len(images)
-        texts = [self.prompt_text(p) for p in prompts]
+        if system and self.paligemma:
+            raise BackendError(f"{self.name} has no chat template: it takes no system message")
+        texts = [self.prompt_text(p, system) for p in prompts]
         # Templates that write the BOS themselves must not get a second one from the tokenizer.
         bos = self.tokenizer.bos_token
         add_special_tokens = not (bos and texts[0].startswith(bos))
@@ -130,18 +147,32 @@ class ChatVLMBackend:
             tensors = {k: v.pin_memory() for k, v in tensors.items()}
         return {"tensors": tensors, "caption_only": caption_only}
 
-    @torch.inference_mode()
     def generate(self, inputs: dict[str, Any], settings: GenerationSettings) -> list[str]:
+        return [g.text for g in self.generate_detailed(inputs, settings)]
+
+    @torch.inference_mode()
+    def generate_detailed(
+        self,
+        inputs: dict[str, Any],
+        settings: GenerationSettings,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> list[Generation]:
         device = self.placement.device
         batch = {k: v.to(device, non_blocking=True) for k, v in inputs["tensors"].items()}
-        kwargs = settings.generate_kwargs(DEFAULT_MAX_NEW_TOKENS)
+        kwargs = settings.generate_kwargs(DEFAULT_MAX_NEW_TOKENS, interrupt=interrupt)
+        # The prompt (image tokens included) and the caption share the language model's positions.
+        kwargs = fit_decoder(kwargs, self.model, batch["input_ids"].shape[1], self.name)
         kwargs["pad_token_id"] = self.tokenizer.pad_token_id
         if inputs["caption_only"] and self.non_caption_ids:
             kwargs["suppress_tokens"] = self.non_caption_ids
         out = self.model.generate(**batch, **kwargs)
         # generate returns prompt + continuation; with left padding every prompt ends at the same column.
         new_tokens = out[:, batch["input_ids"].shape[1] :]
-        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        texts = [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        # The prompt as the model read it: the image's placeholder tokens included, left padding not.
+        prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
+        config, limit = self.model.generation_config, kwargs["max_new_tokens"]
+        return generations(texts, prompt_tokens, new_tokens, config, limit)
 
 
 def load_processor(folder: Path, model_type: str | None) -> Any:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .base import GenerationSettings, check_mode
+from .base import Generation, GenerationSettings, check_mode, fit_decoder, generations
 from .device import Placement, default_batch_size, image_side, load_model
 from .florence2_convert import (
     FLORENCE_ADDED_TOKENS,
@@ -109,18 +110,35 @@ class Florence2Backend:
         inputs["caption_only"] = prompt is None
         return inputs
 
-    @torch.inference_mode()
     def generate(self, inputs: dict[str, Any], settings: GenerationSettings) -> list[str]:
+        return [g.text for g in self.generate_detailed(inputs, settings)]
+
+    @torch.inference_mode()
+    def generate_detailed(
+        self,
+        inputs: dict[str, Any],
+        settings: GenerationSettings,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> list[Generation]:
         device = self.placement.device
-        kwargs = settings.generate_kwargs(DEFAULT_MAX_NEW_TOKENS.get(inputs["mode"], 256))
+        kwargs = settings.generate_kwargs(
+            DEFAULT_MAX_NEW_TOKENS.get(inputs["mode"], 256), interrupt=interrupt
+        )
         input_ids = inputs["input_ids"].to(device, non_blocking=True)
+        start = 1  # the decoder starts from its decoder_start_token
         if inputs["caption_only"]:
+            start = len(self.decoder_prefix)
             prefix = torch.tensor([self.decoder_prefix], device=device).expand(len(input_ids), -1)
             kwargs.update(
                 suppress_tokens=self.non_caption_ids, decoder_input_ids=prefix, forced_bos_token_id=None
             )
+        kwargs = fit_decoder(kwargs, self.model, start, self.name)
         out = self.model.generate(
             input_ids=input_ids, pixel_values=inputs["pixel_values"].to(device, non_blocking=True), **kwargs
         )
         # Special tokens (<s>, </s>, <pad>, <loc_*>) are not caption text.
-        return [text.strip() for text in self.processor.batch_decode(out, skip_special_tokens=True)]
+        texts = [text.strip() for text in self.processor.batch_decode(out, skip_special_tokens=True)]
+        # The encoder's input: the image's placeholder tokens and the task prompt, the same for every row.
+        prompt_tokens = [input_ids.shape[1]] * len(texts)
+        config, limit = self.model.generation_config, kwargs["max_new_tokens"]
+        return generations(texts, prompt_tokens, out[:, start:], config, limit)

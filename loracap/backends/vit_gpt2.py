@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .base import BackendError, GenerationSettings, check_mode
+from .base import BackendError, Generation, GenerationSettings, check_mode, fit_decoder, generations
 from .device import Placement, default_batch_size, image_side, load_model
 
 
@@ -34,9 +35,17 @@ class VisionEncoderDecoderBackend:
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return pixels.to(self.placement.dtype)
 
-    @torch.inference_mode()
     def generate(self, inputs: Any, settings: GenerationSettings) -> list[str]:
-        out = self.model.generate(
-            pixel_values=inputs.to(self.placement.device), **settings.generate_kwargs(32)
-        )
-        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return [g.text for g in self.generate_detailed(inputs, settings)]
+
+    @torch.inference_mode()
+    def generate_detailed(
+        self, inputs: Any, settings: GenerationSettings, interrupt: Callable[[], bool] | None = None
+    ) -> list[Generation]:
+        # The decoder starts from one start token.
+        kwargs = fit_decoder(settings.generate_kwargs(32, interrupt=interrupt), self.model, 1, self.name)
+        out = self.model.generate(pixel_values=inputs.to(self.placement.device), **kwargs)
+        texts = [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        # No text input: the decoder continues from its one start token.
+        config, limit = self.model.generation_config, kwargs["max_new_tokens"]
+        return generations(texts, [1] * len(texts), out[:, 1:], config, limit)

@@ -21,6 +21,8 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from loracap.files import NotARegularFile, describe_os_error, open_regular
+
 # Alpha is flattened onto mid-grey: neither black nor white, so a captioner is not misled into
 # "on a white background" / "dark photo" by what is really transparency.
 BACKGROUND = (128, 128, 128)
@@ -115,8 +117,11 @@ def _as_decode_error(path: Path) -> Iterator[None]:
         if m and limit:
             raise ImageDecodeError(path, _bomb_reason(int(m.group(1)), limit)) from e
         raise ImageDecodeError(path, f"decompression bomb: {_detail(e)}") from e
+    except NotARegularFile as e:  # a FIFO, socket, device or folder named like an image
+        raise ImageDecodeError(path, describe_os_error(path, e)) from e
     except FileNotFoundError as e:
-        raise ImageDecodeError(path, "file not found") from e
+        reason = describe_os_error(path, e) if os.path.islink(path) else "file not found"
+        raise ImageDecodeError(path, reason) from e
     except IsADirectoryError as e:
         raise ImageDecodeError(path, "is a directory, not a file") from e
     except PermissionError as e:
@@ -130,9 +135,9 @@ def _as_decode_error(path: Path) -> Iterator[None]:
         raise ImageDecodeError(path, "out of memory while decoding") from e
     except Exception as e:
         if isinstance(e, OSError) and e.errno is not None:
-            # A real I/O failure (EIO, ESTALE, ...) rather than bad content: Pillow's own errors
+            # A real I/O failure (EIO, ELOOP, ESTALE, ...) rather than bad content: Pillow's own errors
             # carry no errno.
-            raise ImageDecodeError(path, f"cannot read file: {e.strerror or _detail(e)}") from e
+            raise ImageDecodeError(path, f"cannot read file: {describe_os_error(path, e)}") from e
         # Nearly every decode failure on a real-world file is a cut-off download or copy, and Pillow's
         # own messages say so inconsistently ("image file is truncated", "broken data stream",
         # EOFError, ...), hence one wording that always names the likely cause.
@@ -183,7 +188,7 @@ def read_size(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     with (
         _as_decode_error(path),
-        open(path, "rb") as f,
+        open_regular(path) as f,
         _open_checked(path, f, _file_size(f), Image.MAX_IMAGE_PIXELS) as im,
     ):
         width, height = im.size
@@ -327,7 +332,7 @@ def load_image(path: str | Path, max_side: int | None = None, *, min_side: int |
     path = Path(path)
     with (
         _as_decode_error(path),
-        open(path, "rb") as f,
+        open_regular(path) as f,
         _open_checked(path, f, _file_size(f), Image.MAX_IMAGE_PIXELS) as im,
     ):
         return _decode(im, max_side, min_side)

@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from loracap.files import open_regular
 from loracap.writers.atomic import TEMP_PREFIX, TEMP_SUFFIX  # the writers' temp-file names
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,15 @@ def _check_root(root: str | Path) -> Path:
     return path
 
 
-def walk_files(root: Path, recursive: bool) -> Iterator[tuple[tuple[str, ...], os.DirEntry[str]]]:
+def walk_files(
+    root: Path, recursive: bool, *, unreadable: bool = False
+) -> Iterator[tuple[tuple[str, ...], os.DirEntry[str]]]:
     """Yield (relative path parts, entry) for every file, hidden ones included, in visible folders.
 
-    Symlinks to files are yielded (entry.is_file() follows them); broken links and symlinked folders
-    are not. The root itself is always entered even if its own name is hidden (the user chose it).
+    Symlinks to files are yielded (entry.is_file() follows them); symlinked folders never are. With
+    `unreadable`, so are the entries that stand where a file could but cannot be read as one (broken
+    or looping symlinks, FIFOs, sockets, devices), for callers that report them rather than lose them.
+    The root itself is always entered even if its own name is hidden (the user chose it).
     """
     stack: list[tuple[Path, tuple[str, ...]]] = [(root, ())]
     while stack:
@@ -86,10 +91,11 @@ def walk_files(root: Path, recursive: bool) -> Iterator[tuple[tuple[str, ...], o
                 if entry.is_dir(follow_symlinks=False):
                     if recursive and not entry.name.startswith(".") and entry.name not in _SKIPPED_DIRS:
                         stack.append((Path(entry.path), (*rel, entry.name)))
-                elif entry.is_file():
+                elif entry.is_file() or (unreadable and not entry.is_dir()):
                     yield (*rel, entry.name), entry
-            except OSError:
-                continue  # vanished or unreadable between listing and stat: not ours to report
+            except OSError:  # a symlink loop; or vanished between listing and stat
+                if unreadable and os.path.lexists(entry.path):
+                    yield (*rel, entry.name), entry
 
 
 def find_images(root: str | Path, recursive: bool = True) -> list[Path]:
@@ -97,12 +103,13 @@ def find_images(root: str | Path, recursive: bool = True) -> list[Path]:
 
     Extensions match in any letter case. Hidden files and folders (leading ".") and ``__MACOSX`` are
     skipped. Files are selected by extension only; whether they really decode is load_image's job,
-    so that a bad file is reported per file instead of silently vanishing from the dataset.
+    so that a bad file is reported per file instead of silently vanishing from the dataset: broken and
+    looping symlinks and FIFOs with an image's name are listed too (a folder with one is a folder).
     """
     base = _check_root(root)
     exts = supported_extensions()
     found: list[tuple[tuple[str, ...], Path]] = []
-    for rel, entry in walk_files(base, recursive):
+    for rel, entry in walk_files(base, recursive, unreadable=True):
         name = entry.name
         if name.startswith("."):
             continue
@@ -121,7 +128,7 @@ def file_sha256(path: str | Path) -> str:
     cache), so a digest computed by one can be handed to the other instead of reading the file again.
     """
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()

@@ -6,20 +6,22 @@ silently), and caption files that could not be read. It reuses the writers' own 
 "has a caption" means exactly what `loracap caption --existing skip` means by it.
 
     sidecar     <stem><ext> next to each image
-    jsonl       metadata.jsonl: {"file_name": "sub/a.jpg", "text": ...}
-    kohya-json  meta_cap.json: {"sub/a": {"caption": ..., "tags": ...}}
+    jsonl       metadata.jsonl: {"file_name": "sub/a.jpg", "text": ...}, in the root and in each split folder
+    kohya-json  meta_cap.json: {"/abs/path/sub/a.jpg": {"caption": ..., "tags": ...}}; the old relative keys
+                ("sub/a") are read too, as the writer reads them
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loracap.inputs.discover import find_images, supported_extensions, walk_files
+from loracap.inputs.discover import find_images, walk_files
 from loracap.writers.jsonl import METADATA_FILE as JSONL_FILE
-from loracap.writers.jsonl import JsonlStore, jsonl_key, relative_posix, store_file_label
+from loracap.writers.jsonl import JsonlStore, jsonl_key, metadata_files, relative_posix, store_file_label
 from loracap.writers.kohya import METADATA_FILE as KOHYA_FILE
 from loracap.writers.kohya import KohyaJsonStore, kohya_key
 from loracap.writers.sidecar import caption_path, normalize_ext, read_caption_file
@@ -44,7 +46,8 @@ class Dataset:
     layout: str
     """The layout actually read: "sidecar", "jsonl" or "kohya-json" (never "auto")."""
     source: Path | None = None
-    """The metadata file read (jsonl / kohya-json); None for sidecar captions."""
+    """The metadata file read (jsonl / kohya-json; for jsonl with split folders the root's file, or the
+    first split's when there is none at the root); None for sidecar captions."""
     pairs: list[tuple[Path, str]] = field(default_factory=list)
     """(image, caption) in find_images order. A caption that is empty or only whitespace is kept as "":
     the file or entry exists, and a trainer trains that image unconditioned, which the text checks flag."""
@@ -68,10 +71,11 @@ class Dataset:
 
 def detect_layout(root: Path, metadata_file: Path | None = None) -> str:
     """Which layout a folder uses: a metadata file wins over sidecar files, since when both exist the
-    metadata file is the one a user pointed a jsonl/kohya trainer at; jsonl is checked first."""
+    metadata file is the one a user pointed a jsonl/kohya trainer at; jsonl (in the root or in a split
+    folder) is checked first."""
     if metadata_file is not None:
         return "kohya-json" if Path(metadata_file).suffix.lower() == ".json" else "jsonl"
-    if (Path(root) / JSONL_FILE).is_file():
+    if metadata_files(Path(root)):
         return "jsonl"
     if (Path(root) / KOHYA_FILE).is_file():
         return "kohya-json"
@@ -150,31 +154,39 @@ def _read_jsonl(root: Path, images: list[Path], metadata_file: Path | None) -> D
     path = metadata_file or root / JSONL_FILE
     ds = Dataset(root=root, layout="jsonl", source=path)
     try:
-        # The store warns about lines that are not JSON objects; here they are problems to report.
+        # The store warns about lines that are not JSON objects; here they are problems to report. It
+        # opens the root's file and every split folder's, as `loracap caption` reads and writes them.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            store = JsonlStore(root, path, flush_interval_s=float("inf"))
-    except OSError as e:
-        ds.problems.append(CaptionProblem(store_file_label(path, root), f"unreadable: {e.strerror or e}"))
+            store = JsonlStore(root, path if metadata_file else None, flush_interval_s=float("inf"))
+    except (OSError, ValueError) as e:  # ValueError: a folder or FIFO by that name
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        ds.problems.append(CaptionProblem(store_file_label(path, root), f"unreadable: {reason}"))
         ds.missing.extend(images)
         return ds
-    label = store_file_label(path, root)
-    for number, _ in store.corrupt_lines:
-        ds.problems.append(CaptionProblem(f"{label}:{number}", "not a JSON object"))
-    # First record of a file name wins, as in JsonlStore; later ones are reported, not read.
+    if not path.is_file() and len(store.files) > 1:
+        ds.source = list(store.files.values())[1].path
+    # First record of an image wins, as in JsonlStore; later ones are reported, not read. Keys and names
+    # are relative to root, whichever file a record is in.
     texts: dict[str, object] = {}
     names: dict[str, str] = {}
-    for record in store.records:
-        file_name = record.get("file_name")
-        if not isinstance(file_name, str):
-            ds.problems.append(CaptionProblem(label, f"record without a file_name: {_short(record)}"))
-            continue
-        key = jsonl_key(file_name)
-        if key in texts:
-            ds.problems.append(CaptionProblem(label, f"duplicate entry for {file_name!r}: the first is used"))
-            continue
-        texts[key] = record.get("text")
-        names[key] = file_name
+    for split, file in store.files.items():
+        label = store_file_label(file.path, root)
+        for number, _ in file.corrupt_lines:
+            ds.problems.append(CaptionProblem(f"{label}:{number}", "not a JSON object"))
+        for record in file.records:
+            file_name = record.get("file_name")
+            if not isinstance(file_name, str):
+                ds.problems.append(CaptionProblem(label, f"record without a file_name: {_short(record)}"))
+                continue
+            key = jsonl_key(posixpath.join(split, file_name))
+            if key in texts:
+                ds.problems.append(
+                    CaptionProblem(label, f"duplicate entry for {file_name!r}: the first is used")
+                )
+                continue
+            texts[key] = record.get("text")
+            names[key] = key if split else file_name
     seen: set[str] = set()
     for image in images:
         key = jsonl_key(relative_posix(image, root))
@@ -201,6 +213,7 @@ def _read_kohya(root: Path, images: list[Path], metadata_file: Path | None, fiel
     path = metadata_file or root / KOHYA_FILE
     ds = Dataset(root=root, layout="kohya-json", source=path)
     try:
+        # Old relative keys come back re-keyed to absolute paths when their image exists (KohyaJsonStore).
         entries = KohyaJsonStore(root, path).entries
     except (OSError, ValueError) as e:
         # One broken byte makes the whole JSON file unreadable (see KohyaJsonStore._load).
@@ -209,28 +222,23 @@ def _read_kohya(root: Path, images: list[Path], metadata_file: Path | None, fiel
         return ds
     keys: set[str] = set()
     for image in images:
-        key = kohya_key(image, root)
+        key = kohya_key(image)
         keys.add(key)
         if key not in entries:
             ds.missing.append(image)
             continue
         text = _kohya_text(entries[key], field_name)
         if text is None:
-            ds.problems.append(CaptionProblem(key, f"entry has no usable {field_name!r} text"))
+            ds.problems.append(
+                CaptionProblem(relative_posix(image, root), f"entry has no usable {field_name!r} text")
+            )
         else:
             ds.pairs.append((image, text))
-    exts = supported_extensions()
     for key in entries:
-        if key in keys:
-            continue
-        # sd-scripts globs <root>/<key>.<image ext>; an image we did not discover may still be there.
-        folder, stem = os.path.split(root / key)
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            names = []
-        if not any(os.path.splitext(n)[0] == stem and os.path.splitext(n)[1].lower() in exts for n in names):
-            ds.orphans.append(key)
+        # An image that was not discovered (hidden, non-recursive run) is still there for sd-scripts. A
+        # relative key left is one whose image was not found: sd-scripts fails on it too.
+        if key not in keys and not (os.path.isabs(key) and os.path.isfile(key)):
+            ds.orphans.append(store_file_label(Path(key), root) if os.path.isabs(key) else key)
     return ds
 
 

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["CHECKS", "Rule", "evaluate", "parse_rules"]
+__all__ = ["CHECKS", "NEEDS_TOKENS", "Rule", "evaluate", "parse_rules"]
 
 # name -> what the count is; these are the keys of DatasetReport.checks.
 CHECKS: dict[str, str] = {
@@ -39,6 +39,8 @@ CHECKS: dict[str, str] = {
 }
 NEEDS_TRIGGER = frozenset({"no-trigger", "fused-trigger"})
 NEEDS_CLIP = frozenset({"clip-error"})
+# Counted with the tokenizer; without one (--no-clip, no --tokenizer, none cached) the report has no number.
+NEEDS_TOKENS = frozenset({"truncated", "t5-truncated", "fused-trigger"})
 
 _RULE = re.compile(r"^\s*(?P<name>[a-z0-9-]+)\s*(?:(?P<op>[<>])\s*(?P<value>\d+(?:\.\d+)?))?\s*$")
 
@@ -56,7 +58,9 @@ class Rule:
         return self.name if self.limit == 0 else f"{self.name}>{self.limit:g}"
 
 
-def parse_rules(specs: Iterable[str], *, trigger: bool = True, clip: bool = True) -> list[Rule]:
+def parse_rules(
+    specs: Iterable[str], *, trigger: bool = True, clip: bool = True, tokens: bool = True
+) -> list[Rule]:
     """Parse rules given as repeated options and/or comma-separated lists. Raises ValueError for an
     unknown name, a wrong comparison, or a rule the report will not have numbers for."""
     rules: list[Rule] = []
@@ -78,6 +82,11 @@ def parse_rules(specs: Iterable[str], *, trigger: bool = True, clip: bool = True
                     raise ValueError(f"--fail-on {part!r} needs --trigger")
                 if name in NEEDS_CLIP and not clip:
                     raise ValueError(f"--fail-on {part!r} needs CLIP scores, which --no-clip turns off")
+                if name in NEEDS_TOKENS and not tokens:
+                    raise ValueError(
+                        f"--fail-on {part!r} needs token counts: pass --tokenizer ID_OR_FOLDER "
+                        "(with --no-clip, --clip-model's is used only when already on this machine)"
+                    )
             else:
                 known = ", ".join([*CHECKS, "clip<SCORE", "mean-clip<SCORE"])
                 raise ValueError(f"unknown --fail-on rule {name!r}; known: {known}")

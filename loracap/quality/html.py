@@ -43,7 +43,10 @@ def render_html(data: dict[str, Any], root: Path, *, thumbnails: int = 24, worke
     """The page for `data` (DatasetReport.data); `root` is where the relative paths in it point."""
     worst = [p for p in data["pairs"] if p["clip"] is not None][:thumbnails]
     if not data["clip"]:  # without scores, show the longest captions instead: the next thing to look at
-        worst = sorted(data["pairs"], key=lambda p: -p["tokens"])[:thumbnails]
+        # In tokens when they were counted, else in characters.
+        counted = "skipped" not in data["tokens"]
+        worst = sorted(data["pairs"], key=lambda p: -(p["tokens"] if counted else len(p["caption"])))
+        worst = worst[:thumbnails]
     groups = (data["images"] or {}).get("duplicate_groups", [])[:MAX_DUPLICATE_GROUPS]
     wanted = list(
         dict.fromkeys([p["path"] for p in worst] + [q for g in groups for q in g["paths"][:MAX_GROUP_THUMBS]])
@@ -126,13 +129,13 @@ def _cards(d: dict[str, Any]) -> str:
         low = sum(1 for p in d["pairs"] if p["clip"] is not None and p["clip"] < LOW_CLIP)
         cards.append((f"CLIP score < {LOW_CLIP:g}", low, low > 0))
     cards += [
-        ("truncated", c["truncated"], c["truncated"] > 0),
+        ("truncated", _count(c["truncated"]), bool(c["truncated"])),
         ("empty captions", c["empty-caption"], c["empty-caption"] > 0),
         ("duplicate captions", c["duplicate-caption"], c["duplicate-caption"] > 0),
         ("duplicate images", c["duplicate-image"], c["duplicate-image"] > 0),
     ]
     if d["trigger"]:
-        cards.append(("fused trigger", c["fused-trigger"], c["fused-trigger"] > 0))
+        cards.append(("fused trigger", _count(c["fused-trigger"]), bool(c["fused-trigger"])))
         cards.append(("no trigger", c["no-trigger"], c["no-trigger"] > 0))
     if d["images"]:
         cards.append((f"below {d['images']['min_side']} px", c["small-image"], c["small-image"] > 0))
@@ -180,7 +183,8 @@ def _worst_section(d: dict[str, Any], worst: list[dict[str, Any]], thumbs: dict[
         tiles.append(
             f'<figure class="tile">{img}<figcaption>'
             f'<span class="score{" bad" if bad else ""}">{score}</span> '
-            f'<span class="muted">{p["tokens"]} tok</span><br><b>{escape(p["path"])}</b>'
+            + (f'<span class="muted">{p["tokens"]} tok</span>' if p["tokens"] is not None else "")
+            + f"<br><b>{escape(p['path'])}</b>"
             f'<div class="cap">{escape(p["caption"])}</div></figcaption></figure>'
         )
     return (
@@ -190,7 +194,6 @@ def _worst_section(d: dict[str, Any], worst: list[dict[str, Any]], thumbs: dict[
 
 
 def _pairs_section(d: dict[str, Any]) -> str:
-    limit = d["tokens"]["max_length"]
     rows = []
     for p in d["pairs"]:
         flags = []
@@ -211,7 +214,11 @@ def _pairs_section(d: dict[str, Any]) -> str:
                     sort=-1 if clip is None else clip,
                     bad=clip is not None and clip < LOW_CLIP,
                 ),
-                _cell(str(p["tokens"]), sort=p["tokens"], bad=p["tokens"] > limit),
+                _cell(
+                    _count(p["tokens"]),
+                    sort=-1 if p["tokens"] is None else p["tokens"],
+                    bad=bool(p["truncated"]),
+                ),
                 _cell(", ".join(flags), bad=bool(flags)),
                 _cell(p["caption"], cls="cap"),
             ]
@@ -223,6 +230,12 @@ def _pairs_section(d: dict[str, Any]) -> str:
 
 def _tokens_section(d: dict[str, Any]) -> str:
     t = d["tokens"]
+    if "skipped" in t:  # a note, not zeros: nothing was counted
+        return (
+            f'<section id="tokens"><h2>Token lengths</h2><p>Token checks skipped: {escape(t["skipped"])}.</p>'
+            + _list_table("Empty captions", ["image"], [[_cell(p["path"])] for p in d["pairs"] if p["empty"]])
+            + "</section>"
+        )
     counts = list(t["counts"].values())
     parts = [
         f'<section id="tokens"><h2>Token lengths</h2><p>Counted with <code>{escape(t["tokenizer"])}</code>: '
@@ -305,6 +318,10 @@ def _trigger_section(d: dict[str, Any]) -> str:
     if not tr:
         return ""
     positions = ", ".join(f"{k}: {v}" for k, v in sorted(tr["positions"].items())) or "none"
+    if tr["tokens"] is None:  # no tokenizer: only a trigger glued into a longer word can be seen
+        alone = "The tokenizer fusion check was skipped (no tokenizer); glued occurrences are still listed. "
+    else:
+        alone = f"On its own it is <code>{escape(' '.join(tr['tokens']))}</code>. "
     fused = [
         [
             _cell(f["path"]),
@@ -316,8 +333,8 @@ def _trigger_section(d: dict[str, Any]) -> str:
     ]
     return (
         f'<section id="trigger"><h2>Trigger “{escape(tr["trigger"])}”</h2>'
-        f"<p>In {tr['with_trigger']} of {tr['captions']} captions. On its own it is "
-        f"<code>{escape(' '.join(tr['tokens']))}</code>. First occurrence: {escape(positions)}.</p>"
+        f"<p>In {tr['with_trigger']} of {tr['captions']} captions. {alone}"
+        f"First occurrence: {escape(positions)}.</p>"
         "<p>A fused trigger (“ohwxwoman”, or punctuation the tokenizer merges into it) becomes other "
         "tokens in training than in your prompt, so the LoRA learns the concept under the wrong ones.</p>"
         + _list_table("Fused or glued", ["image", "where", "tokens there", "why"], fused)
@@ -504,6 +521,11 @@ def _figure(svg: str, caption: str) -> str:
 
 def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:g}"
+
+
+def _count(value: int | None) -> str:
+    """A count, or "–" where it was not counted (token counts without a tokenizer)."""
+    return "–" if value is None else str(value)
 
 
 _CSS = """

@@ -16,14 +16,13 @@ import json
 import statistics
 import sys
 import time
+import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
-from loracap.backends.hub import resolve_model
+from loracap.backends.hub import is_cached, resolve_model
 from loracap.quality.captions import Dataset, read_dataset
 from loracap.quality.clipscore import DEFAULT_MODEL, ClipScoreRun, clip_scores
 from loracap.quality.gates import Rule, evaluate, parse_rules
@@ -62,7 +61,8 @@ class DatasetReport:
     json_path: Path | None = None
 
     @property
-    def checks(self) -> dict[str, int]:
+    def checks(self) -> dict[str, int | None]:
+        """Count per check; None for the token-based ones when the token checks were skipped."""
         return self.data["checks"]
 
     @property
@@ -76,6 +76,32 @@ def load_tokenizer(spec: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_model(spec))
+
+
+def _on_this_machine(spec: str) -> bool:
+    """Whether `spec` loads without the network: an existing path, or a hub id already in the HF cache."""
+    if Path(spec).expanduser().exists():
+        return True
+    try:
+        return is_cached(spec)
+    except ValueError:  # not a hub id (e.g. a path that does not exist): nothing to find
+        return False
+
+
+def _pick_tokenizer(tokenizer: str | None, clip_model: str, clip: bool) -> tuple[str | None, str | None]:
+    """(what counts tokens, None) or (None, why the token checks are skipped).
+
+    Scoring downloads `clip_model` anyway, so its tokenizer comes along. Without scoring, fetching a whole
+    CLIP checkpoint (or timing out offline) only for token counts is not worth it: use it if it is here.
+    """
+    if tokenizer:
+        return tokenizer, None
+    if clip or _on_this_machine(clip_model):
+        return clip_model, None
+    return None, (
+        f"CLIP scoring is off and {clip_model} is not on this machine, so no tokenizer was loaded; "
+        "pass --tokenizer ID_OR_FOLDER for token counts and the trigger fusion check"
+    )
 
 
 def load_terms(path: str | Path) -> dict[str, list[str]]:
@@ -123,13 +149,19 @@ def build_report(
     """Run every check on the dataset in `root` (see `loracap report --help` for what each option does).
 
     Token counts use `tokenizer` (default: `clip_model`'s, the CLIP window SD 1.x/SDXL train with), plus
-    `t5_tokenizer` when given (Flux/SD3). `fail_on` rules are parsed before any work starts.
+    `t5_tokenizer` when given (Flux/SD3). With `clip=False` and no `tokenizer`, `clip_model`'s is used only
+    when it is a folder or already in the Hugging Face cache; otherwise the token checks are skipped
+    (`data["tokens"]` is `{"skipped": why}`, their counts None). `fail_on` rules are parsed before any work.
     """
-    rules = parse_rules(fail_on, trigger=bool(trigger), clip=clip)
+    tok_name, skipped = _pick_tokenizer(tokenizer, clip_model, clip)
+    rules = parse_rules(fail_on, trigger=bool(trigger), clip=clip, tokens=tok_name is not None)
+    if t5_tokenizer and tok_name is None:
+        raise ValueError(
+            f"--t5-tokenizer counts T5 tokens next to the CLIP window, which is skipped: {skipped}"
+        )
     root = Path(root)
     ds = read_dataset(root, layout=layout, ext=ext, metadata_file=metadata_file, recursive=recursive)
-    tok_name = tokenizer or clip_model
-    tok = load_tokenizer(tok_name)
+    tok = load_tokenizer(tok_name) if tok_name else None
     t5 = load_tokenizer(t5_tokenizer) if t5_tokenizer else None
     captions = ds.captions
     text = analyze_text(
@@ -175,7 +207,9 @@ def build_report(
             digests={i.path: i.sha256 for i in img.images} if img else None,
         )
     scores = [p.score for p in run.pairs if p.score is not None] if run else []
-    data = _document(ds, text, img, run, scores, tokenizer=tok_name, t5_tokenizer=t5_tokenizer)
+    data = _document(
+        ds, text, img, run, scores, tokenizer=tok_name, t5_tokenizer=t5_tokenizer, skipped=skipped
+    )
     data["timing"] = {
         "image_checks_s": round(image_seconds, 3),
         "clip_s": data["clip"]["seconds"] if data["clip"] else None,  # the same number, kept for old readers
@@ -217,10 +251,13 @@ def _document(
     run: ClipScoreRun | None,
     scores: list[float],
     *,
-    tokenizer: str,
+    tokenizer: str | None,
     t5_tokenizer: str | None,
+    skipped: str | None = None,
 ) -> dict[str, Any]:
-    """The report.json document; `scores`: the CLIP scores of the pairs that have one."""
+    """The report.json document; `scores`: the CLIP scores of the pairs that have one; `skipped`: why the
+    token checks were skipped, if they were (their numbers are then None, never 0: "none truncated" would
+    be a claim)."""
     from loracap import __version__
 
     root = ds.root
@@ -233,7 +270,8 @@ def _document(
     by_path = {rel(p.path): p for p in run.pairs} if run else {}
 
     pairs = []
-    truncated, empty = set(tokens.truncated), set(tokens.empty)
+    truncated = set(tokens.truncated) if tokens else set()
+    empty = set(tokens.empty) if tokens else {i for i, c in enumerate(captions) if not c.strip()}
     fused = set(text.trigger.fused) | set(text.trigger.glued) if text.trigger else set()
     without = set(text.trigger.without) if text.trigger else set()
     for i, (path, caption) in enumerate(zip(paths, captions, strict=True)):
@@ -244,9 +282,9 @@ def _document(
                 "caption": caption,
                 "clip": _round(scored.score) if scored else None,
                 "clip_error": scored.error if scored else None,
-                "tokens": tokens.counts[i],
-                "t5_tokens": tokens.t5_counts[i] if tokens.t5_counts else None,
-                "truncated": i in truncated,
+                "tokens": tokens.counts[i] if tokens else None,
+                "t5_tokens": tokens.t5_counts[i] if tokens and tokens.t5_counts else None,
+                "truncated": i in truncated if tokens else None,
                 "empty": i in empty,
                 "trigger": None
                 if not text.trigger
@@ -261,9 +299,9 @@ def _document(
         "missing-caption": len(ds.missing),
         "orphan-caption": len(ds.orphans),
         "caption-error": len(ds.problems),
-        "empty-caption": len(tokens.empty),
-        "truncated": len(tokens.truncated),
-        "t5-truncated": len(tokens.t5_truncated),
+        "empty-caption": len(empty),
+        "truncated": len(tokens.truncated) if tokens else None,
+        "t5-truncated": len(tokens.t5_truncated) if tokens else None,
         "duplicate-caption": len(text.duplicates.exact),
         "near-duplicate-caption": len(text.duplicates.near),
         "duplicate-image": len(img.duplicate_groups) if img else 0,
@@ -273,7 +311,7 @@ def _document(
         "common-tag": len(text.tags.common),
         "sensitive-term": sum(c.occurrences for c in text.sensitive.terms.values()),
         "no-trigger": len(trig.without) if trig else 0,
-        "fused-trigger": len(fused),
+        "fused-trigger": len(fused) if tokens else None,
         "clip-error": run.failed if run else 0,
     }
     return {
@@ -292,7 +330,7 @@ def _document(
         },
         "clip": _clip_section(run, scores, rel),
         "pairs": pairs,
-        "tokens": _token_section(tokens, paths, tokenizer, t5_tokenizer),
+        "tokens": _token_section(tokens, paths, tokenizer, t5_tokenizer) if tokens else {"skipped": skipped},
         "duplicates": {
             "threshold": text.duplicates.threshold,
             "exact": [
@@ -493,20 +531,27 @@ def summary_lines(rep: DatasetReport) -> list[str]:
         else:
             lines.append(f"CLIP score ({clip['model']}): nothing scored")
     t = d["tokens"]
-    lines.append(
-        f"tokens ({t['max_length']}-token window): {c['truncated']} truncated, {c['empty-caption']} empty, "
-        f"longest {t['max'] if t['max'] is not None else 0}"
-        + (f"; T5 ({t['t5']['max_length']}): {c['t5-truncated']} truncated" if t["t5"] else "")
-    )
+    if "skipped" in t:
+        lines.append(f"tokens: {c['empty-caption']} empty; token checks skipped: {t['skipped']}")
+    else:
+        lines.append(
+            f"tokens ({t['max_length']}-token window): {c['truncated']} truncated, "
+            f"{c['empty-caption']} empty, longest {t['max'] if t['max'] is not None else 0}"
+            + (f"; T5 ({t['t5']['max_length']}): {c['t5-truncated']} truncated" if t["t5"] else "")
+        )
     lines.append(
         f"duplicates: {c['duplicate-caption']} identical caption group(s), "
         f"{c['near-duplicate-caption']} near; {c['duplicate-image']} image group(s)"
     )
     if d["trigger"]:
         tr = d["trigger"]
+        if c["fused-trigger"] is None:  # no tokenizer: only a trigger glued into a longer word is known
+            glued = sum(p["trigger"] == "fused" for p in d["pairs"])
+            fusion = f"{glued} glued to a word (tokenizer fusion not checked)"
+        else:
+            fusion = f"{c['fused-trigger']} fused with neighbouring text"
         lines.append(
-            f"trigger {tr['trigger']!r}: in {tr['with_trigger']}/{tr['captions']} captions, "
-            f"{c['fused-trigger']} fused with neighbouring text"
+            f"trigger {tr['trigger']!r}: in {tr['with_trigger']}/{tr['captions']} captions, {fusion}"
         )
     tags = d["tags"]
     common = ", ".join(x["tag"] for x in tags["common"][:5]) or "none"

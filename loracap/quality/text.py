@@ -3,6 +3,7 @@
 Pure functions over a list of captions (index i is caption i) plus, where tokens matter, a Hugging Face
 tokenizer: the CLIP one for SD 1.x/SDXL windows, optionally a T5 one for Flux/SD3. Nothing here reads files
 or loads models; callers pass the tokenizers in, so the checks run with whatever tokenizer the user trains.
+Without a tokenizer (None) the token counts and the trigger fusion check are skipped; the rest runs.
 
     token_lengths       tokens per caption, truncated / empty captions
     find_duplicates     exact and near-duplicate caption groups
@@ -414,8 +415,8 @@ class TriggerHit:
 @dataclass
 class TriggerReport:
     trigger: str
-    trigger_tokens: list[str]
-    """The trigger tokenized on its own: what the user will type in a prompt."""
+    trigger_tokens: list[str] | None
+    """The trigger tokenized on its own: what the user will type in a prompt. None without a tokenizer."""
     with_trigger: int
     without: list[int]
     """Indices of captions that never mention the trigger."""
@@ -472,6 +473,9 @@ def audit_trigger(
     trigger's ids on its own, with and without a leading space (byte-level BPEs spell a word after a space
     differently from one at the start), and requires the covering tokens to end at the match, give or
     take whitespace.
+
+    `tokenizer=None` (none at hand) still finds presence, position, case and glued matches; `fused` stays
+    None, as with a tokenizer that gives no offsets.
     """
     trigger = " ".join(trigger.split())
     if not trigger:
@@ -480,10 +484,10 @@ def audit_trigger(
         tags = looks_like_tags(captions)
     pattern = _trigger_pattern(trigger)
     can_check = bool(getattr(tokenizer, "is_fast", False))
-    trigger_ids = _token_ids(tokenizer, trigger)
+    own = None if tokenizer is None else tokenizer.convert_ids_to_tokens(_token_ids(tokenizer, trigger))
     report = TriggerReport(
         trigger=trigger,
-        trigger_tokens=tokenizer.convert_ids_to_tokens(trigger_ids),
+        trigger_tokens=own,
         with_trigger=0,
         without=[],
         hits=[],
@@ -508,16 +512,16 @@ def audit_trigger(
         any_fused = False
         for number, match in enumerate(pattern.finditer(caption)):
             spelled = match.group(0)
-            if spelled not in references:
-                # The trigger as spelled here, so a case difference is reported as such, not as fusion.
-                references[spelled] = {
-                    tuple(_token_ids(tokenizer, spelled)),
-                    tuple(_token_ids(tokenizer, " " + spelled)),
-                }
             position, where = _position(caption, match.start(), match.end(), tags)
             tokens: list[str] = []
             fused: bool | None = None
             if enc is not None:
+                if spelled not in references:
+                    # The trigger as spelled here, so a case difference is reported as such, not as fusion.
+                    references[spelled] = {
+                        tuple(_token_ids(tokenizer, spelled)),
+                        tuple(_token_ids(tokenizer, " " + spelled)),
+                    }
                 tokens, fused = _span_tokens(
                     tokenizer, caption, enc, match.start(), match.end(), references[spelled]
                 )
@@ -612,7 +616,8 @@ def count_sensitive(
 @dataclass
 class TextReport:
     tags_mode: bool
-    tokens: TokenReport
+    tokens: TokenReport | None
+    """None when there was no tokenizer: the token checks were skipped (not "nothing truncated")."""
     duplicates: DuplicateReport
     tags: TagStats
     sensitive: SensitiveReport
@@ -621,7 +626,7 @@ class TextReport:
 
 def analyze_text(
     captions: Sequence[str],
-    tokenizer: Any,
+    tokenizer: Any | None,
     *,
     trigger: str | None = None,
     t5_tokenizer: Any | None = None,
@@ -634,14 +639,24 @@ def analyze_text(
     tags: bool | None = None,
 ) -> TextReport:
     """Run every check once with one tags/words decision, so all sections count the same units. The
-    trigger is left out of the tag statistics: it is meant to be in every caption."""
+    trigger is left out of the tag statistics: it is meant to be in every caption.
+
+    `tokenizer=None` skips the token counts (`tokens` is None) and the trigger fusion check."""
+    if tokenizer is None and t5_tokenizer is not None:
+        # The T5 counts live in the same TokenReport as the main window's; refuse rather than drop them.
+        raise ValueError("t5_tokenizer counts T5 tokens next to tokenizer's window: pass a tokenizer too")
     if tags is None:
         tags = looks_like_tags(captions)
+    tokens = (
+        token_lengths(
+            captions, tokenizer, max_length=max_length, t5_tokenizer=t5_tokenizer, t5_max_length=t5_max_length
+        )
+        if tokenizer is not None
+        else None
+    )
     return TextReport(
         tags_mode=tags,
-        tokens=token_lengths(
-            captions, tokenizer, max_length=max_length, t5_tokenizer=t5_tokenizer, t5_max_length=t5_max_length
-        ),
+        tokens=tokens,
         duplicates=find_duplicates(captions, threshold=near_threshold, tags=tags),
         tags=tag_stats(
             captions, tags=tags, common_share=common_share, top_k=top_k, ignore=[trigger] if trigger else ()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import re
 import string
+import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,13 +186,6 @@ def _name_key(name: str) -> str:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10: the same parser ships as the tomli package
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ModuleNotFoundError as exc:
-            raise ValueError("reading caption styles needs Python 3.11+ (or `pip install tomli`)") from exc
     try:
         with path.open("rb") as f:
             return tomllib.load(f)

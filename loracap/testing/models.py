@@ -119,7 +119,7 @@ _FLORENCE2_TINY = _Florence2Dims(
     layers=1,
     heads=2,
     ffn=64,
-    max_positions=64,
+    max_positions=1024,  # as the published decoder: room for every mode's default decode length
 )
 # The published Florence-2-large (0.77 B): DaViT [1,1,9,1] + BART-large, 768 px -> 577 image tokens.
 _FLORENCE2_LARGE = _Florence2Dims(
@@ -735,7 +735,7 @@ def _build_blip(size: str, seed: int) -> tuple[PreTrainedModel, Any]:
         intermediate_size=3072 if full else 64,
         num_hidden_layers=12 if full else 1,
         num_attention_heads=12 if full else 2,
-        max_position_embeddings=512 if full else 64,
+        max_position_embeddings=512,  # as published: room for long --max-new-tokens
         projection_dim=256 if full else 32,
         # BLIP decodes from [DEC] and stops on [SEP] (generate passes sep as eos); the prompt's [CLS] is
         # replaced by [DEC] inside generate.
@@ -791,7 +791,7 @@ def _build_vit_gpt2(size: str, seed: int) -> tuple[PreTrainedModel, Any, PreTrai
         n_embd=768 if full else 32,
         n_layer=12 if full else 1,
         n_head=12 if full else 2,
-        n_positions=1024 if full else 64,
+        n_positions=1024,  # as published: room for long --max-new-tokens
         bos_token_id=eot,
         eos_token_id=eot,
         pad_token_id=eot,

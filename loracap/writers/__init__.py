@@ -4,8 +4,9 @@ The pipeline asks a store whether an image already has a caption and hands it ne
 is written atomically (see `atomic`), so an interrupted run never leaves a half-written caption.
 
     sidecar     <stem>.txt (or .caption) next to each image: kohya sd-scripts, ai-toolkit, OneTrainer
-    jsonl       metadata.jsonl in the dataset folder: HF datasets "imagefolder", diffusers scripts
-    kohya-json  meta_cap.json: sd-scripts fine-tuning metadata (--in_json)
+    jsonl       metadata.jsonl in the dataset folder, or one per split folder (train/, test/): HF datasets
+                "imagefolder", diffusers scripts
+    kohya-json  meta_cap.json keyed by absolute image path: sd-scripts fine-tuning metadata (--in_json)
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ __all__ = [
     "SidecarStore",
     "atomic_write_text",
     "caption_path",
-    "key_collisions",
     "kohya_key",
     "open_store",
     "sidecar_collisions",
@@ -41,7 +41,8 @@ __all__ = [
 
 class CaptionStore(Protocol):
     def existing(self, image: Path) -> str | None:
-        """The current caption, stripped; None when there is none or it is only whitespace."""
+        """The current caption, stripped; None when there is none or it is only whitespace. OSError
+        (sidecar.UnreadableCaption among them) when something is there that cannot be read as one."""
 
     def write(self, image: Path, text: str) -> None:
         """Store a caption (stripped). OSError (read-only folder, disk full) leaves the store usable."""
@@ -55,6 +56,9 @@ class CaptionStore(Protocol):
     def target(self, image: Path) -> str:
         """Where this image's caption lives, for messages: "sub/a.txt", "metadata.jsonl"."""
 
+    def unsaved(self) -> dict[str, str]:
+        """What could not be written: {file relative to the root: its content}, to be saved elsewhere."""
+
 
 def open_store(
     fmt: str,
@@ -67,7 +71,8 @@ def open_store(
 ) -> CaptionStore:
     """Open the caption store for `fmt` over the dataset folder `root`.
 
-    `ext` is for sidecar files; `metadata_file` overrides metadata.jsonl / meta_cap.json in root;
+    `ext` is for sidecar files; `metadata_file` overrides metadata.jsonl / meta_cap.json in root (for
+    jsonl it is then the one file, not one per split folder);
     `tags` makes kohya-json write the "tags" field instead of "caption".
     """
     root = Path(root)
@@ -85,19 +90,12 @@ def sidecar_collisions(images: Iterable[Path], ext: str = ".txt") -> dict[Path, 
 
     Compared case-insensitively: a.jpg and A.png write a.txt and A.txt, two files on Linux but one on
     Windows and macOS, where datasets are often copied to train. Reported either way, so a dataset that
-    works here does not silently lose captions there.
+    works here does not silently lose captions there. jsonl file names and kohya-json keys keep the
+    extension, so those formats have no such clash.
     """
     ext = normalize_ext(ext)
     groups = _collisions(images, lambda image: caption_path(Path(os.path.abspath(image)), ext))
     return {caption_path(Path(group[0]), ext): group for group in groups}
-
-
-def key_collisions(images: Iterable[Path], root: Path) -> dict[str, list[Path]]:
-    """kohya-json keys that two or more images would share ("a" for a.jpg and a.png); case-insensitive
-    for the same reason as `sidecar_collisions`. jsonl has no such problem: file_name keeps the extension.
-    """
-    groups = _collisions(images, lambda image: kohya_key(image, root))
-    return {kohya_key(group[0], root): group for group in groups}
 
 
 def _collisions(images: Iterable[Path], target: Callable[[Path], Hashable]) -> list[list[Path]]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import codecs
+import errno
 import os
 from pathlib import Path
 
+from loracap.files import NotARegularFile, describe_os_error, read_regular_bytes
 from loracap.writers.atomic import atomic_write_text
 
 # A caption extension that is an image extension would overwrite the image with text.
@@ -43,20 +45,53 @@ def caption_path(image: Path, ext: str = ".txt") -> Path:
     return image.with_suffix(normalize_ext(ext))
 
 
-def read_caption_file(path: Path) -> str | None:
-    """The caption in `path`, None when the file is missing.
+class UnreadableCaption(OSError):
+    """Something stands where a caption file would, but it cannot be read as one; never rewrite it from
+    what could be read. `replaceable`: whether a new caption file could take its place at all (a folder
+    cannot be replaced by a file, and a name too long for the file system cannot be written)."""
 
-    Never None for a file that exists but decodes badly: the caller would take that as "no caption"
-    and overwrite it. Bad bytes become U+FFFD instead. Other OSErrors (permission denied) propagate.
+    @property
+    def replaceable(self) -> bool:
+        return self.errno not in (errno.EISDIR, errno.ENAMETOOLONG)
+
+
+def read_caption_file(path: Path, root: Path | None = None) -> str | None:
+    """The caption in `path`, None when there is no file at all.
+
+    Raises UnreadableCaption (an OSError; its strerror says why) when the entry exists but is not a
+    caption that can be read: a folder, FIFO or device; a broken symlink, or (given the dataset's
+    `root`) one that leads out of the dataset; bytes that are not text (binary, NUL bytes, UTF-16
+    without a BOM, Latin-1). The caller must leave such a file alone: rewriting it from what could be
+    read would lose its real bytes. Other OSErrors (permission denied) propagate.
     """
+    if root is not None and os.path.islink(path):
+        target = os.path.realpath(path)
+        if not Path(target).is_relative_to(os.path.realpath(root)):
+            raise UnreadableCaption(errno.EXDEV, f"a symbolic link to {target}, outside the dataset folder")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+        data = read_regular_bytes(path)
+    except FileNotFoundError as exc:
+        if os.path.islink(path):
+            raise UnreadableCaption(exc.errno, describe_os_error(path, exc)) from exc
         return None
-    for bom, encoding in _BOMS:
+    except OSError as exc:
+        if isinstance(exc, NotARegularFile) or exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):
+            raise UnreadableCaption(exc.errno, describe_os_error(path, exc)) from exc
+        raise
+    encoding = "utf-8"
+    for bom, bom_encoding in _BOMS:
         if data.startswith(bom):
-            return data[len(bom) :].decode(encoding, errors="replace")
-    return data.decode("utf-8", errors="replace")
+            data, encoding = data[len(bom) :], bom_encoding
+            break
+    try:
+        text: str | None = data.decode(encoding)
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:  # a NUL: binary, or UTF-16 without a BOM that happens to decode
+        raise UnreadableCaption(
+            errno.EILSEQ, f"not {encoding} text: binary, or another encoding (UTF-16 without a BOM, Latin-1)"
+        )
+    return text
 
 
 class SidecarStore:
@@ -65,18 +100,28 @@ class SidecarStore:
     def __init__(self, root: Path, ext: str = ".txt") -> None:
         self.root = Path(root)
         self.ext = normalize_ext(ext)
+        self._failed: dict[str, str] = {}  # captions whose write failed, by target, for `unsaved`
 
     def path(self, image: Path) -> Path:
         return caption_path(Path(image), self.ext)
 
     def existing(self, image: Path) -> str | None:
-        text = read_caption_file(self.path(image))
+        text = read_caption_file(self.path(image), self.root)
         return text.strip() if text and text.strip() else None
 
     def write(self, image: Path, text: str) -> None:
         # No trailing newline: sd-scripts reads the first line, other trainers read the whole file and
         # not all of them strip it, so the bare caption is what every reader gets right.
-        atomic_write_text(self.path(image), text.strip())
+        try:
+            atomic_write_text(self.path(image), text.strip())
+        except OSError:
+            self._failed[self.target(image)] = text.strip()
+            raise
+        self._failed.pop(self.target(image), None)
+
+    def unsaved(self) -> dict[str, str]:
+        """Captions whose write failed: {caption file relative to the root: caption}."""
+        return dict(self._failed)
 
     def flush(self) -> None:
         pass
