@@ -47,9 +47,11 @@ import torch
 from torch import nn
 
 from loracap.data import synthetic
+from loracap.train.batches import CaptionDataset, Collate, EpochSampler
 from loracap.train.data import Example, load_examples
-from loracap.train.loop import CaptionDataset, Collate, EpochSampler, TrainSettings, train
+from loracap.train.loop import train
 from loracap.train.metrics import caption_metrics, evaluate_examples
+from loracap.train.settings import TrainSettings
 
 IMAGE_SIZE, PATCH = 64, 8  # 64 patch tokens (16 after ours' 2x2 pixel shuffle)
 WIDTH, LAYERS, HEADS = 128, 4, 4

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from loracap.data.synthetic import write_dataset
-from loracap.train.loop import TrainSettings, train
+from loracap.train.loop import train
+from loracap.train.settings import TrainSettings
 
 SIGLIP_BASE_VISION = {
     "hidden_size": 768,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, Any, overload
 
-from .backends import DEFAULT_MODEL, Backend, GenerationSettings, caption_images, load_backend
+from .backends import DEFAULT_MODEL, Backend, caption_images, load_backend
 from .inputs import to_rgb
-from .postprocess import PostProcess, postprocess
-from .request import StyleChoice, resolve_request
+from .pipeline import CaptionConfig, caption_config
+from .postprocess import postprocess
+from .request import resolve_request
 from .styles import Style
 
 if TYPE_CHECKING:
@@ -23,33 +24,32 @@ class Captioner:
     >>> captioner(Image.open("photo.jpg"))
     'ohwx woman, 1girl, solo, ...'
 
-    The style options are those of `loracap caption` (see `caption_folder`); `{tags}` and `{folder}`
-    render empty here, as in-memory images have neither.
+    Takes a `CaptionConfig` (its folder and output settings are not used here), or the model with the
+    keyword settings `caption_folder` takes (`style`, `trigger`, `max_new_tokens`, `options=PostProcess`,
+    `generation=GenerationSettings`, `batch_size`, `device`, ...). `backend`: an already loaded model.
+    `{tags}` and `{folder}` render empty here, as in-memory images have neither.
     """
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
-        style: str | Path | Style = "caption",
+        config: CaptionConfig | str = DEFAULT_MODEL,
+        style: str | Path | Style | None = None,
         *,
-        mode: str | None = None,
-        length: str | None = None,
-        extras: Sequence[str] = (),
-        name: str | None = None,
-        prompt: str | None = None,
-        options: PostProcess | None = None,
-        generation: GenerationSettings | None = None,
-        batch_size: int | None = None,
-        device: str | None = None,
-        dtype: str | None = None,
         backend: Backend | None = None,
+        **settings: Any,
     ):
-        self.backend = backend or load_backend(model, device=device, dtype=dtype)
-        self.options = options or PostProcess()
-        self.generation = generation or GenerationSettings()
-        choice = StyleChoice(mode or style, length, extras, name, prompt)
-        self.request = resolve_request(choice, self.backend, trigger=self.options.trigger)
-        self.batch_size = batch_size or self.backend.default_batch_size
+        if not isinstance(config, CaptionConfig):
+            settings["model"], config = config, CaptionConfig()
+        config = caption_config(config, style=style, **settings)
+        if backend is None:
+            model = config.model or DEFAULT_MODEL
+            backend = load_backend(model, device=config.device, dtype=config.dtype, quant=config.quant)
+        self.backend = backend
+        self.config = config
+        self.options = config.postprocess
+        self.generation = config.generation
+        self.request = resolve_request(config.style_choice, self.backend, trigger=self.options.trigger)
+        self.batch_size = config.batch_size or self.backend.default_batch_size
 
     @overload
     def __call__(self, images: Image.Image) -> str: ...

@@ -4,38 +4,114 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
 import os
 import sys
-from collections.abc import Sequence
-from contextlib import closing, nullcontext
-
-from . import __version__
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Any
 
 # Light: loracap.backends imports no torch or transformers until a model is loaded.
-from .backends import BackendError, GenerationSettings, ModelUnavailable
+from .backends import BackendError, ModelUnavailable
 from .backends.registry import ANY_STYLE, DEFAULT_MODEL, KNOWN_MODELS, REMOTE_PREFIX
+from .config import build, defaults, read_config_file
 
 # What a user can fix (a missing folder, a bad option, a model that cannot be had): one line, exit 2.
 _USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, ModelUnavailable, BackendError)
 
+# Each command's settings class, by import path: resolved only when needed, so `loracap --help` stays light.
+CAPTION_CONFIG = "loracap.pipeline:CaptionConfig"
+REPORT_CONFIG = "loracap.quality.report:ReportConfig"
+SERVE_CONFIG = "loracap.serve.config:ServeConfig"
+TRAIN_SETTINGS = "loracap.train.settings:TrainSettings"
+# Where a flag's default differs from the settings class's (the Python API's), the flag's wins here.
+_CLI_DEFAULTS = {TRAIN_SETTINGS: {"mixed_precision": "auto"}}
+# Given on the command line but not settings of a command: how to run, not what to do.
+_NOT_SETTINGS = ("command", "config", "offline", "verbose")
 
-def _split_list(values: list[str] | None) -> tuple[str, ...]:
+
+def _settings_class(path: str) -> type:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _split_list(values: Sequence[str] | str | None) -> tuple[str, ...]:
     """`--remove-tags a,b --remove-tags c` -> ("a", "b", "c")."""
-    return tuple(t.strip() for v in values or () for t in v.split(",") if t.strip())
+    values = [values] if isinstance(values, str) else values or ()
+    return tuple(t.strip() for v in values for t in v.split(",") if t.strip())
+
+
+def _help_showing_defaults(settings_path: str) -> type[argparse.HelpFormatter]:
+    """A help formatter that shows each flag's default as the settings class has it: argparse itself
+    holds no defaults (see `_command_parser`), so the class is the one place they are written."""
+
+    class Formatter(argparse.HelpFormatter):
+        def _get_help_string(self, action: argparse.Action) -> str:
+            help = action.help or ""
+            cls = _settings_class(settings_path)
+            known = {**defaults(cls), **_CLI_DEFAULTS.get(settings_path, {})}
+            value = known.get(action.dest)
+            if (
+                action.option_strings
+                and value not in (None, "", (), [], False, True)
+                and "default" not in help
+            ):
+                help += f" (default: {value})"
+            return help
+
+    return Formatter
+
+
+def _command_parser(
+    commands: argparse._SubParsersAction, name: str, settings_path: str, **kwargs: Any
+) -> argparse.ArgumentParser:
+    """A subcommand whose flags are settings of `settings_path`'s class. Its flags have no argparse
+    defaults, so the parsed namespace holds only what the user typed: `--config FILE` fills the rest,
+    then the class's defaults."""
+    parser = commands.add_parser(
+        name,
+        argument_default=argparse.SUPPRESS,
+        formatter_class=_help_showing_defaults(settings_path),
+        **kwargs,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="say more about what happens")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help='read settings from a TOML file, one key per flag (max_new_tokens = 60, trigger = "ohwx"); '
+        "flags given here override it",
+    )
+    return parser
+
+
+def _settings(path: str, args: argparse.Namespace, given: Mapping[str, Any] | None = None) -> Any:
+    """The command's settings object: its class's defaults, then --config, then the flags typed.
+    `given`: the typed flags, converted where the command line spells a setting differently."""
+    flags = dict(given) if given is not None else vars(args)
+    flags = {k: v for k, v in flags.items() if k not in _NOT_SETTINGS}
+    config_file = getattr(args, "config", None)
+    from_file = read_config_file(config_file) if config_file else {}
+    where = f"--config {config_file}" if config_file else "the command line"
+    values = {**_CLI_DEFAULTS.get(path, {}), **from_file, **flags}
+    return build(_settings_class(path), values, where=where)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loracap", description="Caption image folders for LoRA training.")
-    parser.add_argument("--version", action="version", version=f"loracap {__version__}")
+    parser.add_argument("--version", action="version", version=f"loracap {version('loracap')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    cap = commands.add_parser(
+    cap = _command_parser(
+        commands,
         "caption",
+        CAPTION_CONFIG,
         help="caption every image in a folder",
         description="Caption every image under DIR and write what LoRA trainers read.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    cap.add_argument("dir", help="folder of images (searched recursively)")
+    cap.add_argument("dir", nargs="?", help="folder of images (searched recursively)")
     cap.add_argument(
         "--model",
         help="hub id, local folder, or cached id (see `loracap models`), or openai:MODEL for a remote "
@@ -46,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Only a folder run has image files to read {tags} from; a server renders its prompt without one.
     style.add_argument(
         "--tags-from",
+        dest="tags_ext",
         metavar="EXT",
         help="fill {tags} from each image's <stem>EXT file, e.g. .tags (default: its existing caption)",
     )
@@ -57,27 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     remote.add_argument(
         "--api-key-env",
-        default="OPENAI_API_KEY",
         metavar="VAR",
         help="environment variable holding the API key (the key itself is never printed)",
     )
-    remote.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
-    remote.add_argument("--timeout", type=float, default=120, help="seconds per request")
-    remote.add_argument("--max-retries", type=int, default=4, help="retries with back-off per image")
+    remote.add_argument("--concurrency", type=int, help="requests in flight at once")
+    remote.add_argument("--timeout", type=float, help="seconds per request")
+    remote.add_argument("--max-retries", type=int, help="retries with back-off per image")
 
     out = cap.add_argument_group("output")
     out.add_argument(
         "--format",
-        default="sidecar",
         choices=("sidecar", "jsonl", "kohya-json"),
         help="sidecar: <stem>.txt next to each image; jsonl: metadata.jsonl for HF imagefolder; "
         "kohya-json: sd-scripts fine-tune metadata",
     )
-    out.add_argument("--ext", default=".txt", help="sidecar extension (sd-scripts' default is .caption)")
+    out.add_argument("--ext", help="sidecar extension (sd-scripts' default is .caption)")
     out.add_argument("--metadata-file", help="where jsonl / kohya-json output goes (default: in DIR)")
     out.add_argument(
         "--existing",
-        default="skip",
         choices=("skip", "overwrite", "prepend", "append"),
         help="what to do with images that already have a caption",
     )
@@ -89,9 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument(
         "--trigger", help="trigger word(s), put first and never twice (prose that names it keeps it in place)"
     )
-    post.add_argument("--prefix", default="", help="text added after the trigger, verbatim")
-    post.add_argument("--suffix", default="", help="text added at the end, verbatim")
-    post.add_argument("--keep-boilerplate", action="store_true", help="keep openers like 'The image shows'")
+    post.add_argument("--prefix", help="text added after the trigger, verbatim")
+    post.add_argument("--suffix", help="text added at the end, verbatim")
+    post.add_argument(
+        "--keep-boilerplate",
+        dest="strip_boilerplate",
+        action="store_false",
+        help="keep openers like 'The image shows'",
+    )
     post.add_argument("--remove-tags", action="append", metavar="TAGS", help="tags to drop, comma-separated")
     post.add_argument("--replace-tags", action="append", metavar="A=B", help="rename tags: 'a=b,c=d'")
     post.add_argument("--max-tags", type=int, help="keep at most this many tags")
@@ -99,10 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = cap.add_argument_group("speed and hardware")
     run.add_argument("--batch-size", type=int, help="images per model call (default: 64 on a GPU, 4 on CPU)")
-    run.add_argument("--workers", type=int, default=2, help="threads decoding images ahead of the model")
+    run.add_argument("--workers", type=int, help="threads decoding images ahead of the model")
     _add_model_arguments(run)
     run.add_argument("--repetition-penalty", type=float)
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--quiet", dest="progress", action="store_false", help="no progress bars; only warnings and errors"
+    )
 
     commands.add_parser("models", help="list the models loracap knows and which are downloaded")
     commands.add_parser("styles", help="list the caption styles and --extra options")
@@ -118,7 +199,6 @@ def _add_style_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
         "--style",
         "--mode",
         dest="style",
-        default="caption",
         metavar="STYLE",
         help="a shipped style (booru-tags, training-caption, descriptive, sd-prompt, ...; Florence-2 "
         "modes such as tags or more_detailed) or the path of your own .toml style",
@@ -126,8 +206,8 @@ def _add_style_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     group.add_argument("--length", help="short, medium, long, or a word count such as 40-words (chat models)")
     group.add_argument(
         "--extra",
+        dest="extras",
         action="append",
-        default=[],
         metavar="EXTRA",
         help="an instruction added to the prompt: a named extra (lighting, camera-angle, no-text, name, "
         "...) or a sentence in quotes; repeatable (chat models)",
@@ -143,40 +223,36 @@ def _add_style_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
 
 
 def _add_model_arguments(group: argparse._ActionsContainer) -> None:
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    group.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    group.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+    group.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), help="(default: auto)")
     group.add_argument("--quant", choices=("4bit", "8bit"), help="load through bitsandbytes (CUDA only)")
     group.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default per mode)")
     group.add_argument("--min-new-tokens", type=int, help="shortest caption in tokens")
-    group.add_argument(
-        "--num-beams", type=int, default=1, help="beam search width (3 is a little better, slower)"
-    )
+    group.add_argument("--num-beams", type=int, help="beam search width (3 is a little better, slower)")
     group.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
 
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
-    srv = commands.add_parser(
+    srv = _command_parser(
+        commands,
         "serve",
+        SERVE_CONFIG,
         help="serve a model as an OpenAI-compatible captioning endpoint",
         description="Load a model once and caption for many clients over /v1/chat/completions "
         "(base64 image_url content), with /v1/models and /health. Needs `pip install loracap[serve]`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    srv.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or cached id")
-    srv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--model", help="hub id, local folder, or cached id")
+    srv.add_argument("--host", help="0.0.0.0 to accept other machines")
+    srv.add_argument("--port", type=int)
     _add_style_arguments(srv)
     _add_model_arguments(srv)
-    srv.add_argument("--max-batch", type=int, default=16, help="requests captioned together at most")
-    srv.add_argument(
-        "--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with"
-    )
+    srv.add_argument("--max-batch", type=int, help="requests captioned together at most")
+    srv.add_argument("--batch-wait-ms", type=float, help="how long a request waits for others to batch with")
     srv.add_argument("--max-image-pixels", type=int, help="larger images get 413 (default: Pillow's limit)")
-    srv.add_argument("--max-body-mb", type=float, default=32, help="larger request bodies get 413")
+    srv.add_argument("--max-body-mb", type=float, help="larger request bodies get 413")
     srv.add_argument(
         "--max-prompt-tokens",
         type=int,
-        default=1024,
         help="requests whose text (system and user) has more tokens, by the model's tokenizer, get 400",
     )
     srv.add_argument(
@@ -185,33 +261,35 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         help="require 'Authorization: Bearer KEY' on /v1 routes, KEY read from environment variable VAR "
         "(never printed or logged); without it anyone who reaches the port can use the server",
     )
-    srv.add_argument("--served-model-name", help="the model name clients see (default: --model)")
-    srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    srv.add_argument(
+        "--served-model-name", dest="model_name", help="the model name clients see (default: --model)"
+    )
+    srv.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
 
 
 def _add_report_parser(commands: argparse._SubParsersAction) -> None:
-    rep = commands.add_parser(
+    rep = _command_parser(
+        commands,
         "report",
+        REPORT_CONFIG,
         help="check a captioned dataset before training on it",
         description="Check the captions and images under DIR: CLIP score per pair (lowest first), token "
         "lengths against the text encoder's window, duplicates, trigger word, tag balance, sensitive terms, "
         "image sizes, near-duplicate images and aspect buckets. Writes report.html and report.json and "
         "prints a summary. Exit status: 0 ok, 1 a --fail-on rule failed, 2 usage error.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    rep.add_argument("dir", help="the dataset folder")
+    rep.add_argument("dir", nargs="?", help="the dataset folder")
     rep.add_argument("--out", help="where report.html and report.json go (default: DIR/loracap-report)")
     rep.add_argument(
         "--fail-on",
         action="append",
-        default=[],
         metavar="RULES",
         help="exit 1 when a rule breaks, e.g. 'missing-caption,truncated>3,clip<20,duplicate-image'; "
         "repeatable (names: see README)",
     )
     src = rep.add_argument_group("captions")
-    src.add_argument("--layout", default="auto", choices=("auto", "sidecar", "jsonl", "kohya-json"))
-    src.add_argument("--ext", default=".txt", help="sidecar extension (.txt, .caption)")
+    src.add_argument("--layout", choices=("auto", "sidecar", "jsonl", "kohya-json"))
+    src.add_argument("--ext", help="sidecar extension (.txt, .caption)")
     src.add_argument("--metadata-file", help="metadata.jsonl or kohya JSON to read (default: found in DIR)")
     src.add_argument("--no-recursive", dest="recursive", action="store_false", help="only DIR itself")
     text = rep.add_argument_group("text checks")
@@ -223,81 +301,72 @@ def _add_report_parser(commands: argparse._SubParsersAction) -> None:
     )
     text.add_argument("--max-length", type=int, help="token window (default: the tokenizer's, 77 for CLIP)")
     text.add_argument("--t5-tokenizer", help="also count T5 tokens (Flux/SD3), e.g. google/t5-v1_1-xxl")
-    text.add_argument(
-        "--t5-max-length", type=int, default=512, help="T5 window: 512 Flux-dev, 256 schnell/SD3"
-    )
+    text.add_argument("--t5-max-length", type=int, help="T5 window: 512 Flux-dev, 256 schnell/SD3")
     text.add_argument(
         "--terms", help="TOML file of sensitive terms, one list per category (default: built in)"
     )
-    text.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard for near-duplicate captions")
+    text.add_argument("--near-threshold", type=float, help="Jaccard for near-duplicate captions")
     clip = rep.add_argument_group("CLIP score")
-    clip.add_argument(
-        "--clip-model", default="openai/clip-vit-large-patch14", help="any CLIP or SigLIP checkpoint"
-    )
+    clip.add_argument("--clip-model", help="any CLIP or SigLIP checkpoint")
     clip.add_argument("--no-clip", dest="clip", action="store_false", help="skip CLIP scoring")
     clip.add_argument("--no-cache", dest="cache", action="store_false", help="rescore everything")
     clip.add_argument("--batch-size", type=int, help="pairs per model call (default: 64 on a GPU, 8 on CPU)")
-    clip.add_argument("--workers", type=int, default=2, help="threads decoding images ahead of the model")
-    clip.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    clip.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    clip.add_argument("--workers", type=int, help="threads decoding images ahead of the model")
+    clip.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
+    clip.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"))
     clip.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
     img = rep.add_argument_group("image checks")
     img.add_argument("--no-images", dest="images", action="store_false", help="skip the image checks")
-    img.add_argument("--min-side", default="1024", help="smallest shorter side in px, or sd15 / sdxl / flux")
-    img.add_argument("--resolution", default="1024", help="training resolution for the bucket preview")
+    img.add_argument("--min-side", help="smallest shorter side in px, or sd15 / sdxl / flux")
+    img.add_argument("--resolution", help="training resolution for the bucket preview")
     img.add_argument("--hash-threshold", type=int, help="phash bits apart that still count as duplicates (6)")
-    img.add_argument("--thumbnails", type=int, default=24, help="worst pairs shown with thumbnails")
-    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    img.add_argument("--thumbnails", type=int, help="worst pairs shown with thumbnails")
+    rep.add_argument(
+        "--quiet", dest="progress", action="store_false", help="no progress bars; only warnings and errors"
+    )
 
 
 def _add_train_parsers(commands: argparse._SubParsersAction) -> None:
-    trn = commands.add_parser(
+    trn = _command_parser(
+        commands,
         "train",
+        TRAIN_SETTINGS,
         help="train a small captioner on your own captions",
         description="Teach a prefix captioner (frozen vision tower -> projector -> LM with LoRA) the style "
         "of the captions in DATA (a loracap-captioned folder, or a Hugging Face dataset id / saved dataset). "
         "The result in --out is a model folder for `loracap caption --model`. Needs loracap[train].",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    trn.add_argument("data", help="captioned image folder, or a Hugging Face dataset")
-    trn.add_argument("--out", required=True, help="the captioner folder to write (checkpoints go inside)")
-    trn.add_argument(
-        "--vision", default="google/siglip-base-patch16-224", help="SigLIP / CLIP vision checkpoint"
-    )
-    trn.add_argument("--lm", default="HuggingFaceTB/SmolLM2-135M", help="decoder-only LM checkpoint")
+    trn.add_argument("data", nargs="?", help="captioned image folder, or a Hugging Face dataset")
+    trn.add_argument("--out", help="the captioner folder to write (checkpoints go inside)")
+    trn.add_argument("--vision", help="SigLIP / CLIP vision checkpoint")
+    trn.add_argument("--lm", help="decoder-only LM checkpoint")
     trn.add_argument("--from", dest="init_from", help="continue from a trained captioner folder")
-    trn.add_argument("--prompt", default="", help="text between image and caption, e.g. 'A photo of'")
-    trn.add_argument("--projector", default="mlp", choices=("linear", "mlp"))
-    trn.add_argument(
-        "--pixel-shuffle", type=int, default=1, help="2 folds 2x2 patches: 4x fewer prefix tokens"
-    )
-    trn.add_argument("--max-caption-tokens", type=int, default=64)
-    trn.add_argument(
-        "--unfreeze-vision-layers", type=int, default=0, help="train the top N vision layers too"
-    )
-    trn.add_argument("--lora-r", type=int, default=16)
-    trn.add_argument("--lora-alpha", type=int, default=32)
-    trn.add_argument("--lora-dropout", type=float, default=0.05)
+    trn.add_argument("--prompt", help="text between image and caption, e.g. 'A photo of'")
+    trn.add_argument("--projector", choices=("linear", "mlp"))
+    trn.add_argument("--pixel-shuffle", type=int, help="2 folds 2x2 patches: 4x fewer prefix tokens")
+    trn.add_argument("--max-caption-tokens", type=int)
+    trn.add_argument("--unfreeze-vision-layers", type=int, help="train the top N vision layers too")
+    trn.add_argument("--lora-r", type=int)
+    trn.add_argument("--lora-alpha", type=int)
+    trn.add_argument("--lora-dropout", type=float)
     trn.add_argument("--lora-targets", help="comma-separated module names (default: peft's for the LM)")
-    trn.add_argument("--lr-projector", type=float, default=1e-3)
-    trn.add_argument("--lr-lora", type=float, default=2e-4)
-    trn.add_argument("--lr-vision", type=float, default=1e-5)
-    trn.add_argument("--warmup-steps", type=int, default=50)
-    trn.add_argument("--epochs", type=int, default=10)
+    trn.add_argument("--lr-projector", type=float)
+    trn.add_argument("--lr-lora", type=float)
+    trn.add_argument("--lr-vision", type=float)
+    trn.add_argument("--warmup-steps", type=int)
+    trn.add_argument("--epochs", type=int)
     trn.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
-    trn.add_argument("--batch-size", type=int, default=16)
-    trn.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
-    trn.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
-    trn.add_argument("--seed", type=int, default=0, help="split, shuffling and initialisation")
-    trn.add_argument("--val-share", type=float, default=0.1)
-    trn.add_argument("--test-share", type=float, default=0.1)
-    trn.add_argument("--eval-every", type=int, default=100, help="validate every N steps")
-    trn.add_argument("--checkpoint-every", type=int, default=200)
-    trn.add_argument(
-        "--patience", type=int, default=5, help="evaluations without improvement before stopping"
-    )
-    trn.add_argument("--clip-loss-weight", type=float, default=0.0, help="weight of the CLIP alignment term")
-    trn.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="for --clip-loss-weight")
+    trn.add_argument("--batch-size", type=int)
+    trn.add_argument("--grad-accum", type=int, help="batches per optimizer step")
+    trn.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"))
+    trn.add_argument("--seed", type=int, help="split, shuffling and initialisation")
+    trn.add_argument("--val-share", type=float)
+    trn.add_argument("--test-share", type=float)
+    trn.add_argument("--eval-every", type=int, help="validate every N steps")
+    trn.add_argument("--checkpoint-every", type=int)
+    trn.add_argument("--patience", type=int, help="evaluations without improvement before stopping")
+    trn.add_argument("--clip-loss-weight", type=float, help="weight of the CLIP alignment term")
+    trn.add_argument("--clip-model", help="for --clip-loss-weight")
     trn.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     trn.add_argument(
         "--cache-features",
@@ -311,11 +380,13 @@ def _add_train_parsers(commands: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="where --cache-features keeps them (default: $LORACAP_CACHE/vision-features); implies it",
     )
-    trn.add_argument("--workers", type=int, default=2, help="data loader processes")
-    trn.add_argument("--image-column", default="image", help="Hugging Face datasets: the image column")
-    trn.add_argument("--caption-column", default="text", help="Hugging Face datasets: the caption column")
+    trn.add_argument("--workers", type=int, help="data loader processes")
+    trn.add_argument("--image-column", help="Hugging Face datasets: the image column")
+    trn.add_argument("--caption-column", help="Hugging Face datasets: the caption column")
     trn.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
-    trn.add_argument("--quiet", action="store_true", help="no progress bar")
+    trn.add_argument(
+        "--quiet", dest="progress", action="store_false", help="no progress bars; only warnings and errors"
+    )
 
     ev = commands.add_parser(
         "eval",
@@ -332,28 +403,16 @@ def _add_train_parsers(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--out", help="JSON file to write (default: MODEL/eval-SPLIT.json)")
     ev.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
-    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars; only warnings and errors")
 
 
 def _train(args: argparse.Namespace) -> int:
-    try:
-        from .train.loop import TrainSettings, train
-    except ImportError as exc:
-        print(f"loracap: error: training needs {exc.name}: pip install 'loracap[train]'", file=sys.stderr)
-        return 2
-    fields = {f: getattr(args, f) for f in TrainSettings.__dataclass_fields__ if hasattr(args, f)}
-    fields["lora_targets"] = list(_split_list([args.lora_targets])) if args.lora_targets else None
-    try:
-        result = train(TrainSettings(**fields, progress=not args.quiet))
-    except _USER_ERRORS as exc:
-        print(f"loracap: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            "\nloracap: interrupted; run again with --resume to continue from the last checkpoint.",
-            file=sys.stderr,
-        )
-        return 130
+    from .train.loop import train
+
+    given = vars(args)
+    if "lora_targets" in given:
+        given = {**given, "lora_targets": list(_split_list(given["lora_targets"])) or None}
+    result = train(_settings(TRAIN_SETTINGS, args, given))
     if not result.is_main_process:  # the main process reports and saves
         return 0
     share = result.trainable_parameters / max(result.total_parameters, 1)
@@ -375,27 +434,20 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    try:
-        from .train.metrics import evaluate_captioner
+    from .train.metrics import evaluate_captioner
 
-        result = evaluate_captioner(
-            args.model,
-            args.data,
-            split=args.split,
-            image_column=args.image_column,
-            caption_column=args.caption_column,
-            clip_model=args.clip_model,
-            batch_size=args.batch_size,
-            device=args.device,
-            out_file=args.out,
-            progress=not args.quiet,
-        )
-    except ImportError as exc:
-        print(f"loracap: error: evaluation needs {exc.name}: pip install 'loracap[train]'", file=sys.stderr)
-        return 2
-    except _USER_ERRORS as exc:
-        print(f"loracap: error: {exc}", file=sys.stderr)
-        return 2
+    result = evaluate_captioner(
+        args.model,
+        args.data,
+        split=args.split,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        clip_model=args.clip_model,
+        batch_size=args.batch_size,
+        device=args.device,
+        out_file=args.out,
+        progress=not args.quiet,
+    )
     clip = f", CLIPScore {result['clip_score']:.2f}" if result.get("clip_score") is not None else ""
     print(
         f"loracap: {result['images']} images ({result['split']}): BLEU-4 {result['bleu4']:.3f}, "
@@ -405,139 +457,31 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pixels_or_preset(value: str) -> int | str:
-    return int(value) if value.isdigit() else value
-
-
 def _report(args: argparse.Namespace) -> int:
-    from .quality.report import build_report, load_terms, print_summary, write_report
+    from .quality.report import report, summary_lines
 
-    try:
-        rep = build_report(
-            args.dir,
-            layout=args.layout,
-            ext=args.ext,
-            metadata_file=args.metadata_file,
-            recursive=args.recursive,
-            clip_model=args.clip_model,
-            clip=args.clip,
-            tokenizer=args.tokenizer,
-            t5_tokenizer=args.t5_tokenizer,
-            t5_max_length=args.t5_max_length,
-            max_length=args.max_length,
-            trigger=args.trigger,
-            sensitive_terms=load_terms(args.terms) if args.terms else None,
-            near_threshold=args.near_threshold,
-            images=args.images,
-            min_side=_pixels_or_preset(args.min_side),
-            resolution=_pixels_or_preset(args.resolution),
-            hash_threshold=args.hash_threshold,
-            device=args.device,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            cache=args.cache,
-            fail_on=args.fail_on,
-            progress=not args.quiet,
-        )
-        write_report(rep, args.out, thumbnails=args.thumbnails)
-    except _USER_ERRORS as exc:
-        print(f"loracap: error: {exc}", file=sys.stderr)
-        return 2
-    except ImportError as exc:
-        print(f"loracap: error: the report needs {exc.name}: pip install 'loracap[report]'", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            "\nloracap: interrupted; CLIP scores computed so far are cached for the next run.",
-            file=sys.stderr,
-        )
-        return 130
-    print(f"loracap report: {args.dir}")
-    print_summary(rep)
+    config = _settings(REPORT_CONFIG, args)
+    rep = report(config)
+    print(f"loracap report: {config.dir}")
+    for line in summary_lines(rep):
+        print(f"  {line}")
+    print(f"report: {rep.html_path} (numbers in {rep.json_path.name})")
+    for failure in rep.failures:
+        print(f"FAIL {failure}")
     return 0 if rep.passed else 1
-
-
-def _generation(args: argparse.Namespace) -> GenerationSettings:
-    return GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        num_beams=args.num_beams,
-        repetition_penalty=getattr(args, "repetition_penalty", None),
-    )
-
-
-def _style_kwargs(args: argparse.Namespace) -> dict:
-    return {
-        "style": args.style,
-        "length": args.length,
-        "extras": tuple(args.extra),
-        "name": args.name,
-        "prompt": args.prompt,
-        "prompt_file": args.prompt_file,
-    }
-
-
-def _remote_backend(args: argparse.Namespace):
-    from .backends import load_backend
-
-    return load_backend(
-        args.model,
-        api_base=args.api_base,
-        api_key_env=args.api_key_env,
-        concurrency=args.concurrency,
-        timeout_s=args.timeout,
-        max_retries=args.max_retries,
-    )
 
 
 def _caption(args: argparse.Namespace) -> int:
     from .pipeline import caption_folder
-    from .postprocess import PostProcess, parse_replace_tags
+    from .postprocess import parse_replace_tags
 
-    try:
-        options = PostProcess(
-            trigger=args.trigger,
-            prefix=args.prefix,
-            suffix=args.suffix,
-            strip_boilerplate=not args.keep_boilerplate,
-            remove_tags=_split_list(args.remove_tags),
-            replace_tags=parse_replace_tags(args.replace_tags or ()),
-            max_tags=args.max_tags,
-            underscores_to_spaces=args.underscores_to_spaces,
-        )
-        backend = _remote_backend(args) if (args.model or "").startswith(REMOTE_PREFIX) else None
-        with closing(backend) if backend is not None else nullcontext():
-            summary = caption_folder(
-                args.dir,
-                model=args.model,
-                backend=backend,
-                **_style_kwargs(args),
-                tags_ext=args.tags_from,
-                recursive=args.recursive,
-                existing=args.existing,
-                format=args.format,
-                ext=args.ext,
-                metadata_file=args.metadata_file,
-                options=options,
-                generation=_generation(args),
-                batch_size=args.batch_size,
-                workers=args.workers,
-                device=args.device,
-                dtype=args.dtype,
-                quant=args.quant,
-                errors_file=args.errors_file,
-                progress=not args.quiet,
-            )
-    except _USER_ERRORS as exc:
-        print(f"loracap: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            "\nloracap: interrupted; captions written so far are kept. Run the same command again to resume.",
-            file=sys.stderr,
-        )
-        return 130
+    given = vars(args)
+    # The command line spells two settings its own way: lists as repeatable comma-separated flags.
+    if "remove_tags" in given:
+        given = {**given, "remove_tags": _split_list(given["remove_tags"])}
+    if "replace_tags" in given:
+        given = {**given, "replace_tags": parse_replace_tags(given["replace_tags"])}
+    summary = caption_folder(_settings(CAPTION_CONFIG, args, given))
     if summary.write_problem():
         print(f"loracap: error: {summary.write_problem()}", file=sys.stderr)
     print(f"loracap: {summary.describe()}", file=sys.stderr)
@@ -545,7 +489,7 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _models() -> int:
-    from .backends.hub import is_cached
+    from .hub import is_cached
     from .styles import list_styles
 
     styles = list_styles()
@@ -586,61 +530,109 @@ def _styles() -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    with suppress(KeyboardInterrupt):  # how a server is stopped by hand: not an error
+        serve(_settings(SERVE_CONFIG, args))
+    return 0
+
+
+@dataclass(frozen=True)
+class _Command:
+    """How `main` runs one command and maps what can go wrong to one line and an exit status."""
+
+    run: Callable[[argparse.Namespace], int]
+    extra: str | None = None
+    """The pip extra whose missing packages mean "install it", not a crash."""
+    interrupted: str = "interrupted."
+    """What Ctrl-C leaves behind, said after "loracap: " (exit status 130)."""
+    what: str = ""
+    """What the command is called in "... needs X" (default: "the NAME command")."""
+
+
+_COMMANDS = {
+    "caption": _Command(
+        _caption,
+        interrupted="interrupted; captions written so far are kept. Run the same command again to resume.",
+    ),
+    "report": _Command(
+        _report,
+        extra="report",
+        interrupted="interrupted; CLIP scores computed so far are cached for the next run.",
+    ),
+    "serve": _Command(_serve, extra="serve", what="serving"),
+    "train": _Command(
+        _train,
+        extra="train",
+        interrupted="interrupted; run again with --resume to continue from the last checkpoint.",
+        what="training",
+    ),
+    "eval": _Command(_eval, extra="train", what="evaluation"),
+    "models": _Command(lambda args: _models()),
+    "styles": _Command(lambda args: _styles()),
+}
+
+
+def run_command(name: str, args: argparse.Namespace) -> int:
+    """Run a command: exit status 0/1 as it says, 2 with one line for what the user can fix (a bad option,
+    a missing folder or model, a missing extra), 130 after Ctrl-C."""
+    command = _COMMANDS[name]
     try:
-        from .serve import serve
-    except ImportError as exc:
-        print(f"loracap: error: serving needs {exc.name}: pip install 'loracap[serve]'", file=sys.stderr)
-        return 2
-    api_key = None
-    if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env, "").strip()
-        if not api_key:  # refuse to start open when a key was asked for
-            print(f"loracap: error: --api-key-env: ${args.api_key_env} is not set or empty", file=sys.stderr)
-            return 2
-    try:
-        serve(
-            args.model,
-            host=args.host,
-            port=args.port,
-            device=args.device,
-            dtype=args.dtype,
-            quant=args.quant,
-            log_level=args.log_level,
-            **_style_kwargs(args),
-            generation=_generation(args),
-            model_name=args.served_model_name,
-            max_batch=args.max_batch,
-            batch_wait_ms=args.batch_wait_ms,
-            max_image_pixels=args.max_image_pixels,
-            max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-            max_prompt_tokens=args.max_prompt_tokens,
-            api_key=api_key,
+        return command.run(args)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if command.extra is None or not missing or missing == "loracap":
+            raise
+        what = command.what or f"the {name} command"
+        print(
+            f"loracap: error: {what} needs {missing}: pip install 'loracap[{command.extra}]'", file=sys.stderr
         )
-    except (ValueError, ModelUnavailable, BackendError) as exc:
+        return 2
+    except _USER_ERRORS as exc:
         print(f"loracap: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        pass
-    return 0
+        print(f"\nloracap: {command.interrupted}", file=sys.stderr)
+        return 130
+
+
+class _ConsoleHandler(logging.Handler):
+    """loracap's messages on stderr, written around any progress bar on screen instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never take the run down
+            self.handleError(record)
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    """Library code logs; the command shows it: info and up by default, warnings and up with --quiet
+    (which also silences the Hugging Face libraries' own progress bars), everything with -v."""
+    handler = _ConsoleHandler()
+    handler.setFormatter(logging.Formatter("loracap: %(message)s"))
+    logger = logging.getLogger("loracap")
+    logger.handlers = [handler]  # one, however often main() runs in a process
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    if quiet:
+        # Read by huggingface_hub (and through it transformers) when first imported; if they already are,
+        # tell them directly. "Loading weights" is a transformers bar.
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            import transformers.utils.logging
+
+            transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "offline", False):  # before any command imports the Hugging Face libraries
         os.environ["HF_HUB_OFFLINE"] = "1"
-    if args.command == "caption":
-        return _caption(args)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "styles":
-        return _styles()
-    if args.command == "report":
-        return _report(args)
-    if args.command == "train":
-        return _train(args)
-    if args.command == "eval":
-        return _eval(args)
-    return _models()
+    quiet = getattr(args, "progress", True) is False or getattr(args, "quiet", False)
+    _setup_logging(quiet, getattr(args, "verbose", False))
+    return run_command(args.command, args)
 
 
 if __name__ == "__main__":

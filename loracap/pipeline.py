@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .backends.base import Backend, BackendError, GenerationSettings
+from .config import parts, settings_for
+from .dataset import open_store, sidecar_collisions
+from .files import atomic_write_text
 from .inputs import (
     find_images,
     load_image,
@@ -27,7 +30,8 @@ from .inputs import (
 from .postprocess import PostProcess, merge_captions, postprocess
 from .request import CaptionRequest, StyleChoice, resolve_request
 from .styles import Style
-from .writers import atomic_write_text, open_store, sidecar_collisions
+
+log = logging.getLogger(__name__)
 
 EXISTING_POLICIES = ("skip", "overwrite", "prepend", "append")
 # Write errors that no other file in the folder would escape: the run stops at the first one.
@@ -88,51 +92,109 @@ class _Item:
     old: str | None  # existing caption, kept for prepend/append
 
 
-def caption_folder(
-    root: str | Path,
-    *,
-    model: str | None = None,
-    style: str | Path | Style = "caption",
-    mode: str | None = None,
-    length: str | None = None,
-    extras: Sequence[str] = (),
-    name: str | None = None,
-    prompt: str | None = None,
-    prompt_file: str | Path | None = None,
-    tags_ext: str | None = None,
-    backend: Backend | None = None,
-    recursive: bool = True,
-    existing: str = "skip",
-    format: str = "sidecar",
-    ext: str = ".txt",
-    metadata_file: str | Path | None = None,
-    options: PostProcess | None = None,
-    generation: GenerationSettings | None = None,
-    batch_size: int | None = None,
-    workers: int = 2,
-    device: str | None = None,
-    dtype: str | None = None,
-    quant: str | None = None,
-    errors_file: str | Path | None = None,
-    progress: bool = True,
-) -> RunSummary:
-    """Caption every image under `root` and write what trainers read. Returns the run's summary.
+@dataclass
+class CaptionConfig:
+    """Every setting of `loracap caption`: from its flags, a TOML file (`--config`) or code.
 
-    `style`: a shipped caption style ("booru-tags", "training-caption"; `mode` is its old name) or a
-    style file; `length`, `extras`, `name` shape a chat model's instruction; `prompt` / `prompt_file`
-    replace it (for Florence-2 / BLIP: the raw task prompt); `tags_ext` names the file {tags} comes from.
-    Raises FileNotFoundError / NotADirectoryError for a missing folder, ValueError for bad options,
+    Flat names as the flags have them; the caption style, the clean-up and the decoding settings are
+    parts (`style_choice`, `postprocess`, `generation`) whose fields are settings too (see loracap.config).
+    """
+
+    dir: str | Path | None = None
+    """The folder of images."""
+    model: str | None = None
+    """Hub id, local folder, cached id, or openai:MODEL; None: chosen by free accelerator memory."""
+    style_choice: StyleChoice = field(default_factory=StyleChoice)
+    postprocess: PostProcess = field(default_factory=PostProcess)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    recursive: bool = True
+    existing: str = "skip"
+    """What to do with captioned images: skip, overwrite, prepend, append."""
+    format: str = "sidecar"
+    ext: str = ".txt"
+    metadata_file: str | Path | None = None
+    errors_file: str | Path | None = None
+    """Per-file errors as JSON lines (default: DIR/loracap-errors.jsonl)."""
+    batch_size: int | None = None
+    """Images per model call (default: the backend's, 64 on a GPU and 4 on a CPU)."""
+    workers: int = 2
+    """Threads decoding images ahead of the model."""
+    device: str | None = None
+    dtype: str | None = None
+    quant: str | None = None
+    api_base: str | None = None
+    """For openai:MODEL: the server's URL (default: $OPENAI_BASE_URL)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    timeout: float = 120.0
+    max_retries: int = 4
+    progress: bool = True
+
+    def check(self) -> Style:
+        """ValueError for a setting that cannot work, before any folder is scanned or model loaded."""
+        if self.dir is None:
+            raise ValueError("no folder to caption: give DIR (or dir = ... in the --config file)")
+        if self.existing not in EXISTING_POLICIES:
+            raise ValueError(f"existing must be one of {', '.join(EXISTING_POLICIES)}, not {self.existing!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}")
+        return self.style_choice.check()
+
+    def load_backend(self) -> Backend:
+        """The model these settings name; without one, the one that fits this machine (said on stderr)."""
+        from .backends import load_backend
+        from .backends.hardware import auto_model
+        from .backends.registry import REMOTE_PREFIX
+
+        model, quant = self.model, self.quant
+        if model is not None and model.startswith(REMOTE_PREFIX):
+            return load_backend(
+                model,
+                api_base=self.api_base,
+                api_key_env=self.api_key_env,
+                concurrency=self.concurrency,
+                timeout_s=self.timeout,
+                max_retries=self.max_retries,
+            )
+        if model is None:
+            choice = auto_model(self.device)
+            model, quant = choice.model, quant or choice.quant
+            at = f" at {quant}" if quant else ""
+            log.info("no --model given (%s): using %s%s", choice.reason, model, at)
+        return load_backend(model, device=self.device, dtype=self.dtype, quant=quant)
+
+
+# Keyword shortcuts of caption_folder / Captioner that are older names of a setting.
+_ALIASES = {"mode": "style", "options": "postprocess"}
+
+
+def caption_config(config: CaptionConfig | str | Path | None = None, **settings: Any) -> CaptionConfig:
+    """A CaptionConfig: `config` itself, or one for the folder `config` with `settings` (flat names, or
+    whole parts such as `postprocess=PostProcess(...)`); `settings` change a given config too."""
+    # None for a whole part or for the style means "not given", as the old keyword defaults did.
+    optional = (*parts(CaptionConfig), "style")
+    settings = {_ALIASES.get(k, k): v for k, v in settings.items()}
+    settings = {k: v for k, v in settings.items() if v is not None or k not in optional}
+    return settings_for(CaptionConfig, config, settings, first="dir", where="caption settings")
+
+
+def caption_folder(
+    config: CaptionConfig | str | Path, *, backend: Backend | None = None, **settings: Any
+) -> RunSummary:
+    """Caption every image in the folder and write what trainers read. Returns the run's summary.
+
+    `caption_folder(CaptionConfig(...))`, or the folder with keyword settings, as `loracap caption`'s flags
+    name them: `caption_folder("data", style="tags", trigger="ohwx", max_new_tokens=60)` (`options=` a
+    PostProcess and `generation=` GenerationSettings work too). `backend`: an already loaded model to use.
+    Raises FileNotFoundError / NotADirectoryError for a missing folder, ValueError for bad settings,
     and the backends' ModelUnavailable / BackendError when the model cannot be used.
     """
-    if existing not in EXISTING_POLICIES:
-        raise ValueError(f"existing must be one of {', '.join(EXISTING_POLICIES)}, not {existing!r}")
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
-    root = Path(root).expanduser().resolve()
-    choice = StyleChoice(mode or style, length, extras, name, prompt, prompt_file, tags_ext)
-    chosen_style = choice.check()  # before anything is scanned or loaded
-    options = options or PostProcess()
-    generation = generation or GenerationSettings()
+    config = caption_config(config, **settings)
+    chosen_style = config.check()  # before anything is scanned or loaded
+    root = Path(config.dir).expanduser().resolve()
+    choice, options, generation = config.style_choice, config.postprocess, config.generation
+    recursive, existing, format, ext = config.recursive, config.existing, config.format, config.ext
+    model, metadata_file, errors_file = config.model, config.metadata_file, config.errors_file
     started = time.perf_counter()
 
     register_optional_formats()
@@ -148,11 +210,12 @@ def caption_folder(
         tags=chosen_style.tags,
     )
     write_error: OSError | None = None
+    own_backend = None  # a model this run loaded, and closes (a remote one holds connections)
     try:
         todo = _plan(images, root, store, format, ext, existing, summary)
         if todo:
             if backend is None:
-                backend = _load(model, device=device, dtype=dtype, quant=quant)
+                backend = own_backend = config.load_backend()
                 summary.model = backend.name
             request = resolve_request(choice, backend, trigger=options.trigger)
             _run(
@@ -165,9 +228,9 @@ def caption_folder(
                 existing=existing,
                 options=options,
                 generation=generation,
-                batch_size=batch_size or backend.default_batch_size,
-                workers=workers,
-                progress=progress,
+                batch_size=config.batch_size or backend.default_batch_size,
+                workers=config.workers,
+                progress=config.progress,
             )
     except OSError as exc:
         if exc.errno not in _NOTHING_MORE_FITS:
@@ -183,21 +246,9 @@ def caption_folder(
             summary.saved_elsewhere = _save_elsewhere(store.unsaved(), root)
         summary.seconds = time.perf_counter() - started
         summary.errors_file = _write_errors(errors_path, summary.errors)
+        if own_backend is not None and hasattr(own_backend, "close"):
+            own_backend.close()
     return summary
-
-
-def _load(model: str | None, *, device: str | None, dtype: str | None, quant: str | None) -> Backend:
-    from .backends import load_backend
-    from .backends.hardware import auto_model
-
-    if model is None:
-        choice = auto_model(device)
-        model, quant = choice.model, quant or choice.quant
-        print(
-            f"loracap: no --model given ({choice.reason}): using {model}" + (f" at {quant}" if quant else ""),
-            file=sys.stderr,
-        )
-    return load_backend(model, device=device, dtype=dtype, quant=quant)
 
 
 def _plan(
@@ -284,16 +335,16 @@ def _run(
         for batch in batches:
             items = batch.items
             for item, reason in batch.errors:
-                _fail(summary, root, item.path, "decode", reason, bar)
+                _fail(summary, root, item.path, "decode", reason)
             for item, raw, error in _generate(backend, items, batch.inputs, request, generation):
                 if error is None and not postprocess(raw, bare, tags=tags):  # nothing left but what we add
                     error = "the model returned an empty caption"
                 if error is not None:
                     for failed, reason in watch.failed(item, error):
-                        _fail(summary, root, failed.path, "caption", reason, bar)
+                        _fail(summary, root, failed.path, "caption", reason)
                     continue
                 for failed, reason in watch.captioned():
-                    _fail(summary, root, failed.path, "caption", reason, bar)
+                    _fail(summary, root, failed.path, "caption", reason)
                 caption = postprocess(raw, options, tags=tags)
                 if item.old is not None and existing in ("prepend", "append"):
                     caption = merge_captions(caption, item.old, existing, tags=tags, options=options)
@@ -303,10 +354,10 @@ def _run(
                 except OSError as exc:
                     if exc.errno in _NOTHING_MORE_FITS:
                         raise  # no other image's caption can be written either: stop, keep what was made
-                    _fail(summary, root, item.path, "write", f"cannot write caption: {exc}", bar)
+                    _fail(summary, root, item.path, "write", f"cannot write caption: {exc}")
             bar.update(len(items) + len(batch.errors))
         for failed, reason in watch.captioned():  # the run ended before the model was judged broken
-            _fail(summary, root, failed.path, "caption", reason, bar)
+            _fail(summary, root, failed.path, "caption", reason)
     finally:
         bar.close()
 
@@ -387,15 +438,11 @@ def _prepare(backend: Backend, request: CaptionRequest, items: list[_Item], imag
     return backend.prepare(images, request.mode, request.prompt)
 
 
-def _fail(summary: RunSummary, root: Path, path: Path, stage: str, reason: str, bar: Any = None) -> None:
+def _fail(summary: RunSummary, root: Path, path: Path, stage: str, reason: str) -> None:
     summary.failed += 1
     rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
     summary.errors.append(FileError(rel, stage, reason))
-    message = f"loracap: {stage} error: {path}: {reason}"
-    if bar is not None:
-        bar.write(message, file=sys.stderr)
-    else:
-        print(message, file=sys.stderr)
+    log.error("%s error: %s: %s", stage, path, reason)
 
 
 def _write_errors(path: Path, errors: list[FileError]) -> str | None:
@@ -408,7 +455,7 @@ def _write_errors(path: Path, errors: list[FileError]) -> str | None:
             return None
         atomic_write_text(path, "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in errors))
     except OSError as exc:
-        print(f"loracap: cannot write the error list {path}: {exc.strerror or exc}", file=sys.stderr)
+        log.error("cannot write the error list %s: %s", path, exc.strerror or exc)
         return None
     return str(path)
 
@@ -416,7 +463,7 @@ def _write_errors(path: Path, errors: list[FileError]) -> str | None:
 def _save_elsewhere(unsaved: dict[str, str], root: Path) -> str | None:
     """Write what the dataset folder could not take into a folder laid out like it, on another file
     system if need be: loracap's cache, else the system's temporary folder. Returns that folder."""
-    from .backends.hub import loracap_cache_dir
+    from .hub import loracap_cache_dir
 
     if not unsaved:
         return None

@@ -2,7 +2,7 @@
 
 Shared by every backend. Two kinds of output exist: prose (a sentence or a paragraph) and tags (a
 comma-separated list, as WD14-style taggers and Florence-2 fine-tunes emit). The rules differ, so
-every function takes `tags=`.
+every function takes `tags=`; `looks_like_tags` tells which kind a set of captions is.
 
 `postprocess` is idempotent: running it on its own output changes nothing. That matters because
 captions are re-processed (a second run with `--overwrite`, a merge with an existing caption), and
@@ -133,6 +133,26 @@ def split_tags(text: str) -> list[str]:
     """Split tag text on commas and newlines; strip each tag, collapse inner spaces, drop empties."""
     tags = (" ".join(part.split()) for part in re.split(r"[,\n]", text))
     return [tag for tag in tags if tag]
+
+
+def looks_like_tags(captions: Iterable[str]) -> bool:
+    """True when most captions are comma-separated tag lists rather than prose.
+
+    Prose has commas too ("A woman, smiling, in a field."), so a caption counts as tags only with three
+    or more items of at most three words on average and no closing full stop.
+    """
+    votes = 0
+    total = 0
+    for caption in captions:
+        caption = caption.strip()
+        if not caption:
+            continue
+        total += 1
+        items = split_tags(caption)
+        words = sum(len(item.split()) for item in items)
+        if len(items) >= 3 and words / len(items) <= 3 and not caption.endswith("."):
+            votes += 1
+    return total > 0 and votes * 2 > total
 
 
 def postprocess(text: str, options: PostProcess, *, tags: bool) -> str:

@@ -15,7 +15,7 @@ the others (a Florence-2 task token, a BLIP prefix), as it was before styles exi
 from __future__ import annotations
 
 import functools
-import sys
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,8 @@ from .styles import (
     used_placeholders,
     user_prompt_style,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CaptionRequest", "StyleChoice", "resolve_request"]
 
@@ -147,7 +149,7 @@ def _instruction_request(
     fields = used_placeholders(chat_style, choice.extras)
     for field, value, flag in (("name", choice.name, "--name"), ("trigger", trigger, "--trigger")):
         if field in fields and not value:
-            print(f"loracap: warning: the prompt uses {{{field}}} but no {flag} was given", file=sys.stderr)
+            log.warning("warning: the prompt uses {%s} but no %s was given", field, flag)
     per_image = bool(fields & PER_IMAGE_PLACEHOLDERS)
     prompt = None
     if not per_image:  # one instruction serves the whole run: render it once

@@ -253,7 +253,7 @@ def test_import_is_light():
 _PAUSE_AFTER_FIVE = """
 import sys, time
 from pathlib import Path
-from loracap.writers import sidecar
+from loracap.dataset import sidecar
 
 ready, written, write = Path(sys.argv[1]), [], sidecar.SidecarStore.write
 
@@ -300,6 +300,24 @@ def test_interrupted_run_leaves_no_partial_files_and_resumes(tmp_path, tiny_mode
     assert "35 captioned, 5 skipped" in result.stderr
     assert captions(data).items() >= done.items()  # the first five were not captioned again
     assert len(captions(data)) == 40
+
+
+def test_quiet_prints_the_summary_alone(tmp_path, tiny_model):
+    """--quiet silences the progress bars, the Hugging Face libraries' "Loading weights" among them, and
+    loracap's info messages."""
+    write_images(tmp_path, ["a.jpg", "b.jpg"])
+    model = str(tiny_model("florence2"))
+    base = [sys.executable, "-m", "loracap", "caption", str(tmp_path), "--model", model]
+    base += ["--min-new-tokens", "2", "--max-new-tokens", "6", "--existing", "overwrite"]
+    # (An earlier in-process --quiet run in this test session set this for its process: not for this one.)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    loud = subprocess.run(base, capture_output=True, text=True, timeout=300, env=env)
+    assert loud.returncode == 0, loud.stderr
+    assert "Loading weights" in loud.stderr and "captioning" in loud.stderr  # the bars, by default
+    quiet = subprocess.run([*base, "--quiet"], capture_output=True, text=True, timeout=300, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    (line,) = quiet.stderr.strip().splitlines()
+    assert line.startswith("loracap: 2 captioned, 0 skipped (already captioned), 0 failed of 2 images in ")
 
 
 def test_progress_bar_shows_rate_and_counts(tmp_path, tiny_model):

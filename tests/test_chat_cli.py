@@ -187,7 +187,7 @@ def test_python_captioner_takes_the_same_style_options(tmp_path, tiny_model):
 def test_tags_from_is_an_option_of_caption_only(capsys):
     from loracap.cli import build_parser
 
-    assert build_parser().parse_args(["caption", "d", "--tags-from", ".tags"]).tags_from == ".tags"
+    assert build_parser().parse_args(["caption", "d", "--tags-from", ".tags"]).tags_ext == ".tags"
     # A served chat model renders its prompt once, with no image file to read {tags} from.
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(["serve", "--tags-from", ".tags"])

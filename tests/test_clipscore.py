@@ -8,7 +8,7 @@ import pytest
 from conftest import write_images
 from PIL import Image
 
-from loracap.backends.hub import ModelUnavailable
+from loracap.hub import ModelUnavailable
 from loracap.quality.clipscore import clip_scores, lowest_first
 
 ARCHS = ["clip", "siglip-clip"]

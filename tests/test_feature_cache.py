@@ -52,7 +52,8 @@ def distinct_dataset(root: Path, n: int = 12, *, broken: bool = False) -> Path:
 
 def run(towers, data: Path, out: Path, cache: Path | None, **extra):
     """A few CPU steps (two epochs of the 10-image train split), no captioning: only the loss path."""
-    from loracap.train.loop import TrainSettings, train
+    from loracap.train.loop import train
+    from loracap.train.settings import TrainSettings
 
     settings = {
         "max_steps": 6,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -48,12 +49,15 @@ def test_original_layout_converts_to_the_same_network(tmp_path, tiny_model, weig
     assert converted.processor.tokenizer(text)["input_ids"] == native.processor.tokenizer(text)["input_ids"]
 
 
-def test_conversion_is_cached(tmp_path, capsys):
+def test_conversion_is_cached(tmp_path, caplog):
     original = make_tiny_model("florence2-original", tmp_path / "orig")
-    load_backend(str(original), device="cpu")
-    assert "converting" in capsys.readouterr().out
-    load_backend(str(original), device="cpu")
-    assert "converting" not in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="loracap"):
+        load_backend(str(original), device="cpu")
+    assert "converting" in caplog.text  # said, once
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="loracap"):
+        load_backend(str(original), device="cpu")
+    assert "converting" not in caplog.text
 
 
 def test_task_tokens_are_read_from_the_checkpoint(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from loracap.backends import ModelUnavailable, load_backend, resolve_model
-from loracap.backends.hub import hf_cache_dir, is_cached
+from loracap.hub import hf_cache_dir, is_cached
 
 
 def _put_in_hf_cache(folder, repo_id: str, commit: str = "0123abcd" * 5):

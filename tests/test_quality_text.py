@@ -12,7 +12,7 @@ import json
 import pytest
 from conftest import write_images
 
-from loracap.quality.captions import read_dataset
+from loracap.dataset import open_store, read_dataset
 from loracap.quality.text import (
     analyze_text,
     audit_trigger,
@@ -26,7 +26,6 @@ from loracap.quality.text import (
 )
 from loracap.quality.unionfind import UnionFind
 from loracap.testing.clip_models import build_clip_tokenizer
-from loracap.writers import open_store
 
 
 @pytest.fixture(scope="module")

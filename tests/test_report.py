@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 import loracap
-from loracap.backends import hub
-from loracap.backends.hub import hf_cache_dir
+from loracap import hub
 from loracap.cli import main
+from loracap.hub import hf_cache_dir
 from loracap.quality.clipscore import DEFAULT_MODEL
 from loracap.quality.gates import CHECKS, NEEDS_TOKENS, Rule, evaluate, parse_rules
 

@@ -31,7 +31,7 @@ from loracap.data.synthetic import (
     split_of,
     write_dataset,
 )
-from loracap.quality.captions import read_dataset
+from loracap.dataset import read_dataset
 
 SCENE_BY_CAPTION = {caption(scene): scene for scene in all_scenes()}
 

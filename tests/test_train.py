@@ -304,7 +304,8 @@ def test_extended_split_keeps_what_was_held_out() -> None:
 def test_train_on_a_saved_hugging_face_dataset_with_its_own_caption_column(towers, tmp_path: Path) -> None:
     import datasets
 
-    from loracap.train.loop import TrainSettings, train
+    from loracap.train.loop import train
+    from loracap.train.settings import TrainSettings
 
     names = list(COLOURS) * 3  # 12 images: enough for a test split
     table = datasets.Dataset.from_dict(
@@ -378,8 +379,8 @@ def test_training_sees_images_decoded_as_captioning_decodes_them(towers, tmp_pat
     from loracap.backends.device import choose_placement
     from loracap.backends.prefix_captioner import PrefixCaptionerBackend
     from loracap.inputs import load_image
+    from loracap.train.batches import CaptionDataset, make_collate
     from loracap.train.data import load_examples
-    from loracap.train.loop import CaptionDataset, make_collate
 
     root = tmp_path / "data"
     root.mkdir()
@@ -422,7 +423,7 @@ def test_validation_loss_is_the_same_on_every_process(towers) -> None:
     one stop while the others wait for it)."""
     from transformers import AutoTokenizer
 
-    from loracap.train.loop import evaluate_loss
+    from loracap.train.validation import evaluate_loss
 
     torch.manual_seed(0)
     model = build_captioner(str(towers[0]), str(towers[1]))
@@ -465,8 +466,8 @@ def test_training_loader_parts_pickle_for_spawned_workers(towers, tmp_path: Path
 
     from transformers import AutoImageProcessor, AutoTokenizer
 
+    from loracap.train.batches import CaptionDataset, make_collate
     from loracap.train.data import load_examples
-    from loracap.train.loop import CaptionDataset, make_collate
 
     data = colour_dataset(tmp_path / "data", n=4)
     processor, tokenizer = (

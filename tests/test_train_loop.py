@@ -22,7 +22,8 @@ from loracap.prefix.modeling import build_captioner
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-from loracap.train.loop import TrainSettings, train  # noqa: E402  (needs peft and accelerate)
+from loracap.train.loop import train  # noqa: E402  (needs peft and accelerate)
+from loracap.train.settings import TrainSettings  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (250, 250, 250)}
 
@@ -89,8 +90,9 @@ def settings(data: Path, out: Path, towers, **overrides) -> TrainSettings:
 
 def val_loss_of_saved(out: Path, data: Path) -> float:
     """The validation loss of the captioner saved in `out`, loaded as `loracap caption --model` loads it."""
+    from loracap.train.batches import CaptionDataset, make_collate
     from loracap.train.data import load_examples, read_split
-    from loracap.train.loop import CaptionDataset, evaluate_loss, make_collate
+    from loracap.train.validation import evaluate_loss
 
     loaded = load_captioner(out)
     val_keys = set(read_split(out)["val"])

@@ -16,7 +16,7 @@ import pytest
 from conftest import write_images
 
 import loracap
-from loracap.quality.captions import read_dataset
+from loracap.dataset import read_dataset
 
 GENERATION = loracap.GenerationSettings(min_new_tokens=2, max_new_tokens=6)
 

@@ -6,16 +6,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from loracap.writers import (
+from loracap import files as atomic_module
+from loracap.dataset import (
     JsonlStore,
     KohyaJsonStore,
-    atomic_write_text,
     open_store,
     sidecar_collisions,
 )
-from loracap.writers import atomic as atomic_module
-from loracap.writers.jsonl import is_split_folder, metadata_files, split_of
-from loracap.writers.sidecar import UnreadableCaption
+from loracap.dataset.jsonl import is_split_folder, metadata_files, split_of
+from loracap.dataset.sidecar import UnreadableCaption
+from loracap.files import atomic_write_text
 
 
 def make_images(root: Path, *names: str) -> list[Path]:

@@ -6,8 +6,8 @@ import json
 import os
 from typing import Any
 
+from ..hub import ModelUnavailable, resolve_model
 from .base import Backend, BackendError, GenerationSettings, caption_images
-from .hub import ModelUnavailable, resolve_model
 from .registry import DEFAULT_MODEL, KNOWN_MODELS, REMOTE_PREFIX, KnownModel
 
 __all__ = [

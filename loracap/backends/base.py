@@ -8,10 +8,12 @@ images in memory (the Python API, a server, a Ray Data actor).
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -82,10 +84,12 @@ def fit_decoder(kwargs: dict[str, Any], model: Any, used: int, name: str) -> dic
         return kwargs
     if name not in _TOLD_SHORT:
         _TOLD_SHORT.add(name)
-        print(
-            f"loracap: {name}'s decoder holds {positions} positions, so captions stop at {room} new tokens "
-            f"(not {kwargs['max_new_tokens']})",
-            file=sys.stderr,
+        log.warning(
+            "%s's decoder holds %d positions, so captions stop at %d new tokens (not %d)",
+            name,
+            positions,
+            room,
+            kwargs["max_new_tokens"],
         )
     fitted = {**kwargs, "max_new_tokens": room}
     if fitted.get("min_new_tokens", 0) > room:

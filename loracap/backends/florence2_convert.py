@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from loracap.backends.hub import loracap_cache_dir
+from loracap.hub import loracap_cache_dir
+
+log = logging.getLogger(__name__)
 
 # Tokens the original processor code adds to the BART tokenizer at load time, in this order; the
 # checkpoints' embedding rows follow it (50265 BART tokens + these 1024 = vocab_size 51289).
@@ -132,7 +135,7 @@ def native_folder(folder: Path) -> Path:
         name = folder.parent.parent.name.removeprefix("models--")
     target = converted_cache_root() / f"{name}-{_fingerprint(folder)}"
     if not (target / "config.json").is_file():
-        print(f"loracap: converting {folder} to the native Florence-2 layout (once) -> {target}")
+        log.info("converting %s to the native Florence-2 layout (once) -> %s", folder, target)
         convert_florence2(folder, target)
     return target
 

@@ -80,8 +80,8 @@ def choose_default_model(
 
 def auto_model(device: str | None = None) -> Choice:
     """`choose_default_model` for this machine: its free memory, its cache, its network setting."""
+    from ..hub import is_cached, offline_mode
     from . import supports
-    from .hub import is_cached, offline_mode
 
     kind, free_gb = free_accelerator_gb(device)
     offline = offline_mode()

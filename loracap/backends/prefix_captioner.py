@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from loracap.prefix.batching import pad_id, prompt_ids
+
 from .base import BackendError, GenerationSettings, check_mode
 from .device import Placement, default_batch_size, load_model
 
@@ -16,6 +18,8 @@ class PrefixCaptionerBackend:
     instructions = False  # it writes the house style it was trained on, whatever the prompt
 
     def __init__(self, folder: Path, name: str, placement: Placement, *, quant: str | None = None):
+        # Heavy (transformers, which loracap.prefix.modeling imports at its top): loaded with a model, as in
+        # every backend module, not when the backend registry or training imports this one.
         from transformers import AutoImageProcessor, AutoTokenizer
 
         from loracap.prefix.modeling import PrefixCaptioner
@@ -52,8 +56,6 @@ class PrefixCaptionerBackend:
     def _attach(
         self, model: Any, image_processor: Any, tokenizer: Any, name: str, placement: Placement
     ) -> None:
-        from loracap.prefix.batching import prompt_ids
-
         self.name = name
         self.placement = placement
         self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
@@ -73,8 +75,6 @@ class PrefixCaptionerBackend:
 
     @torch.inference_mode()
     def generate(self, inputs: dict[str, Any], settings: GenerationSettings) -> list[str]:
-        from loracap.prefix.batching import pad_id
-
         out = self.model.generate_captions(
             inputs["pixel_values"].to(self.placement.device),
             self.prompt_ids,

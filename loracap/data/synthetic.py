@@ -49,9 +49,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from loracap.train.data import DATASET_SPLITS_FILE, SPLITS  # the names `loracap train` reads back
-from loracap.writers import SidecarStore, atomic_write_text
-from loracap.writers.atomic import atomic_write_bytes
+from loracap.data.splits import DATASET_SPLITS_FILE, SPLITS  # the names `loracap train` reads back
+from loracap.dataset import SidecarStore
+from loracap.files import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "BACKGROUNDS",

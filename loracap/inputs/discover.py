@@ -15,8 +15,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from loracap.files import open_regular
-from loracap.writers.atomic import TEMP_PREFIX, TEMP_SUFFIX  # the writers' temp-file names
+from loracap.files import TEMP_PREFIX, TEMP_SUFFIX, open_regular  # TEMP_*: the atomic writes' temp-file names
 
 log = logging.getLogger(__name__)
 

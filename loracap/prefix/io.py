@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoImageProcessor, AutoTokenizer
+
 from loracap.prefix.modeling import PrefixCaptioner
 
 __all__ = ["LoadedCaptioner", "load_captioner", "save_captioner"]
@@ -37,8 +39,6 @@ def save_captioner(model: PrefixCaptioner, image_processor: Any, tokenizer: Any,
 
 def load_captioner(folder: str | Path) -> LoadedCaptioner:
     """The three parts of a captioner folder, the model in eval mode on the CPU (as saved)."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-
     return LoadedCaptioner(
         PrefixCaptioner.from_pretrained(folder).eval(),
         AutoImageProcessor.from_pretrained(folder),

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from loracap.hub import resolve_model
+
 MODEL_TYPE = "loracap_prefix_captioner"
 PROJECTORS = ("linear", "mlp")
 
@@ -311,8 +313,6 @@ def _image_tower(model: nn.Module) -> nn.Module:
 
 
 def _folder(spec: str | Path) -> Path:
-    from loracap.backends.hub import resolve_model
-
     return resolve_model(str(spec))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -26,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from loracap.backends.base import BackendError
-from loracap.backends.hub import loracap_cache_dir, resolve_model
+from loracap.files import atomic_write_text
+from loracap.hub import loracap_cache_dir, resolve_model
 from loracap.inputs import ImageDecodeError, file_sha256, map_ahead, prefetch_batches
-from loracap.writers import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 CACHE_FILE = "clipscore-cache.json"
@@ -175,7 +178,7 @@ def clip_scores(
         cache_path=path_cache,
     )
     for e in run.errors:
-        print(f"loracap: clipscore error: {e.path}: {e.error}", file=sys.stderr)
+        log.error("clipscore error: %s: %s", e.path, e.error)
     return run
 
 
@@ -362,4 +365,4 @@ def _write_cache(path: Path, entries: dict[str, dict[str, Any]]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1) + "\n")
     except OSError as exc:
-        print(f"loracap: cannot write the CLIPScore cache {path}: {exc}", file=sys.stderr)
+        log.warning("cannot write the CLIPScore cache %s: %s", path, exc)

@@ -1,9 +1,16 @@
-"""Small inline SVG charts for report.html: no plotting library, no external files, crisp at any zoom."""
+"""Small inline SVG charts for report.html: no plotting library, no external files, crisp at any zoom.
+
+A chart is returned as `Markup`, so the page template puts it in unescaped: that is safe because every
+text drawn here (labels, tooltips, the title) is escaped on the way in, and labels can be user data
+(tags come from captions).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from html import escape
+
+from markupsafe import Markup
 
 __all__ = ["column_chart", "row_chart"]
 
@@ -20,12 +27,12 @@ def column_chart(
     title: str = "",
     width: int = 560,
     height: int = 180,
-) -> str:
+) -> Markup:
     """Vertical bars, one per label, flagged bars in red; the count sits above each bar and every bar has
     a tooltip. Labels are thinned out when they would overlap."""
     n = len(values)
     if n == 0:
-        return '<p class="muted">nothing to plot</p>'
+        return Markup('<p class="muted">nothing to plot</p>')
     flagged = flagged or [False] * n
     top, bottom, left = 18, 34, 8
     plot_h = height - top - bottom
@@ -50,16 +57,16 @@ def column_chart(
         f'<line x1="{left}" x2="{width - left}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#999"/>'
     )
     parts.append("</svg>")
-    return "".join(parts)
+    return Markup("".join(parts))
 
 
 def row_chart(
     labels: Sequence[str], values: Sequence[float], *, title: str = "", width: int = 560, row: int = 18
-) -> str:
+) -> Markup:
     """Horizontal bars with the label on the left: for long names such as tags."""
     n = len(values)
     if n == 0:
-        return '<p class="muted">nothing to plot</p>'
+        return Markup('<p class="muted">nothing to plot</p>')
     label_w = min(220, 12 + 7 * max(len(label) for label in labels))
     bar_w = width - label_w - 50
     peak = max(values) or 1
@@ -76,7 +83,7 @@ def row_chart(
         )
         parts.append(_text(label_w + w + 4, y + row * 0.7, f"{value:g}", size=10, anchor="start"))
     parts.append("</svg>")
-    return "".join(parts)
+    return Markup("".join(parts))
 
 
 def _svg_open(width: int, height: int, title: str) -> str:

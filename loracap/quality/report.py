@@ -14,7 +14,6 @@ import datetime as _dt
 import functools
 import json
 import statistics
-import sys
 import time
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loracap.backends.hub import is_cached, resolve_model
-from loracap.quality.captions import Dataset, read_dataset
+from loracap.config import settings_for
+from loracap.dataset import Dataset, read_dataset, store_file_label
+from loracap.files import atomic_write_text
+from loracap.hub import is_cached, resolve_model
 from loracap.quality.clipscore import DEFAULT_MODEL, ClipScoreRun, clip_scores
 from loracap.quality.gates import Rule, evaluate, parse_rules
 from loracap.quality.images import ImageReport, image_report
 from loracap.quality.text import TextReport, analyze_text
-from loracap.writers import atomic_write_text
-from loracap.writers.jsonl import store_file_label
 
 __all__ = [
     "DEFAULT_OUT_DIR",
@@ -116,99 +115,135 @@ def load_terms(path: str | Path) -> dict[str, list[str]]:
     return data
 
 
-def build_report(
-    root: str | Path,
-    *,
-    layout: str = "auto",
-    ext: str = ".txt",
-    metadata_file: str | Path | None = None,
-    recursive: bool = True,
-    clip_model: str = DEFAULT_MODEL,
-    clip: bool = True,
-    tokenizer: str | None = None,
-    t5_tokenizer: str | None = None,
-    t5_max_length: int = 512,
-    max_length: int | None = None,
-    trigger: str | None = None,
-    sensitive_terms: Mapping[str, Iterable[str]] | None = None,
-    near_threshold: float = 0.8,
-    common_share: float = 0.9,
-    images: bool = True,
-    min_side: int | str = 1024,
-    resolution: int | str = 1024,
-    hash_threshold: int | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    batch_size: int | None = None,
-    workers: int = 2,
-    cache: bool = True,
-    cache_path: str | Path | None = None,
-    fail_on: Sequence[str] = (),
-    progress: bool = True,
-) -> DatasetReport:
-    """Run every check on the dataset in `root` (see `loracap report --help` for what each option does).
+@dataclass
+class ReportConfig:
+    """Every setting of `loracap report`: from its flags, a TOML file (`--config`) or code (see
+    loracap.config). `loracap report --help` says what each does."""
+
+    dir: str | Path | None = None
+    out: str | Path | None = None
+    """Where report.html and report.json go (default: DIR/loracap-report)."""
+    thumbnails: int = 24
+    layout: str = "auto"
+    ext: str = ".txt"
+    metadata_file: str | Path | None = None
+    recursive: bool = True
+    clip_model: str = DEFAULT_MODEL
+    clip: bool = True
+    tokenizer: str | None = None
+    t5_tokenizer: str | None = None
+    t5_max_length: int = 512
+    max_length: int | None = None
+    trigger: str | None = None
+    terms: str | Path | None = None
+    """A TOML file of sensitive terms (see `load_terms`); `sensitive_terms` gives them directly."""
+    sensitive_terms: Mapping[str, Iterable[str]] | None = None
+    near_threshold: float = 0.8
+    common_share: float = 0.9
+    images: bool = True
+    min_side: int | str = 1024
+    resolution: int | str = 1024
+    hash_threshold: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    batch_size: int | None = None
+    workers: int = 2
+    cache: bool = True
+    cache_path: str | Path | None = None
+    fail_on: Sequence[str] = ()
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        # "1024" from a flag or a file is a size; "sdxl" a preset.
+        self.min_side, self.resolution = (
+            int(v) if isinstance(v, str) and v.isdigit() else v for v in (self.min_side, self.resolution)
+        )
+        if self.sensitive_terms is None and self.terms is not None:
+            self.sensitive_terms = load_terms(self.terms)
+
+
+def report_config(config: ReportConfig | str | Path | None = None, **settings: Any) -> ReportConfig:
+    """A ReportConfig: `config` itself, or one for the folder `config` with `settings` (flat names)."""
+    return settings_for(ReportConfig, config, settings, first="dir", where="report settings")
+
+
+def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetReport:
+    """Run every check on a dataset: `build_report(ReportConfig(...))`, or the folder with keyword
+    settings (`build_report("data", clip=False, trigger="ohwx")`; `loracap report --help` says what each
+    does). Nothing is written (see `write_report`).
 
     Token counts use `tokenizer` (default: `clip_model`'s, the CLIP window SD 1.x/SDXL train with), plus
     `t5_tokenizer` when given (Flux/SD3). With `clip=False` and no `tokenizer`, `clip_model`'s is used only
     when it is a folder or already in the Hugging Face cache; otherwise the token checks are skipped
     (`data["tokens"]` is `{"skipped": why}`, their counts None). `fail_on` rules are parsed before any work.
     """
-    tok_name, skipped = _pick_tokenizer(tokenizer, clip_model, clip)
-    rules = parse_rules(fail_on, trigger=bool(trigger), clip=clip, tokens=tok_name is not None)
-    if t5_tokenizer and tok_name is None:
+    config = report_config(config, **settings)
+    if config.dir is None:
+        raise ValueError("no dataset folder: give DIR (or dir = ... in the --config file)")
+    tok_name, skipped = _pick_tokenizer(config.tokenizer, config.clip_model, config.clip)
+    rules = parse_rules(
+        config.fail_on, trigger=bool(config.trigger), clip=config.clip, tokens=tok_name is not None
+    )
+    if config.t5_tokenizer and tok_name is None:
         raise ValueError(
             f"--t5-tokenizer counts T5 tokens next to the CLIP window, which is skipped: {skipped}"
         )
-    root = Path(root)
-    ds = read_dataset(root, layout=layout, ext=ext, metadata_file=metadata_file, recursive=recursive)
+    root = Path(config.dir)
+    ds = read_dataset(
+        root,
+        layout=config.layout,
+        ext=config.ext,
+        metadata_file=config.metadata_file,
+        recursive=config.recursive,
+    )
     tok = load_tokenizer(tok_name) if tok_name else None
-    t5 = load_tokenizer(t5_tokenizer) if t5_tokenizer else None
+    t5 = load_tokenizer(config.t5_tokenizer) if config.t5_tokenizer else None
     captions = ds.captions
     text = analyze_text(
         captions,
         tok,
-        trigger=trigger,
+        trigger=config.trigger,
         t5_tokenizer=t5,
-        t5_max_length=t5_max_length,
-        max_length=max_length,
-        near_threshold=near_threshold,
-        common_share=common_share,
-        sensitive_terms=sensitive_terms,
+        t5_max_length=config.t5_max_length,
+        max_length=config.max_length,
+        near_threshold=config.near_threshold,
+        common_share=config.common_share,
+        sensitive_terms=config.sensitive_terms,
     )
     started = time.perf_counter()
     img = (
         image_report(
             ds.images,
-            min_side=min_side,
-            resolution=resolution,
-            threshold=hash_threshold,
-            workers=workers,
-            progress=progress,
+            min_side=config.min_side,
+            resolution=config.resolution,
+            threshold=config.hash_threshold,
+            workers=config.workers,
+            progress=config.progress,
         )
-        if images
+        if config.images
         else None
     )
     image_seconds = time.perf_counter() - started
     run = None
-    if clip:
+    if config.clip:
         # read_dataset strips every caption, so an empty one is "".
         scorable = [(path, caption) for path, caption in ds.pairs if caption]
         run = clip_scores(
             scorable,
-            model=clip_model,
-            device=device,
-            dtype=dtype,
-            batch_size=batch_size,
-            workers=workers,
-            cache=cache,
-            cache_path=cache_path,
-            progress=progress,
+            model=config.clip_model,
+            device=config.device,
+            dtype=config.dtype,
+            batch_size=config.batch_size,
+            workers=config.workers,
+            cache=config.cache,
+            cache_path=config.cache_path,
+            progress=config.progress,
             # The image checks hashed every decodable file already: the cache keys use the same digest.
             digests={i.path: i.sha256 for i in img.images} if img else None,
         )
     scores = [p.score for p in run.pairs if p.score is not None] if run else []
     data = _document(
-        ds, text, img, run, scores, tokenizer=tok_name, t5_tokenizer=t5_tokenizer, skipped=skipped
+        ds, text, img, run, scores, tokenizer=tok_name, t5_tokenizer=config.t5_tokenizer, skipped=skipped
     )
     data["timing"] = {
         "image_checks_s": round(image_seconds, 3),
@@ -232,12 +267,12 @@ def write_report(rep: DatasetReport, out: str | Path | None = None, *, thumbnail
     return folder
 
 
-def report(
-    root: str | Path, *, out: str | Path | None = None, thumbnails: int = 24, **options: Any
-) -> DatasetReport:
-    """`build_report` then `write_report`: what `loracap report DIR` does, minus the terminal summary."""
-    rep = build_report(root, **options)
-    write_report(rep, out, thumbnails=thumbnails)
+def report(config: ReportConfig | str | Path, **settings: Any) -> DatasetReport:
+    """`build_report` then `write_report` (to `out`, with `thumbnails`): what `loracap report DIR` does,
+    minus the terminal summary."""
+    config = report_config(config, **settings)
+    rep = build_report(config)
+    write_report(rep, config.out, thumbnails=config.thumbnails)
     return rep
 
 
@@ -258,7 +293,7 @@ def _document(
     """The report.json document; `scores`: the CLIP scores of the pairs that have one; `skipped`: why the
     token checks were skipped, if they were (their numbers are then None, never 0: "none truncated" would
     be a claim)."""
-    from loracap import __version__
+    from importlib.metadata import version
 
     root = ds.root
     # How the writers name files, so a relative --metadata-file reads "metadata.jsonl" here as it does in
@@ -315,7 +350,7 @@ def _document(
         "clip-error": run.failed if run else 0,
     }
     return {
-        "loracap_version": __version__,
+        "loracap_version": version("loracap"),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "root": str(root),
         "checks": checks,
@@ -566,13 +601,3 @@ def summary_lines(rep: DatasetReport) -> list[str]:
             f"{len(im['buckets']['buckets'])} bucket(s), {c['single-image-bucket']} holding one image"
         )
     return lines
-
-
-def print_summary(rep: DatasetReport, file: Any = None) -> None:
-    file = file or sys.stdout
-    for line in summary_lines(rep):
-        print(f"  {line}", file=file)
-    if rep.html_path:
-        print(f"report: {rep.html_path} (numbers in {rep.json_path.name})", file=file)
-    for failure in rep.failures:
-        print(f"FAIL {failure}", file=file)

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loracap.postprocess import split_tags, tag_key
+from loracap.postprocess import looks_like_tags, split_tags, tag_key
 from loracap.quality.unionfind import UnionFind
 
 __all__ = [
@@ -43,7 +43,6 @@ __all__ = [
     "find_duplicates",
     "gini",
     "jaccard",
-    "looks_like_tags",
     "normalized_entropy",
     "split_units",
     "tag_stats",
@@ -170,26 +169,6 @@ def token_lengths(
 
 
 # --- tags and words -----------------------------------------------------------------------------------
-
-
-def looks_like_tags(captions: Iterable[str]) -> bool:
-    """True when most captions are comma-separated tag lists rather than prose.
-
-    Prose has commas too ("A woman, smiling, in a field."), so a caption counts as tags only with three
-    or more items of at most three words on average and no closing full stop.
-    """
-    votes = 0
-    total = 0
-    for caption in captions:
-        caption = caption.strip()
-        if not caption:
-            continue
-        total += 1
-        items = split_tags(caption)
-        words = sum(len(item.split()) for item in items)
-        if len(items) >= 3 and words / len(items) <= 3 and not caption.endswith("."):
-            votes += 1
-    return total > 0 and votes * 2 > total
 
 
 def split_units(caption: str, *, tags: bool) -> list[str]:

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["create_app", "serve"]
+from .config import ServeConfig
+
+__all__ = ["ServeConfig", "create_app", "serve"]
 
 if TYPE_CHECKING:
     from .app import create_app, serve
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
+    if name in ("create_app", "serve"):
         from . import app
 
         return getattr(app, name)

@@ -53,35 +53,27 @@ a 500 means a real fault of the server or the model.
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import inspect
-import itertools
 import logging
 import math
+import os
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from importlib.metadata import version
+from typing import Any
 
 import pydantic_core
 from fastapi import APIRouter, FastAPI, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
-from PIL import Image
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
 from ..backends.base import (
     ANY_MODE,
     Backend,
@@ -91,9 +83,26 @@ from ..backends.base import (
     check_mode,
     decoder_positions,
 )
+from ..config import settings_for
 from ..inputs import ImageDecodeError, load_image_bytes
 from ..postprocess import PostProcess, postprocess
-from ..styles import FLORENCE_TASKS, Style
+from ..styles import FLORENCE_TASKS
+from .batcher import Batcher, result_unless_disconnected
+from .config import ServeConfig
+from .protocol import (
+    ERROR_RESPONSES,
+    MAX_TOKENS_LIMIT,
+    ApiError,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatRequest,
+    ModelList,
+    cut_at_stop,
+    decode_data_url,
+    error_response,
+    read_chat_request,
+    validation_error,
+)
 
 log = logging.getLogger("loracap.serve")
 
@@ -103,9 +112,6 @@ MODE_NAMES = FLORENCE_TASKS
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PROMPT_TOKENS = 1024
-MAX_TOKENS_LIMIT = 4096
-# Below this, sampling is greedy decoding in all but name, and dividing logits by it can overflow.
-MIN_TEMPERATURE = 1e-3
 # Counting tokens takes time linear in the text, so a prompt is first counted only as far as this many
 # characters per allowed token: far more than a usual text needs to go over the limit. Only a text of
 # unusually long tokens (runs of one character) that stays under it there is counted whole.
@@ -113,525 +119,6 @@ HEAD_CHARS_PER_TOKEN = 16
 # Seconds uvicorn gives open requests at shutdown before cancelling them: a backstop, since waiting and
 # running captions are failed at once anyway.
 SHUTDOWN_GRACE_S = 10
-
-
-# --- errors -------------------------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """A request the server refuses; becomes an OpenAI-shaped JSON error response."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        code: str,
-        param: str | None = None,
-        type: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type
-        self.headers = headers
-
-
-def error_response(
-    status: int,
-    message: str,
-    *,
-    code: str,
-    param: str | None = None,
-    type: str | None = None,
-    headers: dict[str, str] | None = None,
-):
-    if type is None:
-        type = "server_error" if status >= 500 else "invalid_request_error"
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-# --- the API's schema: what /openapi.json publishes and what requests are validated against ----------
-
-
-class _Strict(BaseModel):
-    # Unknown fields are refused, not ignored: dropping a parameter the client set would be a lie. Strict
-    # types: "5" is not a number and true is not 1.
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-def _integral(value: Any) -> Any:
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-# JSON Schema's "integer" includes 5.0, which strict validation alone would refuse. (The bounds go before
-# the validator, or they reach /openapi.json as "ge"/"le" instead of "minimum"/"maximum".)
-TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT), BeforeValidator(_integral)]
-Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1), BeforeValidator(_integral)]
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ImageURL(_Strict):
-    url: str = Field(
-        description="a base64 data: URL (data:image/png;base64,...); http(s) URLs are not fetched"
-    )
-    detail: Literal["auto"] | None = Field(
-        None, description="only 'auto': the model's processor sizes images"
-    )
-
-
-class ImagePart(_Strict):
-    type: Literal["image_url"]
-    image_url: ImageURL | str
-
-
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
-
-
-class SystemMessage(_Strict):
-    role: Literal["system", "developer"]
-    content: str | list[TextPart]
-
-
-class UserMessage(_Strict):
-    role: Literal["user"]
-    content: str | list[ContentPart] = Field(description="one image_url part, and optionally text")
-
-
-Message = Annotated[SystemMessage | UserMessage, Field(discriminator="role")]
-StopString = Annotated[str, Field(min_length=1)]
-
-
-class ChatCompletionRequest(_Strict):
-    """OpenAI's chat-completions request, as far as a captioner can honour it; other fields are refused."""
-
-    model: str | None = Field(None, description="not checked: the server has one model")
-    messages: list[Message] = Field(min_length=1, description="optional system messages and one user message")
-    max_tokens: TokenCount | None = None
-    max_completion_tokens: TokenCount | None = Field(None, description="wins over max_tokens")
-    temperature: float | None = Field(None, ge=0, le=2, description="above 0 samples; default greedy")
-    top_p: float | None = Field(None, ge=0, le=1, description="below 1 samples (nucleus sampling)")
-    seed: Seed | None = Field(None, description="makes sampling repeatable")
-    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
-        None, description="the caption ends before the first of these strings"
-    )
-    n: Literal[1] | None = None
-    stream: Literal[False] | None = None
-    mode: str | None = Field(None, description="loracap: a caption mode, e.g. 'tags' (fixed-mode models)")
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class Choice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage | None
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    "4XX": {"model": ErrorResponse, "description": "the request is refused; the message says why"},
-    "5XX": {"model": ErrorResponse, "description": "shutting down (503), or a fault of the server or model"},
-}
-
-
-def _validation_error(errors: Sequence[Any]) -> ApiError:
-    """A 400 for pydantic's errors: the most specific one (the deepest), located in the request."""
-    error = max(errors, key=lambda e: len(e["loc"]))
-    loc = list(error["loc"][1:] if error["loc"][:1] == ("body",) else error["loc"])
-    if not loc:
-        return ApiError(
-            400, f"the request body must be a JSON object ({error['msg']})", code="invalid_request"
-        )
-    where = ""
-    for i, item in enumerate(loc):
-        if isinstance(item, int):
-            where += f"[{item}]"
-        elif "[" in item or item == "str":
-            continue  # the branch of a union pydantic tried: `str`, `list[...]`
-        elif i > 0 and isinstance(loc[i - 1], int) and i + 1 < len(loc) and isinstance(loc[i + 1], str):
-            continue  # the tag of a tagged union (a message's role, a part's type), not a field
-        else:
-            where += f".{item}" if where else item
-    param = str(loc[0])
-    if error["type"] == "extra_forbidden":
-        return ApiError(
-            400,
-            f"unsupported parameter {where!r}: this captioning server cannot honour it; leave it out",
-            code="unsupported_parameter",
-            param=param,
-        )
-    return ApiError(400, f"{where}: {error['msg']}", code="invalid_request", param=param)
-
-
-# --- images -------------------------------------------------------------------------------------------
-
-
-def decode_data_url(url: str) -> bytes:
-    """The bytes in a base64 `data:` URL; ApiError(400) for anything else, http(s) URLs included."""
-    if not url.startswith("data:"):
-        scheme = url.split(":", 1)[0].lower() if ":" in url[:16] else ""
-        what = f"{scheme} URLs are not fetched" if scheme in ("http", "https") else "not a data: URL"
-        raise ApiError(
-            400,
-            f"image_url: {what}; only data: URLs are accepted (data:image/png;base64,...)",
-            code="invalid_image_url",
-            param="image_url",
-        )
-    header, comma, payload = url[5:].partition(",")
-    if not comma:
-        raise ApiError(400, "image_url: malformed data: URL (no comma)", code="invalid_image_url")
-    if not header.lower().endswith(";base64"):
-        raise ApiError(400, "image_url: the data: URL must be base64 (';base64,')", code="invalid_image_url")
-    try:
-        return base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ApiError(400, f"image_url: broken base64 data ({exc})", code="invalid_base64") from exc
-
-
-# --- requests -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class ChatRequest:
-    """What a validated request asks for."""
-
-    text: str
-    system: str | None
-    image_url: str
-    max_tokens: int | None
-    mode: str | None
-    temperature: float
-    """0: greedy."""
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
-
-
-def _texts(content: str | list[Any]) -> list[str]:
-    return [content] if isinstance(content, str) else [p.text for p in content if isinstance(p, TextPart)]
-
-
-def read_chat_request(body: ChatCompletionRequest) -> ChatRequest:
-    """The request's parts; ApiError(400) for what the schema cannot say (one user message, one image)."""
-    users = [m for m in body.messages if isinstance(m, UserMessage)]
-    if not users:
-        raise ApiError(400, "no user message in 'messages'", code="invalid_request", param="messages")
-    if len(users) > 1:
-        raise ApiError(
-            400,
-            f"{len(users)} user messages: send the image and its text in one user message "
-            "(the server captions one image per request and reads no conversation)",
-            code="invalid_request",
-            param="messages",
-        )
-    content = users[0].content
-    parts = [] if isinstance(content, str) else content
-    urls = [
-        p.image_url if isinstance(p.image_url, str) else p.image_url.url
-        for p in parts
-        if p.type == "image_url"
-    ]
-    if not urls:
-        raise ApiError(
-            400,
-            "no image: send one image_url part with a data: URL (data:image/png;base64,...) "
-            "in the user message",
-            code="missing_image",
-            param="messages",
-        )
-    if len(urls) > 1:
-        raise ApiError(400, f"one image per request, got {len(urls)}", code="too_many_images")
-    system = "\n".join(t for m in body.messages if isinstance(m, SystemMessage) for t in _texts(m.content))
-    # Greedy unless the client asks for sampling: by a temperature above 0, or by top_p alone (at
-    # OpenAI's default temperature, 1).
-    top_p = 1.0 if body.top_p is None else body.top_p
-    temperature = body.temperature if body.temperature is not None else 1.0 if top_p < 1 else 0.0
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return ChatRequest(
-        text="\n".join(_texts(content)).strip(),
-        system=system.strip() or None,
-        image_url=urls[0],
-        max_tokens=max_tokens,
-        mode=body.mode,
-        temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
-        top_p=top_p,
-        seed=body.seed,
-        stop=stop,
-    )
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
-    """`text` up to its first stop string, or None when it has none."""
-    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return text[: min(ends)] if ends else None
-
-
-# --- batching -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Group:
-    """What requests must share to be captioned in one call."""
-
-    mode: str
-    prompt: str | None
-    """The prompt shared by the group, or None when each job brings its own."""
-    system: str | None
-    settings: GenerationSettings
-    seed: int | None = None
-    solo: int = 0
-    """A seeded request's own number: it is captioned alone, so its seed alone decides its sampling."""
-
-
-@dataclass
-class _Job:
-    image: Image.Image
-    group: _Group
-    prompt: str | None
-    future: asyncio.Future
-
-
-class Batcher:
-    """Collects concurrent requests and captions each group with one prepare + generate call.
-
-    One model thread runs the backend, so requests queue while it works and the next batch is whatever
-    arrived meanwhile (up to max_batch). Jobs are grouped by `_Group`; with `per_image_prompts`
-    (instruction-following backends, whose prepare takes one prompt per image) the prompt is not part of
-    the group, so clients with different instructions still share a batch.
-
-    A job whose future is cancelled (its client went away) is skipped; a running batch stops generating
-    once all its jobs are cancelled, or once `close` is called (shutdown).
-    """
-
-    def __init__(
-        self, backend: Backend, *, max_batch: int, wait_s: float, per_image_prompts: bool = False
-    ) -> None:
-        self.backend = backend
-        self.per_image_prompts = per_image_prompts
-        self.max_batch = max(1, max_batch)
-        self.wait_s = max(0.0, wait_s)
-        self.pending: list[_Job] = []
-        self.running: list[_Job] = []
-        self.closing = False
-        self.event: asyncio.Event | None = None
-        self.task: asyncio.Task | None = None
-        self.executor: ThreadPoolExecutor | None = None
-        self._solo = itertools.count(1)
-
-    def start(self) -> None:
-        if self.task is None or self.task.done():  # not started yet, or died (it logs why)
-            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loracap-model")
-            self.event = asyncio.Event()
-            self.task = asyncio.get_running_loop().create_task(self._run())
-            self.task.add_done_callback(_log_crash)
-
-    def close(self) -> None:
-        """Shutdown has begun: refuse new work, answer what waits or runs with 503 now, and stop the
-        running generation (the model thread checks `closing` after every token)."""
-        self.closing = True
-        for job in self.pending + self.running:
-            if not job.future.done():
-                job.future.set_exception(ApiError(503, "the server is shutting down", code="unavailable"))
-        self.pending = []
-
-    async def stop(self) -> None:
-        self.close()
-        if self.task is not None:
-            self.task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self.task
-            self.task = None
-        if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
-            self.executor = None
-
-    def submit(
-        self,
-        image: Image.Image,
-        mode: str,
-        prompt: str | None,
-        settings: GenerationSettings,
-        *,
-        system: str | None = None,
-        seed: int | None = None,
-    ) -> asyncio.Future:
-        """Queue one image; the future resolves to its Generation (or its raw caption, for a backend
-        without `generate_detailed`). Cancel the future to drop the job."""
-        if self.closing:
-            raise ApiError(503, "the server is shutting down", code="unavailable")
-        self.start()
-        assert self.event is not None
-        seeded = seed is not None and settings.do_sample  # greedy decoding needs no seed
-        group = _Group(
-            mode,
-            None if self.per_image_prompts else prompt,
-            system,
-            settings,
-            seed if seeded else None,
-            next(self._solo) if seeded else 0,
-        )
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append(_Job(image, group, prompt, future))
-        self.event.set()
-        return future
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self.event is not None
-        while True:
-            await self.event.wait()
-            deadline = loop.time() + self.wait_s
-            while len(self.pending) < self.max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                self.event.clear()
-                try:
-                    await asyncio.wait_for(self.event.wait(), remaining)
-                except TimeoutError:
-                    break
-            self.pending = [job for job in self.pending if not job.future.done()]  # clients gone
-            jobs, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
-            if self.pending:
-                self.event.set()
-            else:
-                self.event.clear()
-            groups: dict[_Group, list[_Job]] = {}
-            for job in jobs:
-                groups.setdefault(job.group, []).append(job)
-            for group, members in groups.items():
-                if all(job.future.done() for job in members):
-                    continue
-                self.running = members
-                try:
-                    results = await loop.run_in_executor(self.executor, self._caption, group, members)
-                except Exception as exc:  # noqa: BLE001 - the executor itself failed; fail this group only
-                    results = [exc] * len(members)
-                finally:
-                    self.running = []
-                for job, result in zip(members, results, strict=True):
-                    if job.future.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        job.future.set_exception(result)
-                    else:
-                        job.future.set_result(result)
-
-    def _caption(self, group: _Group, jobs: list[_Job]) -> list[Generation | str | BaseException]:
-        """In the model thread: one call for the group; if it fails, one by one to isolate the culprit."""
-        try:
-            return list(self._generate(group, jobs))
-        except BackendError as exc:
-            return [exc] * len(jobs)
-        except Exception as exc:  # noqa: BLE001
-            if len(jobs) == 1:
-                return [exc]
-        results: list[Generation | str | BaseException] = []
-        for job in jobs:
-            try:
-                results.extend(self._generate(group, [job]))
-            except Exception as exc:  # noqa: BLE001
-                results.append(exc)
-        return results
-
-    def _generate(self, group: _Group, jobs: list[_Job]) -> list[Generation] | list[str]:
-        images = [job.image for job in jobs]
-        prompts: str | list[str] | None = group.prompt
-        if self.per_image_prompts:
-            distinct = {job.prompt for job in jobs}
-            # One prompt for the batch when all agree (every backend takes that), else one per image.
-            prompts = distinct.pop() if len(distinct) == 1 else [job.prompt or "" for job in jobs]
-        system = {"system": group.system} if group.system else {}
-        inputs = self.backend.prepare(images, group.mode, prompts, **system)
-        if group.seed is not None:
-            import torch
-
-            # Only this thread generates, and a seeded job is alone in its batch: seeding the global
-            # generator right before the call makes its sampling depend on the seed alone.
-            torch.manual_seed(group.seed)
-        detailed = getattr(self.backend, "generate_detailed", None)
-        if detailed is not None:
-
-            def interrupt() -> bool:  # read in the model thread; a future's state is one attribute
-                return self.closing or all(job.future.done() for job in jobs)
-
-            results: list[Generation] | list[str] = detailed(inputs, group.settings, interrupt)
-        else:
-            results = self.backend.generate(inputs, group.settings)
-        if len(results) != len(images):
-            raise RuntimeError(f"the backend returned {len(results)} captions for {len(images)} images")
-        return results
-
-
-def _log_crash(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("the batching loop stopped; it restarts with the next request", exc_info=task.exception())
-
-
-async def result_unless_disconnected(request: Request, future: asyncio.Future) -> Any:
-    """The job's result; if the client disconnects first, the job is cancelled (the batcher skips it, or
-    stops the batch if no client of it is left) and a 499 raised."""
-
-    async def disconnected() -> None:
-        # The body has been read, so the server's receive() waits until the client disconnects.
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        future.cancel()  # a no-op once it is done; drops the job when this handler is cancelled too
-    if future.cancelled():
-        raise ApiError(499, "the client closed the connection", code="client_disconnected")
-    return future.result()
 
 
 # --- the HTTP layer -----------------------------------------------------------------------------------
@@ -810,7 +297,7 @@ def create_app(
 
     app = FastAPI(
         title="loracap",
-        version=__version__,
+        version=version("loracap"),
         description="OpenAI-compatible image captioning: one data: URL image per chat completion.",
         lifespan=lifespan,
         docs_url=None,
@@ -834,7 +321,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _request_invalid(request: Request, exc: RequestValidationError):
-        return await _api_error(request, _validation_error(exc.errors()))
+        return await _api_error(request, validation_error(exc.errors()))
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, exc: Exception):
@@ -907,7 +394,7 @@ def create_app(
     v1 = APIRouter(
         prefix="/v1",
         route_class=_V1Route,
-        responses=_ERRORS,
+        responses=ERROR_RESPONSES,
         # Declares the bearer scheme in /openapi.json; the key itself is checked by _V1Route, earlier.
         dependencies=[Security(HTTPBearer(auto_error=False))] if api_key is not None else [],
     )
@@ -1000,37 +487,40 @@ def _uvicorn_server(app: FastAPI, **config: Any) -> Any:
     return Server(uvicorn.Config(app, timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **config))
 
 
-def serve(
-    model: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    *,
-    device: str | None = None,
-    dtype: str | None = None,
-    quant: str | None = None,
-    offline: bool | None = None,
-    log_level: str = "info",
-    style: str | Path | Style = "caption",
-    length: str | None = None,
-    extras: Sequence[str] = (),
-    name: str | None = None,
-    prompt: str | None = None,
-    prompt_file: str | Path | None = None,
-    **kw: Any,
-) -> None:
-    """Load `model` once and serve it until interrupted (SIGTERM or Ctrl-C). `kw` goes to create_app.
+def serve(config: ServeConfig | str, *, api_key: str | None = None, **settings: Any) -> None:
+    """Load the model once and serve it until interrupted (SIGTERM or Ctrl-C).
 
-    The caption style (as in `loracap caption`) sets the default: a fixed-mode model's mode, or the
-    instruction a chat model gets when a request brings no text of its own.
+    `serve(ServeConfig(...))`, or the model with keyword settings as `loracap serve`'s flags name them
+    (`serve("microsoft/Florence-2-base", port=8080, style="detailed")`). `api_key` is the key itself;
+    without it, the one in the environment variable `api_key_env` names (ValueError when that is unset).
+    The caption style sets the default: a fixed-mode model's mode, or the instruction a chat model gets
+    when a request brings no text of its own.
     """
     from ..backends import load_backend
-    from ..request import StyleChoice, resolve_request
+    from ..request import resolve_request
 
-    choice = StyleChoice(style, length, extras, name, prompt, prompt_file)
-    choice.check()  # before minutes of model loading
-    backend = load_backend(model, device=device, dtype=dtype, quant=quant, offline=offline)
-    request = resolve_request(choice, backend)
-    app = create_app(backend, mode=request.mode, tags=request.tags, prompt=request.prompt_for(), **kw)
-    if kw.get("api_key") is None and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s without an API key: anyone who can reach the port can use it", host)
-    _uvicorn_server(app, host=host, port=port, log_level=log_level).run()
+    config = settings_for(ServeConfig, config, settings, first="model", where="serve settings")
+    if api_key is None and config.api_key_env:
+        api_key = os.environ.get(config.api_key_env, "").strip()
+        if not api_key:  # refuse to start open when a key was asked for
+            raise ValueError(f"api_key_env: ${config.api_key_env} is not set or empty")
+    config.style_choice.check()  # before minutes of model loading
+    backend = load_backend(config.model, device=config.device, dtype=config.dtype, quant=config.quant)
+    request = resolve_request(config.style_choice, backend)
+    app = create_app(
+        backend,
+        mode=request.mode,
+        tags=request.tags,
+        prompt=request.prompt_for(),
+        generation=config.generation,
+        model_name=config.model_name,
+        max_batch=config.max_batch,
+        batch_wait_ms=config.batch_wait_ms,
+        max_image_pixels=config.max_image_pixels,
+        max_body_bytes=int(config.max_body_mb * 1024 * 1024),
+        max_prompt_tokens=config.max_prompt_tokens,
+        api_key=api_key,
+    )
+    if api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach the port can use it", config.host)
+    _uvicorn_server(app, host=config.host, port=config.port, log_level=config.log_level).run()

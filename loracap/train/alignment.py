@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoModel, AutoTokenizer
 
+from loracap.hub import resolve_model
 from loracap.quality.clipscore import PAD_TO_WINDOW, features, text_inputs
 
 __all__ = ["ClipAlignment"]
@@ -22,10 +24,6 @@ __all__ = ["ClipAlignment"]
 class ClipAlignment(nn.Module):
     def __init__(self, clip_model: str, prefix_width: int) -> None:
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
-
-        from loracap.backends.hub import resolve_model
-
         folder = resolve_model(clip_model)
         encoder = AutoModel.from_pretrained(folder)
         if not hasattr(encoder, "get_text_features"):

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loracap.writers import atomic_write_text
+from loracap.data.splits import DATASET_SPLITS_FILE, SPLITS
+from loracap.files import atomic_write_text
+from loracap.inputs import load_image, to_rgb
 
 __all__ = [
-    "SPLITS",
     "Example",
     "TableImage",
     "assign_splits",
@@ -29,9 +30,7 @@ __all__ = [
     "write_split",
 ]
 
-SPLITS = ("train", "val", "test")
 SPLIT_FILE = "split.json"
-DATASET_SPLITS_FILE = "splits.json"
 
 
 @dataclass(frozen=True)
@@ -48,12 +47,10 @@ class Example:
         """The RGB image; a file is shrunk while decoding to `min_side` on its short side, as `loracap
         caption` decodes it (an image in memory is left as it is: the processor resizes it anyway).
         Raises ImageDecodeError for a file that is not a readable image."""
-        # to_rgb, not .convert("RGB"): alpha goes on the same mid-grey as in image files (load_image), not
-        # on black, so a transparent image looks the same to the model whichever way it was stored.
-        from loracap.inputs import load_image, to_rgb
-
         if self.path is not None:
             return load_image(self.path, min_side=min_side)
+        # to_rgb, not .convert("RGB"): alpha goes on the same mid-grey as in image files (load_image), not
+        # on black, so a transparent image looks the same to the model whichever way it was stored.
         return to_rgb(self.loader())
 
 
@@ -70,7 +67,7 @@ def load_examples(
     folder = Path(data)
     saved_dataset = (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()
     if folder.is_dir() and not saved_dataset:
-        from loracap.quality.captions import read_dataset
+        from loracap.dataset import read_dataset
 
         ds = read_dataset(folder, ext=ext)
         root = ds.root
@@ -83,7 +80,7 @@ def load_examples(
 
 
 def _hf_examples(name: str, image_column: str, caption_column: str, split: str) -> list[Example]:
-    import datasets
+    import datasets  # the `train` extra, and heavy: only Hugging Face datasets load it
 
     if Path(name).is_dir():
         table = datasets.load_from_disk(name)

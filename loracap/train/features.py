@@ -16,6 +16,9 @@ Layout: `ROOT/<encoder key>/<image key>.safetensors`, one float32 (N, Dv) tensor
 training runs the towers in), written atomically. ROOT is `$LORACAP_CACHE/vision-features` unless given.
 Each entry records its keys and a checksum of its data: an entry that is unreadable, truncated or altered
 reads as missing and is computed again, so no damaged entry can stop a run or reach training.
+
+`fill_cache` computes the missing entries from the images as `loracap.train.batches.CaptionDataset` decodes
+them; `FeatureDataset` reads them back in its place while training.
 """
 
 from __future__ import annotations
@@ -28,15 +31,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import PIL
 import torch
+import transformers
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
+from loracap.files import atomic_write_bytes, atomic_write_text
+from loracap.hub import loracap_cache_dir
+from loracap.inputs import ImageDecodeError, file_sha256
+from loracap.train.batches import CaptionDataset
 from loracap.train.data import Example, TableImage
-from loracap.writers.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "CACHE_VERSION",
     "FeatureCache",
+    "FeatureDataset",
     "Filled",
     "fill_cache",
     "find_entries",
@@ -72,8 +84,6 @@ class FeatureCache:
 
     def write(self, image_key: str, features: torch.Tensor) -> Path:
         """Store one image's features (N, Dv) as float32; a reader sees the old entry or the new one."""
-        from safetensors.torch import save
-
         features = features.detach().to("cpu", torch.float32).contiguous()
         metadata = {"encoder": self.encoder, "image": image_key, "sha256": _tensor_sha256(features)}
         path = self.entry(image_key)
@@ -84,9 +94,6 @@ class FeatureCache:
 def read_entry(path: Path) -> torch.Tensor | None:
     """The features stored at `path`, or None when the entry is missing, unreadable or not what its name
     says (another encoder's or image's, or data that no longer matches its checksum)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     # Read whole into memory, not through safe_open: its tensors are views of a memory map, which would
     # change (or fault) under the reader if the file were rewritten in place after the checks.
     try:
@@ -122,8 +129,6 @@ def open_cache(model: Any, image_processor: Any, root: str | Path | None = None)
     """The cache folder of `model`'s vision tower as it is now (a `PrefixCaptioner`), under `root`
     (default `loracap_cache_dir()/vision-features`). Also writes `encoder.json` there, which says in
     words which encoder the folder belongs to."""
-    from loracap.backends.hub import loracap_cache_dir
-
     base = Path(root).expanduser() if root is not None else loracap_cache_dir() / "vision-features"
     described = _encoder_description(model, image_processor)
     fingerprint = hashlib.sha256(json.dumps(described, sort_keys=True).encode("utf-8"))
@@ -153,9 +158,6 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 def _encoder_description(model: Any, image_processor: Any) -> dict[str, Any]:
-    import PIL
-    import transformers
-
     return {
         "vision_id": model.config.vision_id,
         "vision_config": _stable(model.config.vision_config),
@@ -190,8 +192,6 @@ def image_key(example: Example, undecoded: dict[tuple[int, str], Any] | None = N
     """The content key of `example`'s image (see the module docstring). `undecoded` keeps the undecoded
     view of each Hugging Face table between calls. Raises OSError for a file that cannot be read and
     ImageDecodeError for an image that cannot be decoded when its pixels are the key."""
-    from loracap.inputs import file_sha256
-
     if example.path is not None:
         return f"file-{file_sha256(example.path)}"
     stored = _stored_digest(example, {} if undecoded is None else undecoded)
@@ -209,9 +209,7 @@ def _stored_digest(example: Example, undecoded: dict[tuple[int, str], Any]) -> s
     loader = example.loader
     if not isinstance(loader, TableImage):
         return None
-    import datasets
-
-    from loracap.inputs import file_sha256
+    import datasets  # the `train` extra, and heavy: only Hugging Face rows (which need it) get here
 
     table, index, column = loader.table, loader.index, loader.column
     if not isinstance(table.features.get(column), datasets.Image):
@@ -261,8 +259,6 @@ def fill_cache(
     processor call per batch) and the features those `model.vision_features` returns, in float32 with
     no autocast. Draws nothing from the global RNG, so a run with the cache keeps the dropout masks of
     a run without it."""
-    from tqdm.auto import tqdm
-
     keys, unreadable = _image_keys(examples)
     entries: dict[str, Path] = {}
     todo: dict[str, Example] = {}  # one example per distinct image still to compute
@@ -326,8 +322,6 @@ def find_entries(cache: FeatureCache, examples: list[Example]) -> list[Path | No
 def _image_keys(examples: list[Example], *, report: bool = True) -> tuple[list[str | None], int]:
     """Every example's image key, None for one whose image cannot be read (reported on stderr); and how
     many of those there were."""
-    from loracap.inputs import ImageDecodeError
-
     undecoded: dict[tuple[int, str], Any] = {}
     keys: list[str | None] = []
     for example in examples:
@@ -345,8 +339,6 @@ class _Positioned(Dataset):
     unreadable one reported there and None."""
 
     def __init__(self, examples: list[Example], image_processor: Any) -> None:
-        from loracap.train.loop import CaptionDataset  # here: loop imports this module
-
         self.items = CaptionDataset(examples, image_processor)
 
     def __len__(self) -> int:
@@ -374,3 +366,32 @@ class _Preprocess:
             "pixel_values"
         ]
         return [i for i, _ in decoded], pixels, failed
+
+
+# --- reading it back in training -------------------------------------------------------------------------
+
+
+class FeatureDataset(Dataset):
+    """Cached vision features with their captions (`cache_features`): what the tower would make of
+    CaptionDataset's images, read from the cache. An example without an entry (its image was unreadable,
+    reported while the cache was filled) is None and left out of its batch, as CaptionDataset leaves it
+    out, so batches hold the same examples with the cache as without it."""
+
+    def __init__(self, examples: list[Example], entries: list[Path | None]) -> None:
+        self.examples, self.entries = examples, entries
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        example, entry = self.examples[index], self.entries[index]
+        if entry is None:
+            return None
+        features = read_entry(entry)
+        if features is None:  # checked when the cache was filled: something changed it since
+            print(
+                f"loracap: skipping {example.key}: its cached features {entry} are unreadable",
+                file=sys.stderr,
+            )
+            return None
+        return {"features": features, "caption": example.caption}

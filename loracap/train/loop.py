@@ -1,5 +1,8 @@
 """`loracap train`: teach a prefix captioner your caption style, on accelerate.
 
+    from loracap.train.loop import train
+    from loracap.train.settings import TrainSettings
+
     settings = TrainSettings(data="my_dataset", out="my-captioner", max_steps=500)
     result = train(settings)        # -> my-captioner/ (a model folder `loracap caption --model` takes)
 
@@ -17,28 +20,42 @@ float32 features go to a disk cache keyed by the encoder (id and a fingerprint o
 preprocessing) and the image's content (see `loracap.train.features`), and training and validation read
 them back instead of decoding and encoding the images every epoch; a later run on the same images and
 tower computes nothing. Validation captions and the test-split scores still caption from the images.
+
+This module holds the run itself; its parts live beside it: `settings` (TrainSettings), `data` (examples
+and splits), `batches` (datasets, sampler, collate), `features` (the feature cache), `trainable` (the
+model and its parameter groups), `checkpoints`, `validation` (loss and caption metrics), `alignment`
+(the CLIP loss) and `metrics` (scores, `loracap eval`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
-from loracap.backends.hub import resolve_model
-from loracap.prefix.batching import encode_captions
+from loracap.hub import resolve_model
+from loracap.postprocess import looks_like_tags
 from loracap.prefix.io import save_captioner
-from loracap.prefix.modeling import PrefixCaptioner, build_captioner
-from loracap.quality.text import looks_like_tags
+from loracap.prefix.modeling import PrefixCaptioner
+from loracap.train.alignment import ClipAlignment
+from loracap.train.batches import CaptionDataset, EpochSampler, make_collate
+from loracap.train.checkpoints import (
+    BEST_FILE,
+    load_weights,
+    resume_state,
+    save_weights,
+    trainable_state,
+    write_state,
+)
+from loracap.train.checkpoints import save_checkpoint as _checkpoint  # the resume tests patch this name
 from loracap.train.data import (
     Example,
     assign_splits,
@@ -48,68 +65,13 @@ from loracap.train.data import (
     read_split,
     write_split,
 )
-from loracap.writers import atomic_write_text
+from loracap.train.features import FeatureDataset, fill_cache, find_entries, open_cache
+from loracap.train.metrics import evaluate_examples
+from loracap.train.settings import TrainSettings, check_settings, tracked_settings, uses_feature_cache
+from loracap.train.trainable import count_parameters, load_parts, prepare_trainable
+from loracap.train.validation import evaluate_loss, main_caption_metrics
 
-__all__ = ["TrainResult", "TrainSettings", "train"]
-
-STATE_FILE = "trainer_state.json"
-BEST_FILE = "best-trainable.safetensors"  # the best validation step's trainable weights, during training
-
-
-@dataclass
-class TrainSettings:
-    data: str
-    out: str
-    vision: str = "google/siglip-base-patch16-224"
-    lm: str = "HuggingFaceTB/SmolLM2-135M"
-    init_from: str | None = None
-    """A captioner folder to continue from (`--from`): its towers, projector and tokenizer."""
-    prompt: str = ""
-    projector: str = "mlp"
-    pixel_shuffle: int = 1
-    max_caption_tokens: int = 64
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None
-    """Module names for LoRA; None: peft's default for the LM's architecture (q_proj/v_proj for Llama)."""
-    unfreeze_vision_layers: int = 0
-    lr_projector: float = 1e-3
-    lr_lora: float = 2e-4
-    lr_vision: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    epochs: int = 10
-    max_steps: int | None = None
-    batch_size: int = 16
-    grad_accum: int = 1
-    mixed_precision: str = "no"
-    """"no", "bf16" or "fp16" (accelerate's names); "auto" picks bf16 on a GPU that has it."""
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    val_share: float = 0.1
-    test_share: float = 0.1
-    eval_every: int = 100
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    patience: int = 5
-    """Stop after this many evaluations without a better validation loss (0: never stop early)."""
-    test_metrics: bool = True
-    """After training, caption the test split with the saved captioner and score it."""
-    val_metrics: bool = True
-    """Caption the validation images at each evaluation and log BLEU-4 / ROUGE-L / CIDEr."""
-    clip_loss_weight: float = 0.0
-    clip_model: str = "openai/clip-vit-base-patch32"
-    resume: bool = False
-    cache_features: bool = False
-    """Compute the frozen vision tower's features once and read them back (needs unfreeze_vision_layers=0)."""
-    feature_cache_dir: str | None = None
-    """Where the feature cache lives (default: loracap_cache_dir()/vision-features); setting it turns the
-    cache on."""
-    workers: int = 2
-    progress: bool = True
-    image_column: str = "image"
-    caption_column: str = "text"
+__all__ = ["TrainResult", "train"]
 
 
 @dataclass
@@ -133,211 +95,20 @@ class TrainResult:
     """`loracap eval` on the test split of the saved captioner (also in OUT/eval-test.json)."""
 
 
-# --- data ----------------------------------------------------------------------------------------------
-
-
-class CaptionDataset(Dataset):
-    """Decoded images with their captions (the image processor runs once per batch, in `make_collate`).
-    An image that cannot be decoded is reported with its name and left out of its batch; training goes on.
-
-    Files are decoded as `loracap caption` decodes them, shrunk to the processor's input side while
-    decoding, so the captioner trains on the pixels it will later caption from."""
-
-    def __init__(self, examples: list[Example], image_processor: Any) -> None:
-        from loracap.backends.prefix_captioner import input_side
-
-        self.examples = examples
-        self.min_side = input_side(image_processor) or None
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        from loracap.inputs import ImageDecodeError
-
-        example = self.examples[index]
-        try:
-            image = example.image(min_side=self.min_side)
-        except ImageDecodeError as exc:
-            print(f"loracap: skipping {example.key}: {exc.reason}", file=sys.stderr)
-            return None
-        return {"image": image, "caption": example.caption}
-
-
-class FeatureDataset(Dataset):
-    """Cached vision features with their captions (`cache_features`): what the tower would make of
-    CaptionDataset's images, read from the cache. An example without an entry (its image was unreadable,
-    reported while the cache was filled) is None and left out of its batch, as CaptionDataset leaves it
-    out, so batches hold the same examples with the cache as without it."""
-
-    def __init__(self, examples: list[Example], entries: list[Path | None]) -> None:
-        self.examples, self.entries = examples, entries
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        from loracap.train.features import read_entry
-
-        example, entry = self.examples[index], self.entries[index]
-        if entry is None:
-            return None
-        features = read_entry(entry)
-        if features is None:  # checked when the cache was filled: something changed it since
-            print(
-                f"loracap: skipping {example.key}: its cached features {entry} are unreadable",
-                file=sys.stderr,
-            )
-            return None
-        return {"features": features, "caption": example.caption}
-
-
-class EpochSampler(Sampler[int]):
-    """A fresh seeded order every epoch: epoch e always visits the same order, so a resumed run sees
-    the batches the interrupted one would have seen."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-def make_collate(tokenizer: Any, image_processor: Any, prompt: str, max_caption_tokens: int) -> Collate:
-    return Collate(tokenizer, image_processor, prompt, max_caption_tokens)
-
-
-@dataclass
-class Collate:
-    """Dataset items -> a training batch; None when every image of the batch was unreadable.
-
-    A class, not a closure: DataLoader workers started with "spawn" (macOS, Windows) receive it pickled."""
-
-    tokenizer: Any
-    image_processor: Any
-    prompt: str
-    max_caption_tokens: int
-
-    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-        items = [item for item in items if item is not None]
-        if not items:
-            return None
-        captions = [item["caption"] for item in items]
-        batch = encode_captions(
-            self.tokenizer, captions, prompt=self.prompt, max_caption_tokens=self.max_caption_tokens
-        )
-        if "features" in items[0]:  # FeatureDataset: the tower already ran on these images
-            batch["vision_features"] = torch.stack([item["features"] for item in items])
-        else:
-            # One processor call per batch (in the loader's worker) rather than one per image.
-            images = [item["image"] for item in items]
-            batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        batch["captions"] = captions
-        return batch
-
-
-# --- model ---------------------------------------------------------------------------------------------
-
-
-def _load_parts(
-    settings: TrainSettings, init_dir: Path | None, caption_format: str
-) -> tuple[PrefixCaptioner, Any, Any]:
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    if init_dir is not None:
-        from loracap.prefix.io import load_captioner
-
-        loaded = load_captioner(init_dir)
-        return loaded.model, loaded.image_processor, loaded.tokenizer
-    vision_dir, lm_dir = resolve_model(settings.vision), resolve_model(settings.lm)
-    model = build_captioner(
-        vision_dir,
-        lm_dir,
-        projector=settings.projector,
-        pixel_shuffle=settings.pixel_shuffle,
-        prompt=settings.prompt,
-        max_caption_tokens=settings.max_caption_tokens,
-        caption_format=caption_format,
-        vision_id=settings.vision,  # the names asked for (hub ids), not the cache folders they resolved to
-        lm_id=settings.lm,
-    )
-    return model, AutoImageProcessor.from_pretrained(vision_dir), AutoTokenizer.from_pretrained(lm_dir)
-
-
-def prepare_trainable(model: PrefixCaptioner, settings: TrainSettings) -> list[dict[str, Any]]:
-    """Freeze the towers, wrap the LM in LoRA, open the top vision layers; the optimizer's param groups."""
-    from peft import LoraConfig, get_peft_model
-
-    model.requires_grad_(False)
-    model.projector.requires_grad_(True)
-    lora = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=settings.lora_targets,
-        task_type="CAUSAL_LM",
-    )
-    model.language_model = get_peft_model(model.language_model, lora)
-    groups = [
-        {"params": list(model.projector.parameters()), "lr": settings.lr_projector, "name": "projector"},
-        {
-            "params": [p for p in model.language_model.parameters() if p.requires_grad],
-            "lr": settings.lr_lora,
-            "name": "lora",
-        },
-    ]
-    layers = _vision_layers(model)
-    if settings.unfreeze_vision_layers:
-        opened = layers[-settings.unfreeze_vision_layers :]
-        for layer in opened:
-            layer.requires_grad_(True)
-        groups.append(
-            {
-                "params": [p for layer in opened for p in layer.parameters()],
-                "lr": settings.lr_vision,
-                "name": "vision",
-            }
-        )
-    return groups
-
-
-def _vision_layers(model: PrefixCaptioner) -> list[torch.nn.Module]:
-    encoder = getattr(model.vision_tower, "encoder", None)
-    return list(getattr(encoder, "layers", []) or getattr(encoder, "layer", []))
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
-# --- the loop ------------------------------------------------------------------------------------------
+# --- the loop -------------------------------------------------------------------------------------------
 
 
 def train(settings: TrainSettings) -> TrainResult:
     """Train, validate, checkpoint and save; see the module docstring."""
+    # accelerate is the optional `train` extra: imported when a run starts, not with this module.
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
     out = Path(settings.out)
     started = time.perf_counter()
-    caching = settings.cache_features or settings.feature_cache_dir is not None
-    if caching and settings.unfreeze_vision_layers:
-        raise ValueError(
-            f"--cache-features needs a frozen vision tower, but --unfreeze-vision-layers "
-            f"{settings.unfreeze_vision_layers} trains its top layers: their features change at every step, "
-            "so cached ones would be stale. Leave out one of the two options."
-        )
+    check_settings(settings)
+    caching = uses_feature_cache(settings)
     mixed = settings.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -366,15 +137,13 @@ def train(settings: TrainSettings) -> TrainResult:
         raise ValueError("the train split is empty: add captioned images or lower --val-share/--test-share")
 
     caption_format = "tags" if looks_like_tags([e.caption for e in train_set]) else "prose"
-    model, image_processor, tokenizer = _load_parts(settings, init_dir, caption_format)
+    model, image_processor, tokenizer = load_parts(settings, init_dir, caption_format)
     if settings.init_from and settings.prompt != model.config.prompt and settings.prompt:
         raise ValueError(f"--prompt differs from the captioner's own ({model.config.prompt!r}); leave it out")
     prompt, max_tokens = model.config.prompt, model.config.max_caption_tokens
     groups = prepare_trainable(model, settings)
     alignment = None
     if settings.clip_loss_weight > 0:
-        from loracap.train.alignment import ClipAlignment
-
         alignment = ClipAlignment(settings.clip_model, model.language_model.config.hidden_size)
         groups.append(
             {"params": list(alignment.parameters()), "lr": settings.lr_projector, "name": "clip-head"}
@@ -426,7 +195,7 @@ def train(settings: TrainSettings) -> TrainResult:
     scheduler = accelerator.prepare(scheduler)
     if alignment is not None:
         alignment = accelerator.prepare(alignment)
-    accelerator.init_trackers("loracap-train", config=_flat(settings))
+    accelerator.init_trackers("loracap-train", config=tracked_settings(settings))
 
     state = {
         "step": 0,
@@ -438,7 +207,7 @@ def train(settings: TrainSettings) -> TrainResult:
         "history": [],
     }
     if settings.resume:
-        state = _resume(accelerator, out, state)
+        state = resume_state(accelerator, out, state)
 
     bar = tqdm(
         total=total_steps,
@@ -494,9 +263,7 @@ def train(settings: TrainSettings) -> TrainResult:
                     val_loss = evaluate_loss(model, val_loader, accelerator)
                     record = {"step": state["step"], "val_loss": val_loss, "train_loss": loss.item()}
                     if settings.val_metrics:
-                        scored = _main_caption_metrics(
-                            accelerator, model, val_set, image_processor, tokenizer
-                        )
+                        scored = main_caption_metrics(accelerator, model, val_set, image_processor, tokenizer)
                         record.update(scored)
                     accelerator.log(
                         {f"val/{k}": v for k, v in record.items() if k != "step"}, step=state["step"]
@@ -505,7 +272,7 @@ def train(settings: TrainSettings) -> TrainResult:
                     if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
                         state.update(best_val_loss=val_loss, best_step=state["step"], bad_evals=0)
                         if accelerator.is_main_process:  # on disk, so a resumed run has it too
-                            _save_weights(out / BEST_FILE, _trainable_state(accelerator.unwrap_model(model)))
+                            save_weights(out / BEST_FILE, trainable_state(accelerator.unwrap_model(model)))
                     else:
                         state["bad_evals"] += 1
                         stopped_early = bool(settings.patience) and state["bad_evals"] >= settings.patience
@@ -531,16 +298,14 @@ def train(settings: TrainSettings) -> TrainResult:
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         if state["best_step"] is not None and (out / BEST_FILE).is_file():
-            final.load_state_dict(_load_weights(out / BEST_FILE), strict=False)
+            final.load_state_dict(load_weights(out / BEST_FILE), strict=False)
         # Saved in place, no copy: save_captioner merges the LoRA adapters into the LM and .float() casts,
         # which would matter only if the model were used again; it is not (the test split is captioned
         # from the saved folder).
         save_captioner(final.float(), image_processor, tokenizer, out)
-        _write_state(out, state)
+        write_state(out, state)
         test_set = [by_key[k] for k in splits["test"] if k in by_key]
         if settings.test_metrics and test_set:
-            from loracap.train.metrics import evaluate_examples
-
             # The examples already loaded (with this run's columns), captioned through the saved folder as
             # `loracap caption --model OUT` will load it.
             test_metrics = evaluate_examples(
@@ -578,8 +343,6 @@ def _cached_features(
     machines sharing one cache folder cannot leave a torn entry. The others wait in a collective, which
     NCCL gives up on after its timeout (10 minutes by default): for a dataset whose first fill takes
     longer, fill the cache with a one-process run first."""
-    from loracap.train.features import fill_cache, find_entries, open_cache
-
     # Fingerprinted here, on the CPU weights as loaded; the tower then computes on the training device
     # (where accelerate's prepare would move it anyway).
     cache = open_cache(model, image_processor, settings.feature_cache_dir)
@@ -604,87 +367,6 @@ def _cached_features(
     )
     accelerator.wait_for_everyone()
     return filled.entries
-
-
-@torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, loader: Iterable[dict[str, Any] | None], accelerator: Any) -> float:
-    """Mean token loss over the validation set (weighted by predicted tokens).
-
-    With several processes each one scores its share of the set; the sums are added up across them, so
-    every process gets the same number and takes the same early-stopping and best-step decisions."""
-    model.eval()
-    total, tokens = 0.0, 0
-    for batch in loader:
-        if batch is None:
-            continue
-        batch = dict(batch)
-        batch.pop("captions")
-        n = int((batch["labels"] != -100).sum())
-        total += model(**batch).loss.item() * n
-        tokens += n
-    # Alone, a process keeps its sums as they are (and needs no float64 tensor, which MPS lacks).
-    if accelerator.num_processes > 1:
-        sums = torch.tensor([total, tokens], dtype=torch.float64, device=accelerator.device)
-        total, tokens = accelerator.reduce(sums, "sum").tolist()
-    return total / max(tokens, 1)
-
-
-def _main_caption_metrics(
-    accelerator: Any, model: torch.nn.Module, examples: list[Example], image_processor: Any, tokenizer: Any
-) -> dict[str, float]:
-    """`val_caption_metrics` on the main process alone (the whole validation set), for the log: no decision
-    depends on them, only on the loss, which every process shares. The others get {}."""
-    metrics = {}
-    if accelerator.is_main_process:
-        metrics = val_caption_metrics(accelerator.unwrap_model(model), examples, image_processor, tokenizer)
-    # The others wait here instead of running ahead into the next step's collectives, or into the end of
-    # training, while the main process captions (a process group torn down out of step can hang).
-    accelerator.wait_for_everyone()
-    return metrics
-
-
-def val_caption_metrics(
-    model: PrefixCaptioner,
-    examples: list[Example],
-    image_processor: Any,
-    tokenizer: Any,
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """BLEU-4 / ROUGE-L / CIDEr of greedy captions of `examples`, made by the backend `loracap caption`
-    uses, around the model in training as it is (its device, its dtype)."""
-    from loracap.backends.device import Placement
-    from loracap.backends.prefix_captioner import PrefixCaptionerBackend
-    from loracap.train.metrics import caption_metrics, generate_for
-
-    model.eval()
-    weight = next(model.projector.parameters())
-    placement = Placement(weight.device, weight.dtype)
-    backend = PrefixCaptionerBackend.from_parts(model, image_processor, tokenizer, placement)
-    generated = generate_for(backend, examples, batch_size=batch_size)
-    decoded = [e for e in examples if e.key in generated.captions]  # the others were reported while training
-    if not decoded:
-        return {}
-    return caption_metrics(generated.captions, {e.key: [e.caption] for e in decoded})
-
-
-def _save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-    tmp.replace(path)
-
-
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # No clone: the tensors are written to disk at once.
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach() for k, v in model.state_dict().items() if k in names}
 
 
 def _splits(
@@ -714,44 +396,9 @@ def _new_split(settings: TrainSettings, keys: list[str]) -> dict[str, list[str]]
     )
 
 
-def _checkpoint(accelerator: Any, out: Path, state: dict[str, Any], keep: int) -> None:
-    folder = out / "checkpoints" / f"step-{state['step']}"
-    accelerator.save_state(str(folder))
-    if accelerator.is_main_process:
-        _write_state(folder, state)
-        old = _checkpoints(out)
-        for stale in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    """OUT/checkpoints/step-N folders, lowest N first (by number: as text step-1000 sorts before step-200)."""
-    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def _resume(accelerator: Any, out: Path, state: dict[str, Any]) -> dict[str, Any]:
-    checkpoints = _checkpoints(out)
-    if not checkpoints:
-        print(f"loracap: no checkpoint in {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
-        return state
-    latest = checkpoints[-1]
-    accelerator.load_state(str(latest))
-    saved = json.loads((latest / STATE_FILE).read_text(encoding="utf-8"))
-    print(f"loracap: resuming from {latest} (step {saved['step']})", file=sys.stderr)
-    return {**state, **saved}
-
-
-def _write_state(folder: Path, state: dict[str, Any]) -> None:
-    atomic_write_text(folder / STATE_FILE, json.dumps(state, indent=1) + "\n")
-
-
-def _flat(settings: TrainSettings) -> dict[str, Any]:
-    return {k: v for k, v in asdict(settings).items() if isinstance(v, int | float | str | bool)}
-
-
 def _has_tensorboard() -> bool:
     try:
-        import tensorboard  # noqa: F401
+        import tensorboard  # noqa: F401  (a probe: is the optional logger installed?)
     except ImportError:
         return False
     return True

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loracap.writers import atomic_write_text
+from tqdm.auto import tqdm
+
+from loracap.backends import GenerationSettings, load_backend
+from loracap.files import atomic_write_text
+from loracap.inputs import DecodedBatch, ImageDecodeError, map_ahead
+from loracap.quality.clipscore import clip_scores
+from loracap.train.data import load_examples, read_split
 
 __all__ = ["Generated", "caption_metrics", "evaluate_captioner", "evaluate_examples", "generate_for"]
 
@@ -32,6 +38,7 @@ def caption_metrics(
 ) -> dict[str, float]:
     """Corpus BLEU-4, ROUGE-L and CIDEr (CIDEr-D as in the COCO evaluation) of `predictions` against
     `references` (several per key allowed). Keys missing a prediction count as empty captions."""
+    # pycocoevalcap is the optional `train` extra: imported when scoring, not with this module.
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -68,11 +75,6 @@ def generate_for(
     """Caption `examples` (loracap.train.data.Example) with a loaded backend. Images are decoded at the
     backend's input side as `loracap caption` decodes them, `workers` threads a few batches ahead of the
     model; one that cannot be decoded is reported in `errors` and the rest are captioned."""
-    from tqdm.auto import tqdm
-
-    from loracap.backends import GenerationSettings
-    from loracap.inputs import map_ahead
-
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     side = getattr(backend, "image_side", 0) or None
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
@@ -92,8 +94,6 @@ def generate_for(
 
 def _decode(backend: Any, examples: Sequence[Any], min_side: int | None) -> Any:
     """A batch's images decoded and prepared for `backend` (in a worker thread); the bad ones reported."""
-    from loracap.inputs import DecodedBatch, ImageDecodeError
-
     good, images, errors = [], [], []
     for example in examples:
         try:
@@ -120,8 +120,6 @@ def evaluate_captioner(
     """Caption `split` of `data` with `model` and score the captions (see `evaluate_examples`).
     `split="all"` scores every example; a named split comes from MODEL/split.json, written when it was
     trained. `image_column` / `caption_column` name a Hugging Face dataset's columns."""
-    from loracap.train.data import load_examples, read_split
-
     examples = load_examples(data, image_column=image_column, caption_column=caption_column)
     if split != "all":
         saved = read_split(Path(model)) if Path(model).is_dir() else None
@@ -159,8 +157,6 @@ def evaluate_examples(
     """Caption `examples` (loracap.train.data.Example, already loaded) with `model`, loaded the way
     `loracap caption --model` loads it, and score the captions; written to `out_file` as JSON (default
     MODEL/eval-<split>.json when MODEL is a folder). `data` and `split` only label the result."""
-    from loracap.backends import load_backend
-
     started = time.perf_counter()
     backend = load_backend(str(model), device=device)
     generated = generate_for(backend, examples, batch_size=batch_size, progress=progress)
@@ -176,8 +172,6 @@ def evaluate_examples(
         **caption_metrics(predictions, {e.key: [e.caption] for e in examples}),
     }
     if clip_model:
-        from loracap.quality.clipscore import clip_scores
-
         pairs = [(e.path, predictions[e.key]) for e in examples if e.path is not None]
         run = clip_scores(pairs, model=clip_model, device=device, progress=progress)
         scores = [p.score for p in run.pairs if p.score is not None]

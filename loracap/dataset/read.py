@@ -1,14 +1,14 @@
 """Read a captioned dataset back, whatever layout loracap (or a trainer) wrote it in.
 
-`read_dataset` pairs each image with its caption and lists what a trainer would trip over: images with no
-caption, captions with no image (a renamed or deleted image leaves its caption behind, and trainers ignore it
-silently), and caption files that could not be read. It reuses the writers' own key functions and readers, so
-"has a caption" means exactly what `loracap caption --existing skip` means by it.
+`read_dataset` pairs each image with its caption (a `CaptionRecord`) and lists what a trainer would trip
+over: images with no caption, captions with no image (a renamed or deleted image leaves its caption behind,
+and trainers ignore it silently), and caption files that could not be read. It reuses the stores' own key
+functions and readers, so "has a caption" means exactly what `loracap caption --existing skip` means by it.
 
     sidecar     <stem><ext> next to each image
     jsonl       metadata.jsonl: {"file_name": "sub/a.jpg", "text": ...}, in the root and in each split folder
     kohya-json  meta_cap.json: {"/abs/path/sub/a.jpg": {"caption": ..., "tags": ...}}; the old relative keys
-                ("sub/a") are read too, as the writer reads them
+                ("sub/a") are read too, as the kohya store reads them
 """
 
 from __future__ import annotations
@@ -19,25 +19,17 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loracap.dataset.jsonl import METADATA_FILE as JSONL_FILE
+from loracap.dataset.jsonl import JsonlStore, jsonl_key, metadata_files, relative_posix, store_file_label
+from loracap.dataset.kohya import METADATA_FILE as KOHYA_FILE
+from loracap.dataset.kohya import KohyaJsonStore, kohya_key
+from loracap.dataset.record import CaptionProblem, CaptionRecord
+from loracap.dataset.sidecar import caption_path, normalize_ext, read_caption_file
 from loracap.inputs.discover import find_images, walk_files
-from loracap.writers.jsonl import METADATA_FILE as JSONL_FILE
-from loracap.writers.jsonl import JsonlStore, jsonl_key, metadata_files, relative_posix, store_file_label
-from loracap.writers.kohya import METADATA_FILE as KOHYA_FILE
-from loracap.writers.kohya import KohyaJsonStore, kohya_key
-from loracap.writers.sidecar import caption_path, normalize_ext, read_caption_file
 
 LAYOUTS = ("auto", "sidecar", "jsonl", "kohya-json")
 
-__all__ = ["LAYOUTS", "CaptionProblem", "Dataset", "detect_layout", "read_dataset"]
-
-
-@dataclass
-class CaptionProblem:
-    """A caption source that could not be read as expected; the rest of the dataset is still read."""
-
-    path: str
-    """Relative to the dataset folder where possible ("sub/a.txt", "metadata.jsonl:7")."""
-    reason: str
+__all__ = ["LAYOUTS", "Dataset", "detect_layout", "read_dataset"]
 
 
 @dataclass
@@ -48,25 +40,31 @@ class Dataset:
     source: Path | None = None
     """The metadata file read (jsonl / kohya-json; for jsonl with split folders the root's file, or the
     first split's when there is none at the root); None for sidecar captions."""
-    pairs: list[tuple[Path, str]] = field(default_factory=list)
-    """(image, caption) in find_images order. A caption that is empty or only whitespace is kept as "":
-    the file or entry exists, and a trainer trains that image unconditioned, which the text checks flag."""
+    records: list[CaptionRecord] = field(default_factory=list)
+    """Every captioned image, in find_images order. A caption that is empty or only whitespace is kept as
+    "": the file or entry exists, and a trainer trains that image unconditioned, which the text checks
+    flag."""
     missing: list[Path] = field(default_factory=list)
     """Images with no caption file or entry at all."""
     orphans: list[str] = field(default_factory=list)
     """Captions naming no existing image: sidecar files (relative path), jsonl file_name, kohya keys."""
     problems: list[CaptionProblem] = field(default_factory=list)
     images: list[Path] = field(default_factory=list)
-    """Every image found, in find_images order; an image whose caption is unreadable is in neither pairs
+    """Every image found, in find_images order; an image whose caption is unreadable is in neither records
     nor missing. Kept so the image checks scan this same list instead of walking the folder again."""
+
+    @property
+    def pairs(self) -> list[tuple[Path, str]]:
+        """(image, caption) of every record, in find_images order."""
+        return [(record.image, record.text) for record in self.records]
+
+    @property
+    def captions(self) -> list[str]:
+        return [record.text for record in self.records]
 
     @property
     def image_count(self) -> int:
         return len(self.images)
-
-    @property
-    def captions(self) -> list[str]:
-        return [caption for _, caption in self.pairs]
 
 
 def detect_layout(root: Path, metadata_file: Path | None = None) -> str:
@@ -134,7 +132,8 @@ def _read_sidecar(root: Path, images: list[Path], ext: str, recursive: bool) -> 
         if text is None:
             ds.missing.append(image)
         else:
-            ds.pairs.append((image, text.strip()))
+            key = store_file_label(path, root)  # "sub/a.txt"
+            ds.records.append(CaptionRecord(image, text.strip(), ds.layout, key, path))
     # Orphans: caption files in the folders find_images visits that no image claims. Hidden files are
     # skipped as discovery skips them (".DS_Store"-style junk is not a caption).
     for rel, entry in walk_files(root, recursive):
@@ -170,6 +169,7 @@ def _read_jsonl(root: Path, images: list[Path], metadata_file: Path | None) -> D
     # are relative to root, whichever file a record is in.
     texts: dict[str, object] = {}
     names: dict[str, str] = {}
+    sources: dict[str, Path] = {}
     for split, file in store.files.items():
         label = store_file_label(file.path, root)
         for number, _ in file.corrupt_lines:
@@ -187,6 +187,7 @@ def _read_jsonl(root: Path, images: list[Path], metadata_file: Path | None) -> D
                 continue
             texts[key] = record.get("text")
             names[key] = key if split else file_name
+            sources[key] = file.path
     seen: set[str] = set()
     for image in images:
         key = jsonl_key(relative_posix(image, root))
@@ -196,7 +197,7 @@ def _read_jsonl(root: Path, images: list[Path], metadata_file: Path | None) -> D
             continue
         text = texts[key]
         if text is None or isinstance(text, str):
-            ds.pairs.append((image, (text or "").strip()))
+            ds.records.append(CaptionRecord(image, (text or "").strip(), ds.layout, key, sources[key]))
         else:
             ds.problems.append(CaptionProblem(names[key], f"text is {type(text).__name__}, not a string"))
     for key, file_name in names.items():
@@ -233,7 +234,7 @@ def _read_kohya(root: Path, images: list[Path], metadata_file: Path | None, fiel
                 CaptionProblem(relative_posix(image, root), f"entry has no usable {field_name!r} text")
             )
         else:
-            ds.pairs.append((image, text))
+            ds.records.append(CaptionRecord(image, text, ds.layout, key, path))
     for key in entries:
         # An image that was not discovered (hidden, non-recursive run) is still there for sd-scripts. A
         # relative key left is one whose image was not found: sd-scripts fails on it too.

@@ -7,8 +7,7 @@ import errno
 import os
 from pathlib import Path
 
-from loracap.files import NotARegularFile, describe_os_error, read_regular_bytes
-from loracap.writers.atomic import atomic_write_text
+from loracap.files import NotARegularFile, atomic_write_text, describe_os_error, read_regular_bytes
 
 # A caption extension that is an image extension would overwrite the image with text.
 _IMAGE_EXTS = frozenset(

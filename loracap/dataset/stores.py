@@ -1,7 +1,8 @@
 """Caption stores: where captions are read from and written to.
 
 The pipeline asks a store whether an image already has a caption and hands it new ones. Every file
-is written atomically (see `atomic`), so an interrupted run never leaves a half-written caption.
+is written atomically (see `loracap.files.atomic_write_text`), so an interrupted run never leaves a
+half-written caption.
 
     sidecar     <stem>.txt (or .caption) next to each image: kohya sd-scripts, ai-toolkit, OneTrainer
     jsonl       metadata.jsonl in the dataset folder, or one per split folder (train/, test/): HF datasets
@@ -16,27 +17,13 @@ from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Protocol
 
-from loracap.writers.atomic import TEMP_PREFIX, TEMP_SUFFIX, atomic_write_text
-from loracap.writers.jsonl import JsonlStore
-from loracap.writers.kohya import KohyaJsonStore, kohya_key
-from loracap.writers.sidecar import SidecarStore, caption_path, normalize_ext
+from loracap.dataset.jsonl import JsonlStore
+from loracap.dataset.kohya import KohyaJsonStore
+from loracap.dataset.sidecar import SidecarStore, caption_path, normalize_ext
 
 FORMATS = ("sidecar", "jsonl", "kohya-json")
 
-__all__ = [
-    "FORMATS",
-    "TEMP_PREFIX",
-    "TEMP_SUFFIX",
-    "CaptionStore",
-    "JsonlStore",
-    "KohyaJsonStore",
-    "SidecarStore",
-    "atomic_write_text",
-    "caption_path",
-    "kohya_key",
-    "open_store",
-    "sidecar_collisions",
-]
+__all__ = ["FORMATS", "CaptionStore", "open_store", "sidecar_collisions"]
 
 
 class CaptionStore(Protocol):

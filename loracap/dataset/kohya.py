@@ -21,9 +21,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from loracap.files import describe_os_error, read_regular_bytes
-from loracap.writers.atomic import FlushClock, atomic_write_text
-from loracap.writers.jsonl import store_file_label
+from loracap.dataset.jsonl import store_file_label
+from loracap.files import FlushClock, atomic_write_text, describe_os_error, read_regular_bytes
+from loracap.inputs.discover import supported_extensions
 
 METADATA_FILE = "meta_cap.json"
 
@@ -46,8 +46,6 @@ def legacy_image(key: str, root: Path, listings: dict[Path, list[str]] | None = 
     sorted its glob too, so this is the image it trained on). `listings` caches folder listings between
     calls: a file of thousands of old keys in one folder must not list that folder thousands of times.
     """
-    from loracap.inputs.discover import supported_extensions  # lazy: loracap.inputs imports the writers
-
     if not key or os.path.isabs(key):
         return None
     path = Path(root, key)

@@ -21,8 +21,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from loracap.files import describe_os_error, read_regular_bytes
-from loracap.writers.atomic import FlushClock, atomic_write_bytes, atomic_write_text
+from loracap.files import (
+    FlushClock,
+    atomic_write_bytes,
+    atomic_write_text,
+    describe_os_error,
+    read_regular_bytes,
+)
 
 METADATA_FILE = "metadata.jsonl"
 

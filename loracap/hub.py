@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # What a captioning checkpoint needs; other frameworks' weights and ONNX exports are skipped.
 _IGNORE_PATTERNS = [
@@ -94,7 +97,7 @@ def _download(spec: str, revision: str | None, cache: Path) -> Path:
         ignore = list(_IGNORE_PATTERNS)
         if any(name.endswith(".safetensors") for name in files):
             ignore.append("*.bin")  # both are often published; one copy is enough
-        print(f"loracap: downloading {spec} (first use; cached for next time in {cache})")
+        log.info("downloading %s (first use; cached for next time in %s)", spec, cache)
         return Path(snapshot_download(spec, revision=revision, cache_dir=cache, ignore_patterns=ignore))
     except GatedRepoError:
         raise ModelUnavailable(

@@ -1,0 +1,46 @@
+"""What reading a dataset gives back: one `CaptionRecord` per captioned image, one `CaptionProblem` per
+caption source that could not be read. Every command that reads a dataset (report, train, and the ones to
+come) sees these, whatever the layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["CaptionProblem", "CaptionRecord"]
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """One image and the caption its dataset's layout holds for it."""
+
+    image: Path
+    """The image file, as `loracap.inputs.find_images` found it (absolute)."""
+    text: str
+    """The caption, stripped. "" when the file or entry is there but empty or only whitespace: a trainer
+    trains that image unconditioned, which the text checks flag."""
+    layout: str
+    """The layout it was read from: "sidecar", "jsonl" or "kohya-json"."""
+    key: str
+    """What names the image in that layout: the caption file relative to the dataset folder ("sub/a.txt")
+    for sidecar; the file_name relative to the dataset folder, normalised as datasets does it
+    ("train/a.jpg", also for a record in train/metadata.jsonl) for jsonl; the absolute-path key
+    (`kohya_key`) for kohya-json."""
+    source: Path
+    """The file the caption was read from: the sidecar file, the metadata.jsonl that holds the record
+    (the root's or a split folder's), or the kohya JSON file."""
+
+    @property
+    def lines(self) -> list[str]:
+        """The caption's lines (sd-scripts reads only the first line of a sidecar file; most trainers read
+        them all)."""
+        return self.text.splitlines()
+
+
+@dataclass
+class CaptionProblem:
+    """A caption source that could not be read as expected; the rest of the dataset is still read."""
+
+    path: str
+    """Relative to the dataset folder where possible ("sub/a.txt", "metadata.jsonl:7")."""
+    reason: str
