@@ -608,7 +608,7 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def _setup_logging(quiet: bool, verbose: bool) -> None:
+def setup_logging(quiet: bool, verbose: bool) -> None:
     """Library code logs; the command shows it: info and up by default, warnings and up with --quiet
     (which also silences the Hugging Face libraries' own progress bars), everything with -v."""
     handler = _ConsoleHandler()
@@ -631,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "offline", False):  # before any command imports the Hugging Face libraries
         os.environ["HF_HUB_OFFLINE"] = "1"
     quiet = getattr(args, "progress", True) is False or getattr(args, "quiet", False)
-    _setup_logging(quiet, getattr(args, "verbose", False))
+    setup_logging(quiet, getattr(args, "verbose", False))
     return run_command(args.command, args)
 
 

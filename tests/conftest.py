@@ -19,6 +19,16 @@ os.environ["HF_HUB_CACHE"] = str(_SANDBOX / "hf-cache")
 os.environ["LORACAP_CACHE"] = str(_SANDBOX / "loracap-cache")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+@pytest.fixture(autouse=True)
+def _loracap_messages_on_stderr():
+    """loracap's log messages on stderr at the CLI's default level, as a user of the command sees them,
+    also in tests that call the Python API directly."""
+    from loracap.cli import setup_logging
+
+    setup_logging(quiet=False, verbose=False)
+
+
 # Random tiny models often stop at once; a few forced tokens make every caption non-empty.
 GEN_ARGS = ["--min-new-tokens", "2", "--max-new-tokens", "6", "--quiet"]
 

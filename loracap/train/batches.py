@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,8 @@ from loracap.backends.prefix_captioner import input_side
 from loracap.inputs import ImageDecodeError
 from loracap.prefix.batching import encode_captions
 from loracap.train.data import Example
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CaptionDataset", "Collate", "EpochSampler", "make_collate"]
 
@@ -42,7 +44,7 @@ class CaptionDataset(Dataset):
         try:
             image = example.image(min_side=self.min_side)
         except ImageDecodeError as exc:
-            print(f"loracap: skipping {example.key}: {exc.reason}", file=sys.stderr)
+            log.warning("skipping %s: %s", example.key, exc.reason)
             return None
         return {"image": image, "caption": example.caption}
 

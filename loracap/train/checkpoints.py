@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loracap.files import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BEST_FILE",
@@ -61,12 +63,12 @@ def resume_state(accelerator: Any, out: Path, state: dict[str, Any]) -> dict[str
     state; `state` as it is when there is none."""
     checkpoints = checkpoint_folders(out)
     if not checkpoints:
-        print(f"loracap: no checkpoint in {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
+        log.warning("no checkpoint in %s; starting from step 0", out / "checkpoints")
         return state
     latest = checkpoints[-1]
     accelerator.load_state(str(latest))
     saved = json.loads((latest / STATE_FILE).read_text(encoding="utf-8"))
-    print(f"loracap: resuming from {latest} (step {saved['step']})", file=sys.stderr)
+    log.info("resuming from %s (step %s)", latest, saved["step"])
     return {**state, **saved}
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import sys
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from loracap.hub import loracap_cache_dir
 from loracap.inputs import ImageDecodeError, file_sha256
 from loracap.train.batches import CaptionDataset
 from loracap.train.data import Example, TableImage
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CACHE_VERSION",
@@ -329,7 +332,7 @@ def _image_keys(examples: list[Example], *, report: bool = True) -> tuple[list[s
             keys.append(image_key(example, undecoded))
         except (OSError, ImageDecodeError) as exc:
             if report:
-                print(f"loracap: skipping {example.key}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+                log.warning("skipping %s: %s", example.key, getattr(exc, "reason", exc))
             keys.append(None)
     return keys, keys.count(None)
 
@@ -389,9 +392,6 @@ class FeatureDataset(Dataset):
             return None
         features = read_entry(entry)
         if features is None:  # checked when the cache was filled: something changed it since
-            print(
-                f"loracap: skipping {example.key}: its cached features {entry} are unreadable",
-                file=sys.stderr,
-            )
+            log.warning("skipping %s: its cached features %s are unreadable", example.key, entry)
             return None
         return {"features": features, "caption": example.caption}

@@ -29,6 +29,7 @@ model and its parameter groups), `checkpoints`, `validation` (loss and caption m
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -70,6 +71,8 @@ from loracap.train.metrics import evaluate_examples
 from loracap.train.settings import TrainSettings, check_settings, tracked_settings, uses_feature_cache
 from loracap.train.trainable import count_parameters, load_parts, prepare_trainable
 from loracap.train.validation import evaluate_loss, main_caption_metrics
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TrainResult", "train"]
 
@@ -360,10 +363,12 @@ def _cached_features(
         progress=settings.progress,
     )
     left_out = f", {filled.unreadable} unreadable left out" if filled.unreadable else ""
-    print(
-        f"loracap: vision features: {filled.reused} reused, {filled.computed} computed{left_out} "
-        f"(cache {cache.folder})",
-        file=sys.stderr,
+    log.info(
+        "vision features: %d reused, %d computed%s (cache %s)",
+        filled.reused,
+        filled.computed,
+        left_out,
+        cache.folder,
     )
     accelerator.wait_for_everyone()
     return filled.entries
