@@ -13,6 +13,7 @@ start-up, the first batches (CUDA kernels, allocator) and the final validation c
 
     python benchmarks/train_throughput.py --device-note "1x H100" --batch-size 32   # on a GPU: bf16
     python benchmarks/train_throughput.py --batch-size 4 --short 2 --long 6         # on a CPU (slow)
+    python benchmarks/train_throughput.py --size tiny --batch-size 4 --short 2 --long 4   # a quick check
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ def samples_per_second(settings: dict, work: Path, name: str, short: int, long: 
 def main(argv: list[str] | None = None) -> int:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument(
+        "--size", choices=("full", "tiny"), default="full", help="tiny: the test kit's towers"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--short", type=int, default=10, help="steps of the shorter timing run")
     parser.add_argument("--long", type=int, default=50, help="steps of the longer timing run")
@@ -128,8 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         started = time.perf_counter()
-        vision = build_siglip_base(work / "siglip-base")
-        lm = build_smollm2_135m(work / "smollm2-135m")
+        if args.size == "tiny":  # checks the script end to end in seconds; not a throughput number
+            from loracap.testing import make_tiny_model
+
+            vision, lm = make_tiny_model("siglip", work / "siglip"), make_tiny_model("llama", work / "llama")
+        else:
+            vision = build_siglip_base(work / "siglip-base")
+            lm = build_smollm2_135m(work / "smollm2-135m")
         # Enough images that the long run never repeats one; a few for the validation that ends each run.
         n = args.batch_size * args.long + 16
         write_dataset(work / "data", n, size=256, splits={"train": 1 - 8 / n, "val": 8 / n})
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = f"CPU ({torch.get_num_threads()} threads)"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
     print(
-        f"{args.device_note or device}, torch {torch.__version__}, {platform.machine()}: "
+        f"{args.device_note or device}, torch {torch.__version__}, {platform.machine()}, {args.size} towers: "
         f"batch {args.batch_size}, pixel shuffle {args.pixel_shuffle}, "
         f"mixed precision {args.mixed_precision}, "
         f"{trainable:,} trainable parameters"

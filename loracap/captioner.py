@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 from .backends import DEFAULT_MODEL, Backend, caption_images, load_backend
+from .backends.batch_size import parse_batch_size
 from .inputs import to_rgb
 from .pipeline import CaptionConfig, caption_config
 from .postprocess import postprocess
@@ -49,7 +50,8 @@ class Captioner:
         self.options = config.postprocess
         self.generation = config.generation
         self.request = resolve_request(config.style_choice, self.backend, trigger=self.options.trigger)
-        self.batch_size = config.batch_size or self.backend.default_batch_size
+        # In memory there is no run to measure: "auto" is the model's default here.
+        self.batch_size = parse_batch_size(config.batch_size) or self.backend.default_batch_size
 
     @overload
     def __call__(self, images: Image.Image) -> str: ...

@@ -27,6 +27,8 @@ CAPTION_CONFIG = "loracap.pipeline:CaptionConfig"
 REPORT_CONFIG = "loracap.quality.report:ReportConfig"
 SERVE_CONFIG = "loracap.serve.config:ServeConfig"
 TRAIN_SETTINGS = "loracap.train.settings:TrainSettings"
+GENERATE_CONFIG = "loracap.dreambooth.generate:GenerateConfig"
+DREAMBOOTH_CONFIG = "loracap.dreambooth.settings:DreamBoothConfig"
 # Where a flag's default differs from the settings class's (the Python API's), the flag's wins here.
 _CLI_DEFAULTS = {TRAIN_SETTINGS: {"mixed_precision": "auto"}}
 # Given on the command line but not settings of a command: how to run, not what to do.
@@ -36,6 +38,16 @@ _NOT_SETTINGS = ("command", "config", "offline", "verbose")
 def _settings_class(path: str) -> type:
     module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def _batch_size(text: str) -> int | str:
+    """--batch-size: a whole number from 1, or auto."""
+    from .backends.batch_size import AUTO, parse_batch_size
+
+    try:
+        return parse_batch_size(text) or AUTO
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _split_list(values: Sequence[str] | str | None) -> tuple[str, ...]:
@@ -158,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--errors-file", help="per-file errors as JSON lines (default: DIR/loracap-errors.jsonl)"
     )
+    out.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="try again the files the last run could not decode, even if unchanged (by default they are "
+        "listed as failed again without loading the model)",
+    )
 
     post = cap.add_argument_group("caption clean-up")
     post.add_argument(
@@ -177,8 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("--underscores-to-spaces", action="store_true", help="'long_hair' -> 'long hair'")
 
     run = cap.add_argument_group("speed and hardware")
-    run.add_argument("--batch-size", type=int, help="images per model call (default: 64 on a GPU, 4 on CPU)")
+    run.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        help="images per model call, or auto: as many as fit in free memory, by what the first batch took "
+        "(default: auto, at most 64)",
+    )
     run.add_argument("--workers", type=int, help="threads decoding images ahead of the model")
+    run.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: the CPUs this process may use less --workers; at most 4 on a GPU)",
+    )
     _add_model_arguments(run)
     run.add_argument("--repetition-penalty", type=float)
     run.add_argument(
@@ -190,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(commands)
     _add_report_parser(commands)
     _add_train_parsers(commands)
+    _add_generate_parser(commands)
+    _add_dreambooth_parser(commands)
     return parser
 
 
@@ -312,6 +342,9 @@ def _add_report_parser(commands: argparse._SubParsersAction) -> None:
     clip.add_argument("--no-cache", dest="cache", action="store_false", help="rescore everything")
     clip.add_argument("--batch-size", type=int, help="pairs per model call (default: 64 on a GPU, 8 on CPU)")
     clip.add_argument("--workers", type=int, help="threads decoding images ahead of the model")
+    clip.add_argument(
+        "--threads", type=int, help="torch threads (default: the CPUs this process may use less --workers)"
+    )
     clip.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
     clip.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"))
     clip.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
@@ -324,6 +357,202 @@ def _add_report_parser(commands: argparse._SubParsersAction) -> None:
     rep.add_argument(
         "--quiet", dest="progress", action="store_false", help="no progress bars; only warnings and errors"
     )
+
+
+def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
+    gen = _command_parser(
+        commands,
+        "generate",
+        GENERATE_CONFIG,
+        help="generate images from a Stable Diffusion / SDXL / Flux base, with or without a LoRA",
+        description="Generate --n images for each prompt with the --base model (and --lora, if given) and "
+        "write them beside --out, which gets one grid of them all (a row per prompt). Image j of every "
+        "prompt uses seed --seed + j. Needs `pip install loracap[dreambooth]`.",
+    )
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="what to draw; several make several rows")
+    gen.add_argument("--prompts-file", metavar="FILE", help="more prompts, one a line")
+    gen.add_argument("--base", help="the base model: a diffusers folder or hub id (SD 1.x/2.x, SDXL, Flux)")
+    gen.add_argument("--lora", help="a LoRA .safetensors file or its folder (diffusers or kohya format)")
+    gen.add_argument(
+        "--lora-scale", type=float, help="how much of the LoRA to apply; 0: the base alone (default: 1)"
+    )
+    gen.add_argument("--negative", help="negative prompt (needs --cfg above 1)")
+    gen.add_argument("--n", type=int, help="images per prompt")
+    gen.add_argument("--seed", type=int, help="image j of each prompt uses SEED + j (default: 0)")
+    gen.add_argument(
+        "--cfg",
+        type=float,
+        help="classifier-free guidance scale, 1: off (default 7.5 SD 1.x/2.x, 5 SDXL, 1 Flux; for Flux, "
+        "above 1 runs diffusers' true CFG: a second transformer pass each step)",
+    )
+    gen.add_argument("--steps", type=int, help="denoising steps (default 30; Flux 4 schnell, 28 dev)")
+    gen.add_argument(
+        "--scheduler",
+        help="default (the base's own), ddim, pndm, euler, euler-a, heun, dpm++, dpm++-karras, dpm++-sde, "
+        "unipc; Flux: default or euler",
+    )
+    gen.add_argument("--width", type=int, help="pixels (default: the base's native size)")
+    gen.add_argument("--height", type=int, help="pixels (default: the base's native size)")
+    gen.add_argument("--out", help="the grid PNG; the images go beside it as STEM-PROMPT-IMAGE.png")
+    gen.add_argument("--batch-size", type=int, help="images per pipeline call (default: 4 SD, 2 SDXL/Flux)")
+    gen.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+    gen.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), help="(default: auto)")
+    gen.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
+    gen.add_argument(
+        "--quiet", dest="progress", action="store_false", help="no progress bars; only warnings and errors"
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    from .dreambooth.generate import generate
+
+    config = _settings(GENERATE_CONFIG, args)
+    start = time.monotonic()
+    written = generate(config)
+    seconds = time.monotonic() - start
+    grid, images = written[-1], len(written) - 1
+    print(
+        f"loracap: {images} image(s) in {seconds:.0f} s ({seconds / images:.1f} s each, loading included); "
+        f"grid {grid}, images beside it as {grid.stem}-PROMPT-IMAGE.png",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _add_dreambooth_parser(commands: argparse._SubParsersAction) -> None:
+    db = _command_parser(
+        commands,
+        "dreambooth",
+        DREAMBOOTH_CONFIG,
+        help="train a DreamBooth LoRA (SD 1.5 / SDXL) on a captioned folder",
+        description="Train a LoRA of the subject in DATA (any caption layout loracap reads) on --base, with "
+        "class-prior preservation when --class-prompt is given. --out gets the LoRA (OUT/NAME.safetensors, "
+        "kohya layout: ComfyUI models/loras/, A1111/Forge models/Lora/), checkpoints/, samples/ (validation "
+        "grids), logs/ (TensorBoard). Needs `pip install loracap[dreambooth]`.",
+    )
+    db.add_argument("data", nargs="?", help="the captioned image folder")
+    db.add_argument("--base", help="the base model: a diffusers folder or hub id (SD 1.x/2.x, SDXL)")
+    db.add_argument("--out", help="the run's folder")
+    cap = db.add_argument_group("captions")
+    cap.add_argument("--trigger", help="replaces [trigger] in captions; put first where a caption lacks it")
+    cap.add_argument("--instance-prompt", help="the caption of images that have none (default: the trigger)")
+    cap.add_argument("--layout", choices=("auto", "sidecar", "jsonl", "kohya-json"), help="caption layout")
+    cap.add_argument("--caption-ext", metavar="EXT", help="sidecar extension, e.g. .caption")
+    cap.add_argument("--metadata-file", help="metadata.jsonl / kohya JSON elsewhere than in DATA")
+    cap.add_argument("--caption-dropout", type=float, help="share of steps an image trains uncaptioned")
+    cap.add_argument("--shuffle-tags", action="store_true", help="tag captions: shuffle tags every step")
+    cap.add_argument("--keep-tokens", type=int, help="tag captions: the first N tags stay in place")
+    cap.add_argument("--strict", action="store_true", help="dataset warnings stop the run (exit 2)")
+    prior = db.add_argument_group("class-prior preservation")
+    prior.add_argument(
+        "--class-prompt", help='the class, e.g. "photo of a woman"; turns prior preservation on'
+    )
+    prior.add_argument(
+        "--class-data-dir", metavar="DIR", help="your class images, or where generated ones go"
+    )
+    prior.add_argument("--num-class-images", type=int, help="class images used (missing ones are generated)")
+    prior.add_argument("--prior-loss-weight", type=float)
+    prior.add_argument("--class-batch-size", type=int, help="class images generated per pipeline call")
+    prior.add_argument("--class-inference-steps", type=int)
+    prior.add_argument("--class-guidance", type=float)
+    prior.add_argument("--class-seed", type=int, help="class image i uses seed CLASS_SEED + i")
+    lora = db.add_argument_group("LoRA")
+    lora.add_argument("--rank", type=int)
+    lora.add_argument("--alpha", type=float, help="scale alpha/rank (default: the rank)")
+    lora.add_argument("--lora-dropout", type=float)
+    lora.add_argument(
+        "--lora-targets", help="UNet modules, comma-separated (default: to_q,to_k,to_v,to_out.0)"
+    )
+    lora.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder(s) too")
+    lora.add_argument(
+        "--text-encoder-targets", help="comma-separated (default: q_proj,k_proj,v_proj,out_proj)"
+    )
+    lora.add_argument("--text-encoder-lr", type=float)
+    opt = db.add_argument_group("training")
+    opt.add_argument("--lr", type=float)
+    opt.add_argument(
+        "--lr-scheduler",
+        choices=(
+            "constant",
+            "constant_with_warmup",
+            "linear",
+            "cosine",
+            "cosine_with_restarts",
+            "polynomial",
+        ),
+    )
+    opt.add_argument("--warmup-steps", type=int)
+    opt.add_argument("--max-steps", type=int, help="optimizer steps (wins over --epochs; neither: 1000)")
+    opt.add_argument("--epochs", type=int, help="passes over the instance images")
+    opt.add_argument("--batch-size", type=int, help="instance images per batch (+ as many class images)")
+    opt.add_argument("--grad-accum", type=int, help="batches per optimizer step")
+    opt.add_argument("--max-grad-norm", type=float)
+    opt.add_argument("--weight-decay", type=float)
+    opt.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only)")
+    opt.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"))
+    opt.add_argument("--gradient-checkpointing", action="store_true", help="less memory, about 20%% slower")
+    opt.add_argument("--snr-gamma", type=float, help="min-SNR loss weighting, e.g. 5")
+    opt.add_argument("--noise-offset", type=float, help="e.g. 0.05: lets it learn darker and brighter images")
+    opt.add_argument("--seed", type=int)
+    opt.add_argument("--resolution", type=int, help="side in px (default: the base's: 512 SD 1.5, 1024 SDXL)")
+    opt.add_argument("--crop", choices=("center", "random"))
+    opt.add_argument("--random-flip", action="store_true", help="mirror images at random")
+    opt.add_argument("--workers", type=int, help="data loader processes")
+    ckpt = db.add_argument_group("checkpoints")
+    ckpt.add_argument("--checkpoint-every", type=int, metavar="STEPS")
+    ckpt.add_argument(
+        "--checkpoints-total-limit", type=int, metavar="N", help="keep the newest N checkpoints"
+    )
+    ckpt.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    ckpt.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
+    val = db.add_argument_group("validation")
+    val.add_argument(
+        "--validation-prompt", action="append", metavar="PROMPT", help="repeatable; [trigger] is replaced"
+    )
+    val.add_argument("--validation-every", type=int, metavar="STEPS")
+    val.add_argument("--validation-images", type=int, help="images per prompt (seeds SEED, SEED+1, ...)")
+    val.add_argument("--validation-seed", type=int)
+    val.add_argument("--validation-inference-steps", type=int)
+    val.add_argument("--validation-guidance", type=float)
+    out = db.add_argument_group("output")
+    out.add_argument("--output-name", metavar="NAME", help="OUT/NAME.safetensors (default: OUT's name)")
+    out.add_argument("--lora-format", choices=("kohya", "diffusers"), help="kohya loads everywhere")
+    db.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
+    db.add_argument(
+        "--quiet", dest="progress", action="store_false", help="no progress bars; only warnings and errors"
+    )
+
+
+def _dreambooth(args: argparse.Namespace) -> int:
+    from .dreambooth.loop import dreambooth
+
+    given = vars(args)
+    for key in ("lora_targets", "text_encoder_targets"):
+        if key in given:
+            given = {**given, key: _split_list(given[key])}
+    config = _settings(DREAMBOOTH_CONFIG, args, given)
+    result = dreambooth(config)
+    if not result.is_main_process:  # the main process reports and saves
+        return 0
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    print(
+        f"loracap: trained {result.steps} steps{resumed} on {result.instances} images in "
+        f"{result.seconds:.0f} s ({result.steps_per_second:.2f} steps/s)",
+        file=sys.stderr,
+    )
+    if result.grids:
+        print(f"loracap: validation grids in {result.grids[-1].parent}", file=sys.stderr)
+    prompt = f"photo of {config.trigger}" if config.trigger else "PROMPT"
+    print(
+        f"loracap: LoRA saved to {result.lora} (ComfyUI: models/loras/, A1111/Forge: models/Lora/); try it: "
+        f'loracap generate --base {config.base} --lora {result.lora} "{prompt}"',
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _add_train_parsers(commands: argparse._SubParsersAction) -> None:
@@ -568,6 +797,19 @@ _COMMANDS = {
         what="training",
     ),
     "eval": _Command(_eval, extra="train", what="evaluation"),
+    "dreambooth": _Command(
+        _dreambooth,
+        extra="dreambooth",
+        interrupted="interrupted; the last step's checkpoint is saved. Run the same command with --resume "
+        "to continue.",
+        what="DreamBooth training",
+    ),
+    "generate": _Command(
+        _generate,
+        extra="dreambooth",
+        interrupted="interrupted; images already written are kept.",
+        what="generation",
+    ),
     "models": _Command(lambda args: _models()),
     "styles": _Command(lambda args: _styles()),
 }

@@ -12,18 +12,24 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .backends.base import Backend, BackendError, GenerationSettings
+from .backends.batch_size import BatchSize, is_out_of_memory, parse_batch_size
+from .backends.resources import parse_threads, use_threads
 from .config import parts, settings_for
 from .dataset import open_store, sidecar_collisions
-from .files import atomic_write_text
+from .files import atomic_write_text, read_regular_bytes
 from .inputs import (
+    DecodedBatch,
+    content_fingerprint,
+    decode_batch,
     find_images,
     load_image,
-    prefetch_batches,
+    map_ahead,
     register_optional_formats,
     remove_stale_temp_files,
 )
@@ -44,6 +50,9 @@ class FileError:
     path: str
     stage: str  # layout | decode | caption | write
     reason: str
+    fingerprint: str | None = None
+    """For a file that could not be decoded: what it held (`content_fingerprint`), so the next run knows
+    it again while it is unchanged instead of loading a model to fail on it once more."""
 
 
 @dataclass
@@ -52,6 +61,8 @@ class RunSummary:
     captioned: int = 0
     skipped: int = 0
     failed: int = 0
+    failed_before: int = 0
+    """Of `failed`: files the last run could not decode either, unchanged since, so not tried again."""
     seconds: float = 0.0
     model: str = ""
     errors_file: str | None = None
@@ -67,9 +78,10 @@ class RunSummary:
 
     def describe(self) -> str:
         rate = self.captioned / self.seconds if self.seconds > 0 else 0.0
+        again = f" ({self.failed_before} as before: unchanged, not retried)" if self.failed_before else ""
         text = (
-            f"{self.captioned} captioned, {self.skipped} skipped (already captioned), {self.failed} failed "
-            f"of {self.total} images in {self.seconds:.1f} s ({rate:.2f} images/s)"
+            f"{self.captioned} captioned, {self.skipped} skipped (already captioned), {self.failed} failed"
+            f"{again} of {self.total} images in {self.seconds:.1f} s ({rate:.2f} images/s)"
         )
         if self.errors_file:
             text += f"; errors listed in {self.errors_file}"
@@ -115,13 +127,19 @@ class CaptionConfig:
     metadata_file: str | Path | None = None
     errors_file: str | Path | None = None
     """Per-file errors as JSON lines (default: DIR/loracap-errors.jsonl)."""
-    batch_size: int | None = None
-    """Images per model call (default: the backend's, 64 on a GPU and 4 on a CPU)."""
+    batch_size: int | str | None = "auto"
+    """Images per model call, or "auto" (None too): as many as fit in free memory by what the first batch
+    measured, at most 64 (see loracap.backends.batch_size). Out of memory, it halves for the rest of a run."""
     workers: int = 2
     """Threads decoding images ahead of the model."""
+    threads: int | None = None
+    """Torch threads for the model; None: the CPUs this process may use less the decode threads on a CPU,
+    at most 4 on a GPU (see loracap.backends.resources.use_threads). Process-wide, set when a run starts."""
     device: str | None = None
     dtype: str | None = None
     quant: str | None = None
+    retry_failed: bool = False
+    """Try again the files the last run could not decode, even when they have not changed."""
     api_base: str | None = None
     """For openai:MODEL: the server's URL (default: $OPENAI_BASE_URL)."""
     api_key_env: str = "OPENAI_API_KEY"
@@ -138,6 +156,8 @@ class CaptionConfig:
             raise ValueError(f"existing must be one of {', '.join(EXISTING_POLICIES)}, not {self.existing!r}")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}")
+        parse_batch_size(self.batch_size)
+        parse_threads(self.threads)
         return self.style_choice.check()
 
     def load_backend(self) -> Backend:
@@ -188,6 +208,9 @@ def caption_folder(
     PostProcess and `generation=` GenerationSettings work too). `backend`: an already loaded model to use.
     Raises FileNotFoundError / NotADirectoryError for a missing folder, ValueError for bad settings,
     and the backends' ModelUnavailable / BackendError when the model cannot be used.
+
+    Once there is something to caption with a local model, the run sets torch's thread count for the
+    process (`threads`, chosen from the CPUs this process may use when None) and leaves it so afterwards.
     """
     config = caption_config(config, **settings)
     chosen_style = config.check()  # before anything is scanned or loaded
@@ -202,6 +225,7 @@ def caption_folder(
     remove_stale_temp_files(root, recursive=recursive)
     summary = RunSummary(total=len(images), model=model or getattr(backend, "name", ""))
     errors_path = Path(errors_file) if errors_file else root / "loracap-errors.jsonl"
+    failed_before = {} if config.retry_failed else _undecodable_before(errors_path)
     store = open_store(
         format,
         root,
@@ -212,7 +236,7 @@ def caption_folder(
     write_error: OSError | None = None
     own_backend = None  # a model this run loaded, and closes (a remote one holds connections)
     try:
-        todo = _plan(images, root, store, format, ext, existing, summary)
+        todo = _plan(images, root, store, format, ext, existing, summary, failed_before)
         if todo:
             if backend is None:
                 backend = own_backend = config.load_backend()
@@ -228,8 +252,9 @@ def caption_folder(
                 existing=existing,
                 options=options,
                 generation=generation,
-                batch_size=config.batch_size or backend.default_batch_size,
+                batch_size=parse_batch_size(config.batch_size),
                 workers=config.workers,
+                threads=config.threads,
                 progress=config.progress,
             )
     except OSError as exc:
@@ -252,9 +277,17 @@ def caption_folder(
 
 
 def _plan(
-    images: list[Path], root: Path, store: Any, format: str, ext: str, existing: str, summary: RunSummary
+    images: list[Path],
+    root: Path,
+    store: Any,
+    format: str,
+    ext: str,
+    existing: str,
+    summary: RunSummary,
+    failed_before: dict[str, FileError],
 ) -> list[_Item]:
-    """Which images to caption: colliding names fail, captioned ones are skipped unless asked."""
+    """Which images to caption: colliding names fail, captioned ones are skipped unless asked, and files
+    the last run could not decode are failed again without a model while they stay unchanged."""
     # Sidecar names drop the extension, so a.jpg and a.png collide; jsonl and kohya-json keys keep it.
     if format == "sidecar":
         clashes = {target.name: group for target, group in sidecar_collisions(images, ext).items()}
@@ -289,9 +322,31 @@ def _plan(
             continue
         if old is not None and existing == "skip":
             summary.skipped += 1
-        else:
-            todo.append(_Item(path, old))
+            continue
+        before = failed_before.get(_relative(path, root))
+        if before is not None and before.fingerprint == content_fingerprint(path):
+            summary.failed_before += 1
+            _fail(summary, root, path, "decode", before.reason, fingerprint=before.fingerprint)
+            continue
+        todo.append(_Item(path, old))
     return todo
+
+
+def _undecodable_before(errors_path: Path) -> dict[str, FileError]:
+    """The files the run that wrote `errors_path` could not decode, by path; {} when there is no list."""
+    try:
+        lines = read_regular_bytes(errors_path).decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    known: dict[str, FileError] = {}
+    for line in lines:
+        try:
+            error = FileError(**json.loads(line))
+        except (ValueError, TypeError):  # a hand-edited or older list: what cannot be read is retried
+            continue
+        if error.stage == "decode" and error.fingerprint:
+            known[error.path] = error
+    return known
 
 
 def _run(
@@ -305,15 +360,20 @@ def _run(
     existing: str,
     options: PostProcess,
     generation: GenerationSettings,
-    batch_size: int,
+    batch_size: int | None,
     workers: int,
+    threads: int | None,
     progress: bool,
 ) -> None:
     from tqdm.auto import tqdm
 
+    placement = getattr(backend, "placement", None)
+    if placement is not None:  # a local model; a remote one runs no torch here
+        use_threads(threads, workers=workers, device=placement.device.type)
+    sizer = BatchSize(batch_size, backend, workers=workers)
     tags = request.tags
     bare = replace(options, trigger=None, prefix="", suffix="")
-    watch = _BrokenModelWatch(len(todo), batch_size)
+    watch = _BrokenModelWatch(len(todo), sizer.size)
     bar = tqdm(
         total=len(todo),
         unit="img",
@@ -323,20 +383,11 @@ def _run(
         file=sys.stderr,
     )
     try:
-        batches = prefetch_batches(
-            todo,
-            batch_size,
-            path_of=lambda item: item.path,
-            prepare=lambda items, images: _prepare(backend, request, items, images),
-            # Decode a bit larger than the model's input so its own resize does the final, better filtering.
-            min_side=backend.image_side or None,
-            workers=workers,
-        )
-        for batch in batches:
+        for batch in _decoded_batches(todo, sizer, backend, request, workers):
             items = batch.items
             for item, reason in batch.errors:
                 _fail(summary, root, item.path, "decode", reason)
-            for item, raw, error in _generate(backend, items, batch.inputs, request, generation):
+            for item, raw, error in _generate(backend, items, batch.inputs, request, generation, sizer):
                 if error is None and not postprocess(raw, bare, tags=tags):  # nothing left but what we add
                     error = "the model returned an empty caption"
                 if error is not None:
@@ -362,40 +413,89 @@ def _run(
         bar.close()
 
 
+def _decoded_batches(
+    todo: list[_Item], sizer: BatchSize, backend: Backend, request: CaptionRequest, workers: int
+) -> Iterator[DecodedBatch[_Item]]:
+    """The run's batches, decoded `workers` threads ahead of the model. A batch size still to be measured
+    is measured on the first batch, decoded alone; the rest are cut as they are queued, so a size that
+    changes (measured, or halved after an out-of-memory) applies to all but the few already decoded."""
+
+    def prepare(items: list[_Item], images: list) -> Any:
+        return _prepare(backend, request, items, images)
+
+    def decode(items: list[_Item]) -> DecodedBatch[_Item]:
+        # Decoded a bit larger than the model's input, so its own resize does the final, better filtering.
+        return decode_batch(items, lambda item: item.path, prepare, backend.image_side or None)
+
+    def cut(items: list[_Item]) -> Iterator[list[_Item]]:
+        start = 0
+        while start < len(items):
+            size = sizer.size
+            yield items[start : start + size]
+            start += size
+
+    first: list[_Item] = []
+    if sizer.probing:
+        first = todo[: sizer.size]
+        yield decode(first)
+    yield from map_ahead(decode, cut(todo[len(first) :]), workers, name="loracap-decode")
+
+
 def _generate(
     backend: Backend,
     items: list[_Item],
     inputs: Any,
     request: CaptionRequest,
     generation: GenerationSettings,
-):
-    """Caption a prepared batch; if the batch fails (out of memory, a bad image), retry one by one.
+    sizer: BatchSize,
+) -> Iterator[tuple[_Item, str | None, str | None]]:
+    """Caption a prepared batch. If it runs out of memory, the batch size halves for the rest of the run
+    and these images are captioned at the new size; if it fails otherwise (a bad image), they are retried
+    one by one, so that only the image that breaks the model fails.
 
     Yields (item, caption, None), or (item, None, reason) for an image the model failed on."""
     if not items:
         return
+    size = sizer.size  # a batch prepared before the size was halved is captioned in smaller pieces
+    if len(items) <= size:
+        try:
+            captions = sizer.run(lambda: backend.generate(inputs, generation), inputs, len(items))
+        except (KeyboardInterrupt, BackendError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolate the image that breaks the model, keep the run going
+            if len(items) == 1:
+                yield items[0], None, f"{type(exc).__name__}: {exc}"
+                return
+            size = sizer.size if is_out_of_memory(exc) and sizer.shrink(len(items)) else 1
+        else:
+            for item, caption in zip(items, captions, strict=True):
+                yield item, caption, None
+            return
+    for start in range(0, len(items), size):
+        yield from _generate_again(backend, items[start : start + size], request, generation, sizer)
+
+
+def _generate_again(
+    backend: Backend,
+    items: list[_Item],
+    request: CaptionRequest,
+    generation: GenerationSettings,
+    sizer: BatchSize,
+) -> Iterator[tuple[_Item, str | None, str | None]]:
+    """`_generate` on images decoded and prepared once more, as a batch of their own."""
     try:
-        captions = backend.generate(inputs, generation)
+        images = [load_image(item.path, min_side=backend.image_side or None) for item in items]
+        inputs = _prepare(backend, request, items, images)
     except (KeyboardInterrupt, BackendError):
         raise
-    except Exception as exc:  # noqa: BLE001 - isolate the image that breaks the model, keep the run going
+    except Exception as exc:  # noqa: BLE001
         if len(items) == 1:
             yield items[0], None, f"{type(exc).__name__}: {exc}"
             return
-    else:
-        for item, caption in zip(items, captions, strict=True):
-            yield item, caption, None
+        for item in items:  # each on its own: only the image that cannot be read again fails
+            yield from _generate_again(backend, [item], request, generation, sizer)
         return
-    for item in items:
-        try:
-            image = load_image(item.path, min_side=backend.image_side or None)
-            caption = backend.generate(_prepare(backend, request, [item], [image]), generation)[0]
-        except (KeyboardInterrupt, BackendError):
-            raise
-        except Exception as exc:  # noqa: BLE001
-            yield item, None, f"{type(exc).__name__}: {exc}"
-        else:
-            yield item, caption, None
+    yield from _generate(backend, items, inputs, request, generation, sizer)
 
 
 class _BrokenModelWatch:
@@ -438,10 +538,17 @@ def _prepare(backend: Backend, request: CaptionRequest, items: list[_Item], imag
     return backend.prepare(images, request.mode, request.prompt)
 
 
-def _fail(summary: RunSummary, root: Path, path: Path, stage: str, reason: str) -> None:
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+def _fail(
+    summary: RunSummary, root: Path, path: Path, stage: str, reason: str, *, fingerprint: str | None = None
+) -> None:
     summary.failed += 1
-    rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-    summary.errors.append(FileError(rel, stage, reason))
+    if stage == "decode" and fingerprint is None:
+        fingerprint = content_fingerprint(path)  # the next run knows this file while it stays the same
+    summary.errors.append(FileError(_relative(path, root), stage, reason, fingerprint))
     log.error("%s error: %s: %s", stage, path, reason)
 
 

@@ -182,7 +182,7 @@ def merge_captions(new: str, old: str, policy: str, *, tags: bool, options: Post
     new_body, old_body = (_prose_body(_prose_line(text), options, trigger) for text in (new, old))
     if not re.search(r"\w", old_body):
         body = new_body or old_body
-    elif not re.search(r"\w", new_body) or re.search(_phrase(new_body), old_body, re.IGNORECASE):
+    elif not _says_something(new_body) or re.search(_phrase(new_body), old_body, re.IGNORECASE):
         body = old_body  # nothing new: a second run of the same merge leaves the caption as it is
     else:
         body = _join_lines([new_body, old_body] if policy == "prepend" else [old_body, new_body])
@@ -315,6 +315,17 @@ def _strip_boilerplate_once(text: str) -> str:
             if re.search(r"\w", rest):
                 return rest[0].upper() + rest[1:]
     return text
+
+
+def _says_something(body: str) -> bool:
+    """Whether a prose body has words beyond a boilerplate opener: "In this image, ." has none. (Such a
+    body is kept whole on its own, but joined before other text its opener would be stripped.)"""
+    for pattern in BOILERPLATE_OPENERS:
+        match = pattern.match(body)
+        if match:
+            body = body[match.end() :]
+            break
+    return bool(re.search(r"\w", body))
 
 
 def _strip_affix(text: str, affix: str, *, at_start: bool) -> str:

@@ -57,6 +57,35 @@ def test_bad_files_are_reported_and_the_rest_captioned(dataset, tiny_model, caps
     assert "empty.jpg" in err and "loracap-errors.jsonl" in err
 
 
+def test_a_resume_does_not_load_the_model_for_files_that_failed_to_decode(tmp_path, tiny_model, capsys):
+    """Undecodable files are remembered by content: a re-run lists them as failed again without a model,
+    retries one once it is replaced, and --retry-failed retries them all."""
+    write_images(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "noise.png").write_bytes(b"not an image at all")
+    model = tiny_model("florence2")
+    assert run(tmp_path, model) == 1
+    assert "3 captioned, 0 skipped (already captioned), 2 failed of 5 images" in capsys.readouterr().err
+
+    # Nothing left to caption but the two known failures: a model that does not exist is never loaded.
+    missing_model = tmp_path / "no-such-model"
+    assert run(tmp_path, missing_model) == 1
+    err = capsys.readouterr().err
+    assert "0 captioned, 3 skipped (already captioned), 2 failed (2 as before: unchanged, not retried)" in err
+    errors = {
+        e["path"]: e for e in map(json.loads, (tmp_path / "loracap-errors.jsonl").read_text().splitlines())
+    }
+    assert set(errors) == {"empty.jpg", "noise.png"} and "empty" in errors["empty.jpg"]["reason"]
+
+    # A replaced file is tried again; --retry-failed tries the unchanged one too (and needs the model).
+    write_images(tmp_path, ["noise.png"])
+    assert run(tmp_path, model) == 1
+    assert "1 captioned, 3 skipped (already captioned), 1 failed (1 as before" in capsys.readouterr().err
+    assert run(tmp_path, missing_model, "--retry-failed") == 2  # the model is needed, and missing
+    assert run(tmp_path, model, "--retry-failed") == 1
+    assert "0 captioned, 4 skipped (already captioned), 1 failed of 5 images" in capsys.readouterr().err
+
+
 def test_rerun_skips_captioned_images_and_policies_apply(dataset, tiny_model, capsys):
     model = tiny_model("florence2")
     (dataset / "a.txt").write_text("hand written caption", encoding="utf-8")

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_images
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageEnhance
 
 from loracap.quality.images import (
@@ -21,6 +23,7 @@ from loracap.quality.images import (
     resolution_histogram,
     select_bucket,
 )
+from loracap.quality.unionfind import UnionFind
 
 pytest.importorskip("imagehash")
 
@@ -116,6 +119,67 @@ def test_grouping_is_transitive():
     assert group.max_distance == 10
     assert not group.exact
     assert find_duplicate_groups(infos, threshold=4) == []
+
+
+def brute_force_groups(infos: list[ImageInfo], threshold: int) -> list[tuple]:
+    """find_duplicate_groups by definition: every pair's Hamming distance, union-find, then each group's
+    members, exactness, largest distance and the file to keep."""
+    uf = UnionFind(len(infos))
+    for a in range(len(infos)):
+        for b in range(a + 1, len(infos)):
+            distance = int(np.count_nonzero(infos[a].phash != infos[b].phash))
+            if distance <= threshold or infos[a].sha256 == infos[b].sha256:
+                uf.union(a, b)
+    groups = []
+    for members in uf.groups().values():
+        if len(members) > 1:
+            worst = max(
+                int(np.count_nonzero(infos[a].phash != infos[b].phash)) for a in members for b in members
+            )
+            keep = max(members, key=lambda k: (infos[k].width * infos[k].height, -k))
+            digests = {infos[k].sha256 for k in members}
+            groups.append((tuple(infos[k].path for k in members), len(digests) == 1, worst, infos[keep].path))
+    return groups
+
+
+@st.composite
+def _clustered_hashes(draw):
+    """Hashes of one size, drawn around a few centres so that many pairs fall near any threshold, with
+    repeated hashes and repeated digests."""
+    side = draw(st.sampled_from([2, 3, 4, 5, 8, 16]))
+    bits = side * side
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n = draw(st.integers(0, 40))
+    centres = rng.integers(0, 2, size=(max(1, n // 5), bits)).astype(bool)
+    infos = []
+    for i in range(n):
+        phash = centres[rng.integers(len(centres))].copy()
+        phash[rng.integers(0, bits, size=int(rng.integers(0, bits // 4 + 2)))] ^= True
+        sha = f"d{rng.integers(0, n)}" if rng.random() < 0.2 else f"u{i}"
+        infos.append(ImageInfo(Path(f"{i}.png"), int(rng.integers(1, 4)), 1, sha, phash))
+    threshold = draw(st.integers(0, bits))
+    return infos, threshold
+
+
+@settings(max_examples=300, deadline=None)
+@given(_clustered_hashes())
+def test_duplicate_groups_equal_comparing_every_pair(case):
+    infos, threshold = case
+    found = find_duplicate_groups(infos, threshold)
+    assert [(g.paths, g.exact, g.max_distance, g.keep) for g in found] == brute_force_groups(infos, threshold)
+
+
+def test_duplicate_groups_without_numpy_bitwise_count(monkeypatch):
+    # numpy < 2 has no bitwise_count: the byte table gives the same distances.
+    rng = np.random.default_rng(3)
+    infos = [
+        _info(f"{i}", list(rng.choice(64, size=int(rng.integers(0, 12)), replace=False))) for i in range(60)
+    ]
+    expected = brute_force_groups(infos, 6)
+    monkeypatch.delattr(np, "bitwise_count", raising=False)
+    found = find_duplicate_groups(infos, 6)
+    assert [(g.paths, g.exact, g.max_distance, g.keep) for g in found] == expected
+    assert expected  # hashes with few bits set: some pairs are close
 
 
 def test_transitive_chain_of_real_edits(tmp_path: Path):

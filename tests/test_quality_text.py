@@ -7,19 +7,29 @@ trigger fusion behave as with openai/clip-vit-large-patch14, only with a smaller
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
+import re
 
 import pytest
 from conftest import write_images
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import loracap.quality.text as text_checks
 from loracap.dataset import open_store, read_dataset
+from loracap.postprocess import split_tags, tag_key
 from loracap.quality.text import (
+    DEFAULT_SENSITIVE_TERMS,
     analyze_text,
     audit_trigger,
     count_sensitive,
     find_duplicates,
     gini,
+    jaccard,
     normalized_entropy,
+    split_units,
     tag_stats,
     token_lengths,
     top_k_share,
@@ -193,6 +203,25 @@ def test_trigger_position_in_prose(clip_tokenizer):
     assert report.fused == []
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(["ohwx", "x", " ", ",", "\n", "\u00a0", "_"]), max_size=12).map("".join),
+)
+def test_tag_trigger_position_is_last_only_before_nothing_but_separators(caption):
+    report = audit_trigger([caption], None, "ohwx", tags=True)
+
+    for hit in report.hits:  # by definition: end when no tag follows the one holding the trigger
+        before, after = caption[: hit.start], caption[hit.end :]
+        cut = max(before.rfind(","), before.rfind("\n"))
+        index = len(split_tags(before[: cut + 1])) if cut >= 0 else 0
+        seps = [p for p in (after.find(","), after.find("\n")) if p >= 0]
+        last = not seps or not split_tags(after[min(seps) :])
+        assert (hit.position, hit.where) == (
+            index,
+            "first_tag" if index == 0 else "end" if last else "middle",
+        )
+
+
 # --- duplicates ---------------------------------------------------------------------------------------
 
 
@@ -221,6 +250,163 @@ def test_near_duplicates_scale_to_a_few_thousand_captions():
     report = find_duplicates(captions, threshold=0.8)
 
     assert [g.indices for g in report.near] == [[10, 3000]]
+
+
+def brute_force_duplicates(captions: list[str], threshold: float, tags: bool) -> tuple[list, list]:
+    """find_duplicates by definition: every pair of distinct texts compared, then union-find. Returns
+    (exact groups, [(near group, similarity)])."""
+    by_text: dict[str, list[int]] = {}
+    for i, caption in enumerate(captions):
+        if caption.strip():
+            by_text.setdefault(caption.strip(), []).append(i)
+    texts = list(by_text)
+    sets = [frozenset(split_units(t, tags=tags)) for t in texts]
+
+    def norm(t: str) -> str:
+        if tags:
+            return ", ".join(sorted(set(split_units(t, tags=True))))
+        return " ".join(re.findall(r"\w+", t.casefold()))
+
+    pairs = []
+    for a, b in itertools.combinations(range(len(texts)), 2):
+        if norm(texts[a]) == norm(texts[b]):
+            pairs.append((a, b, 1.0))
+        if sets[a] and sets[b] and jaccard(sets[a], sets[b]) >= threshold:
+            pairs.append((a, b, jaccard(sets[a], sets[b])))
+    uf = UnionFind(len(texts))
+    for a, b, _ in pairs:
+        uf.union(a, b)
+    lowest: dict[int, float] = {}
+    for a, _, score in pairs:
+        lowest[uf.find(a)] = min(lowest.get(uf.find(a), 1.0), score)
+    near = [
+        (sorted(i for k in members for i in by_text[texts[k]]), lowest[root])
+        for root, members in uf.groups().items()
+        if len(members) > 1
+    ]
+    exact = [ix for ix in by_text.values() if len(ix) > 1]
+    return exact, sorted(near)
+
+
+# Few words, so random captions often overlap a lot; case, spacing, "_" and stopwords exercise the
+# normalisation, and a prose caption can hold a comma list (and the reverse).
+_WORDS = ["red", "Red", "dress", "smile", "sky", "cat", "the", "a", "long_hair", "long hair", "1girl", "ohwx"]
+_captions = st.lists(
+    st.lists(st.sampled_from(_WORDS), max_size=7).map(
+        lambda words: random.Random(len(words)).choice([", ", " ", ",", "  "]).join(words)
+    ),
+    max_size=14,
+)
+_thresholds = st.sampled_from(
+    [0.05, 0.2, 1 / 3, 0.5, 0.6, 2 / 3, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0]
+) | st.floats(0.01, 1.0)
+
+
+@settings(max_examples=400, deadline=None)
+@given(captions=_captions, threshold=_thresholds, tags=st.booleans())
+def test_near_duplicates_equal_comparing_every_pair(captions, threshold, tags):
+    report = find_duplicates(captions, threshold=threshold, tags=tags)
+
+    exact, near = brute_force_duplicates(captions, threshold, tags)
+    assert [g.indices for g in report.exact] == exact
+    assert sorted((g.indices, g.similarity) for g in report.near) == near
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sets=st.lists(st.frozensets(st.integers(0, 11).map(str), max_size=9), max_size=25),
+    threshold=_thresholds,
+    ell=st.integers(1, 4),
+)
+def test_similar_pairs_finds_every_pair_at_the_threshold(sets, threshold, ell):
+    found = text_checks._similar_pairs(sets, threshold, ell=ell)
+
+    # Equal sets are linked to their first copy only; compare pairs of distinct sets through those.
+    first = {s: sets.index(s) for s in sets}
+    got = {(first[sets[i]], first[sets[j]]) for i, j, _ in found if sets[i] != sets[j]}
+    expected = {
+        (first[a], first[b])
+        for a, b in itertools.combinations(sets, 2)
+        if a and b and a != b and jaccard(a, b) >= threshold
+    }
+    assert {tuple(sorted(p)) for p in got} == {tuple(sorted(p)) for p in expected}
+    assert all(score == jaccard(sets[i], sets[j]) and i < j for i, j, score in found)
+    assert {(first[s], k) for k, s in enumerate(sets) if s and first[s] != k} <= {(i, j) for i, j, _ in found}
+
+
+def test_near_duplicate_search_compares_few_pairs(monkeypatch):
+    # Captions from a narrow vocabulary (300 words, Zipf): every caption shares common words with every
+    # other, so a plain prefix filter still compares a few percent of all pairs (6% before this change).
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(300)]
+    weights = [1 / (i + 1) for i in range(300)]
+    captions = [" ".join(rng.choices(words, weights, k=rng.randint(15, 30))) for _ in range(3000)]
+    for i in range(0, 3000, 100):
+        captions[i + 1] = captions[i] + " extra"  # 30 planted near-duplicates
+    compared = []
+    monkeypatch.setattr(text_checks, "jaccard", lambda a, b: compared.append(1) or jaccard(a, b))
+
+    report = find_duplicates(captions, threshold=0.8)
+
+    assert len(report.near) == 30
+    assert len(compared) < 0.005 * 3000 * 2999 / 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.sampled_from("ab_ ,\n\tAB\u00a0İ-"), max_size=30))
+def test_tag_units_are_the_tag_keys_of_split_tags(caption):
+    assert split_units(caption, tags=True) == [k for k in (tag_key(t) for t in split_tags(caption)) if k]
+
+
+def _count_by_caption(captions, terms):
+    """count_sensitive by definition: each term's regex over each caption."""
+    per_term: dict[str, list[int]] = {}
+    per_category = {c: [0, 0] for c in terms}
+    for caption in captions:
+        hit = set()
+        for category, words in terms.items():
+            for term in words:
+                term = " ".join(term.split()).casefold()
+                if not term:
+                    continue
+                body = r"\s+".join(re.escape(w) for w in term.split())
+                n = len(re.findall(rf"(?<![\w-]){body}(?![\w-])", caption, re.IGNORECASE))
+                if n:
+                    count = per_term.setdefault(term, [0, 0])
+                    count[0] += n
+                    count[1] += 1
+                    per_category[category][0] += n
+                    hit.add(category)
+        for category in hit:
+            per_category[category][1] += 1
+    return per_term, per_category
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    captions=st.lists(
+        st.lists(
+            st.sampled_from(
+                ["man", "MAN", "woman", "a", "old", "-", "_", " ", "  ", "\n", ",", "x", "İ", "\x00"]
+            )
+        ).map("".join),
+        max_size=8,
+    ),
+    terms=st.sampled_from(
+        [
+            DEFAULT_SENSITIVE_TERMS,
+            {"g": ["man", "old man", "a a", "man"], "h": ["old", "man-", "x"]},
+            {"z": ["a\x00", "\x00"], "y": ["a  a a"], "every joiner": ["".join(map(chr, range(9)))]},
+        ]
+    ),
+)
+def test_sensitive_counts_equal_searching_each_caption(captions, terms):
+    report = count_sensitive(captions, terms)
+
+    per_term, per_category = _count_by_caption(captions, terms)
+    assert {t: [c.occurrences, c.captions] for t, c in report.terms.items()} == per_term
+    assert list(report.terms) == list(per_term)  # in the order they were first found
+    assert {k: [c.occurrences, c.captions] for k, c in report.categories.items()} == per_category
 
 
 def test_union_find_roots_are_the_smallest_member():

@@ -213,6 +213,28 @@ def test_python_api_matches_the_cli(tiny_model, tmp_path: Path) -> None:
     )
 
 
+def test_timing_covers_every_stage_and_the_writes_are_logged(tiny_model, tmp_path: Path, caplog) -> None:
+    root = planted_dataset(tmp_path / "ds")
+    out = tmp_path / "out"
+    with caplog.at_level("DEBUG", logger="loracap"):
+        args = ["--no-clip", "--clip-model", str(tiny_model("clip")), "--trigger", TRIGGER, "-v"]
+        rc = main(["report", str(root), "--out", str(out), *args])
+    timing = json.loads((out / "report.json").read_text(encoding="utf-8"))["timing"]
+
+    assert rc == 0
+    assert set(timing) == {"read_s", "tokenizer_load_s", "text_checks_s", "text", "image_checks_s", "images",
+                           "clip_s", "document_s"}  # fmt: skip
+    assert set(timing["text"]) == {"tokens_s", "duplicates_s", "tags_s", "sensitive_s", "trigger_s"}
+    assert set(timing["images"]) == {"scan_s", "duplicates_s", "sizes_s"}
+    assert timing["clip_s"] is None
+    stages = [v for k, v in timing.items() if k.endswith("_s") and v is not None]
+    stages += [*timing["text"].values(), *timing["images"].values()]
+    assert all(isinstance(v, float) and v >= 0 for v in stages)
+    assert sum(timing["text"].values()) <= timing["text_checks_s"] + 0.01  # the parts of the whole
+    wrote = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote ")]
+    assert [w.split()[1] for w in wrote] == ["report.json", "report.html"]
+
+
 def test_rule_parsing_and_evaluation() -> None:
     rules = parse_rules(["missing-caption, truncated>3", "clip<20.5", "mean-clip<25"])
     assert rules == [

@@ -9,7 +9,7 @@ images in memory (the Python API, a server, a Ray Data actor).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -95,6 +95,44 @@ def fit_decoder(kwargs: dict[str, Any], model: Any, used: int, name: str) -> dic
     if fitted.get("min_new_tokens", 0) > room:
         fitted["min_new_tokens"] = room
     return fitted
+
+
+class SuppressTokens:
+    """A transformers logits processor that gives fixed token ids a score of -inf: what
+    `generate(suppress_tokens=ids)` does, with the mask built once instead of at every step.
+
+    transformers' own processor rebuilds a vocabulary-wide mask with `arange` and `isin` at every
+    decoding step: for Florence-2's ~1,000 non-caption ids over 51k words, about 10x the cost of applying
+    a kept mask on a CPU. Here the boolean mask is built on first use for each (vocabulary size, device)
+    and kept, and a step is one `masked_fill`. A backend holds one for its lifetime and passes it as
+    `logits_processor=[...]`, which `generate` runs where its `suppress_tokens` processor would run
+    (after the length and forced-token processors, before sampling's warpers): outputs are the same.
+    """
+
+    def __init__(self, token_ids: Iterable[int]) -> None:
+        self.token_ids = sorted(set(token_ids))
+        self._masks: dict[tuple[int, str], Any] = {}
+
+    def mask(self, vocab_size: int, device: Any) -> Any:
+        """The boolean mask over a `vocab_size` vocabulary on `device`, built on first use."""
+        key = (vocab_size, str(device))
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = self._masks[key] = self._build(vocab_size, device)
+        return mask
+
+    def _build(self, vocab_size: int, device: Any) -> Any:
+        import torch
+
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        # Ids past the scores' width are ignored, as `isin` over the vocabulary ignores them.
+        ids = [i for i in self.token_ids if 0 <= i < vocab_size]
+        mask[torch.tensor(ids, dtype=torch.long)] = True
+        return mask.to(device)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        # Not in place: `generate` may keep the unprocessed logits (output_logits).
+        return scores.masked_fill(self.mask(scores.shape[-1], scores.device), float("-inf"))
 
 
 class _Interrupt:

@@ -33,6 +33,8 @@ class BlipBackend:
         text = [prompt] * len(images) if prompt else None
         batch = self.processor(images=images, text=text, return_tensors="pt")
         batch["pixel_values"] = batch["pixel_values"].to(self.placement.dtype)
+        if self.placement.device.type == "cuda":  # page-locked memory lets the copy overlap compute
+            return {k: v.pin_memory() for k, v in batch.items()}
         return dict(batch)
 
     def generate(self, inputs: dict[str, Any], settings: GenerationSettings) -> list[str]:
@@ -50,7 +52,7 @@ class BlipBackend:
         # [SEP] BLIP's generate drops.
         start = inputs["input_ids"].shape[1] - 1 if "input_ids" in inputs else 1
         kwargs = fit_decoder(settings.generate_kwargs(40, interrupt=interrupt), self.model, start, self.name)
-        out = self.model.generate(**{k: v.to(device) for k, v in inputs.items()}, **kwargs)
+        out = self.model.generate(**{k: v.to(device, non_blocking=True) for k, v in inputs.items()}, **kwargs)
         texts = [text.strip() for text in self.processor.batch_decode(out, skip_special_tokens=True)]
         config, limit = self.model.generation_config, kwargs["max_new_tokens"]
         return generations(texts, [start] * len(texts), out[:, start:], config, limit)

@@ -32,6 +32,7 @@ from .base import (
     BackendError,
     Generation,
     GenerationSettings,
+    SuppressTokens,
     check_mode,
     fit_decoder,
     generations,
@@ -92,6 +93,8 @@ class ChatVLMBackend:
         if self.paligemma:
             vocab = self.tokenizer.get_vocab()
             self.non_caption_ids = [i for t, i in vocab.items() if _LOC_SEG.fullmatch(t)]
+        # Its mask is built once, not at every decoding step as `generate(suppress_tokens=...)` would.
+        self.suppress = SuppressTokens(self.non_caption_ids)
 
     def prompt_text(self, prompt: str, system: str | None = None) -> str:
         """The full text for one image: the chat template around the instruction (after a system message
@@ -164,7 +167,7 @@ class ChatVLMBackend:
         kwargs = fit_decoder(kwargs, self.model, batch["input_ids"].shape[1], self.name)
         kwargs["pad_token_id"] = self.tokenizer.pad_token_id
         if inputs["caption_only"] and self.non_caption_ids:
-            kwargs["suppress_tokens"] = self.non_caption_ids
+            kwargs["logits_processor"] = [self.suppress]
         out = self.model.generate(**batch, **kwargs)
         # generate returns prompt + continuation; with left padding every prompt ends at the same column.
         new_tokens = out[:, batch["input_ids"].shape[1] :]

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .base import Generation, GenerationSettings, check_mode, fit_decoder, generations
+from .base import Generation, GenerationSettings, SuppressTokens, check_mode, fit_decoder, generations
 from .device import Placement, default_batch_size, image_side, load_model
 from .florence2_convert import (
     FLORENCE_ADDED_TOKENS,
@@ -82,12 +82,20 @@ class Florence2Backend:
         self.non_caption_ids = [
             vocab[t] for t in (*FLORENCE_ADDED_TOKENS, IMAGE_TOKEN, *specials) if t in vocab
         ]
+        self.suppress = SuppressTokens(self.non_caption_ids)  # its mask is built once, not every step
         generation = self.model.generation_config
         self.decoder_prefix = [generation.decoder_start_token_id]
         if generation.forced_bos_token_id is not None:
             self.decoder_prefix.append(generation.forced_bos_token_id)
+        # Made once on the device: a tensor built from a list per batch is a blocking host-to-GPU copy.
+        self.prefix_ids = torch.tensor([self.decoder_prefix], device=placement.device)
         self.default_batch_size = default_batch_size(placement, gpu_batch=64)
         self.image_side = image_side(self.processor.image_processor)
+        self.static_cache = False
+        """Decode with a preallocated (static) KV cache. On CUDA transformers then compiles the decoder
+        step (torch.compile, CUDA graphs), which removes its Python and launch overhead but compiles again
+        for every new batch shape; captions are the same either way. Off by default: not yet measured on a
+        GPU (`benchmarks/gpu.sh` measures it)."""
 
     def task_text(self, mode: str, prompt: str | None) -> str:
         """The text fed to the model: the task's trained prompt, or the user's own task token / prompt."""
@@ -128,11 +136,13 @@ class Florence2Backend:
         start = 1  # the decoder starts from its decoder_start_token
         if inputs["caption_only"]:
             start = len(self.decoder_prefix)
-            prefix = torch.tensor([self.decoder_prefix], device=device).expand(len(input_ids), -1)
+            prefix = self.prefix_ids.expand(len(input_ids), -1)
             kwargs.update(
-                suppress_tokens=self.non_caption_ids, decoder_input_ids=prefix, forced_bos_token_id=None
+                logits_processor=[self.suppress], decoder_input_ids=prefix, forced_bos_token_id=None
             )
         kwargs = fit_decoder(kwargs, self.model, start, self.name)
+        if self.static_cache:
+            kwargs["cache_implementation"] = "static"
         out = self.model.generate(
             input_ids=input_ids, pixel_values=inputs["pixel_values"].to(device, non_blocking=True), **kwargs
         )

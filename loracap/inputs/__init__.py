@@ -10,6 +10,7 @@ from loracap.inputs.decode import (
 )
 from loracap.inputs.discover import (
     IMAGE_EXTENSIONS,
+    content_fingerprint,
     file_sha256,
     find_images,
     remove_stale_temp_files,
@@ -24,6 +25,7 @@ __all__ = [
     "prefetch_batches",
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
+    "content_fingerprint",
     "file_sha256",
     "find_images",
     "load_image",

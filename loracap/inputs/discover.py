@@ -133,6 +133,21 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def content_fingerprint(path: str | Path) -> str:
+    """What `path` holds, as a string that changes when the file does: "sha256:<hex>" for a readable file;
+    for an entry that cannot be read as one, what it is ("broken symlink to x.png", "fifo", the error), so
+    a file that failed once is known again while it stays as it was, and retried once it changes."""
+    try:
+        return f"sha256:{file_sha256(path)}"
+    except OSError as exc:
+        if os.path.islink(path):
+            try:
+                return f"symlink to {os.readlink(path)}: {exc.strerror or exc}"
+            except OSError:
+                pass
+        return f"unreadable: {exc.strerror or exc}"
+
+
 def remove_stale_temp_files(root: str | Path, recursive: bool = True) -> int:
     """Delete ``.loracap-*.tmp`` files left by an interrupted run; return how many were removed.
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loracap.backends.base import BackendError
+from loracap.backends.resources import use_threads
 from loracap.files import atomic_write_text
 from loracap.hub import loracap_cache_dir, resolve_model
 from loracap.inputs import ImageDecodeError, file_sha256, map_ahead, prefetch_batches
@@ -105,6 +106,7 @@ def clip_scores(
     dtype: str | None = None,
     batch_size: int | None = None,
     workers: int = 2,
+    threads: int | None = None,
     cache_path: str | Path | None = None,
     cache: bool = True,
     progress: bool = True,
@@ -115,9 +117,10 @@ def clip_scores(
     `model`: a hub id or a local folder, found through `resolve_model` (offline mode raises
     `ModelUnavailable` with the one-line fix); loaded only if some pair is not in the cache. `cache_path`
     defaults to `default_cache_path()`; `cache=False` neither reads nor writes one. `batch_size` defaults to
-    64 on a GPU, 8 on a CPU. `digests` maps image paths to their known `file_sha256` (the image checks
-    computed them already); those files are not read again. Raises `BackendError` for a checkpoint that is
-    not an image-text dual encoder.
+    64 on a GPU, 8 on a CPU. `threads`: torch's thread count, set for the process once the model is loaded
+    (None: chosen from the CPUs this process may use, see `loracap.backends.resources.use_threads`).
+    `digests` maps image paths to their known `file_sha256` (the image checks computed them already); those
+    files are not read again. Raises `BackendError` for a checkpoint that is not an image-text dual encoder.
     """
     started = time.perf_counter()
     model_dir = resolve_model(model)
@@ -145,6 +148,7 @@ def clip_scores(
     computed = 0
     if todo:
         scorer = _Scorer(model_dir, device=device, dtype=dtype, batch_size=batch_size)
+        use_threads(threads, workers=workers, device=scorer.placement.device.type)
         jobs = [(key, items[idx[0]][0], items[idx[0]][1]) for key, idx in todo.items()]
         try:
             for key, outcome in scorer.score(jobs, workers=workers, progress=progress):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
+import logging
 import statistics
 import time
 import tomllib
@@ -39,6 +40,8 @@ __all__ = [
     "report",
     "write_report",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OUT_DIR = "loracap-report"
 SCORE_BIN = 5  # CLIP score histogram bin width (scores are 0..100)
@@ -148,6 +151,8 @@ class ReportConfig:
     dtype: str | None = None
     batch_size: int | None = None
     workers: int = 2
+    threads: int | None = None
+    """Torch threads for CLIP scoring (None: the CPUs this process may use less the decode threads)."""
     cache: bool = True
     cache_path: str | Path | None = None
     fail_on: Sequence[str] = ()
@@ -189,6 +194,7 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
             f"--t5-tokenizer counts T5 tokens next to the CLIP window, which is skipped: {skipped}"
         )
     root = Path(config.dir)
+    started = time.perf_counter()
     ds = read_dataset(
         root,
         layout=config.layout,
@@ -196,9 +202,12 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
         metadata_file=config.metadata_file,
         recursive=config.recursive,
     )
+    read_seconds = time.perf_counter() - started
     tok = load_tokenizer(tok_name) if tok_name else None
     t5 = load_tokenizer(config.t5_tokenizer) if config.t5_tokenizer else None
+    tokenizer_seconds = time.perf_counter() - started - read_seconds
     captions = ds.captions
+    started = time.perf_counter()
     text = analyze_text(
         captions,
         tok,
@@ -210,6 +219,7 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
         common_share=config.common_share,
         sensitive_terms=config.sensitive_terms,
     )
+    text_seconds = time.perf_counter() - started
     started = time.perf_counter()
     img = (
         image_report(
@@ -235,6 +245,7 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
             dtype=config.dtype,
             batch_size=config.batch_size,
             workers=config.workers,
+            threads=config.threads,
             cache=config.cache,
             cache_path=config.cache_path,
             progress=config.progress,
@@ -242,12 +253,20 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
             digests={i.path: i.sha256 for i in img.images} if img else None,
         )
     scores = [p.score for p in run.pairs if p.score is not None] if run else []
+    started = time.perf_counter()
     data = _document(
         ds, text, img, run, scores, tokenizer=tok_name, t5_tokenizer=config.t5_tokenizer, skipped=skipped
     )
     data["timing"] = {
         "image_checks_s": round(image_seconds, 3),
         "clip_s": data["clip"]["seconds"] if data["clip"] else None,  # the same number, kept for old readers
+        # Where the rest of the time goes (report.json is written after it, so its writing is logged).
+        "read_s": round(read_seconds, 3),
+        "tokenizer_load_s": round(tokenizer_seconds, 3),
+        "text_checks_s": round(text_seconds, 3),
+        "text": _rounded(text.timing),
+        "images": _rounded(img.timing) if img else None,
+        "document_s": round(time.perf_counter() - started, 3),
     }
     failures = evaluate(rules, data["checks"], scores)
     data["fail_on"] = {"rules": [str(r) for r in rules], "failed": failures}
@@ -262,8 +281,13 @@ def write_report(rep: DatasetReport, out: str | Path | None = None, *, thumbnail
     folder.mkdir(parents=True, exist_ok=True)
     rep.json_path = folder / "report.json"
     rep.html_path = folder / "report.html"
-    atomic_write_text(rep.json_path, json.dumps(rep.data, indent=1, ensure_ascii=False) + "\n")
-    atomic_write_text(rep.html_path, render_html(rep.data, rep.root, thumbnails=thumbnails))
+    for path, render in (
+        (rep.json_path, lambda: json.dumps(rep.data, indent=1, ensure_ascii=False) + "\n"),
+        (rep.html_path, lambda: render_html(rep.data, rep.root, thumbnails=thumbnails)),
+    ):
+        started = time.perf_counter()
+        atomic_write_text(path, render())
+        log.debug("wrote %s in %.3f s", path.name, time.perf_counter() - started)  # after report.json's times
     return folder
 
 
@@ -401,6 +425,10 @@ def _document(
         },
         "images": _image_section(img, rel) if img else None,
     }
+
+
+def _rounded(timing: Mapping[str, float]) -> dict[str, float]:
+    return {name: round(seconds, 3) for name, seconds in timing.items()}
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:

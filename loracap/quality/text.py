@@ -15,10 +15,14 @@ Without a tokenizer (None) the token counts and the trigger fusion check are ski
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import re
+import time
+from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,7 +137,10 @@ def _encode(tokenizer: Any, texts: Sequence[str], **kwargs: Any) -> list[Any]:
 
 
 def _count(tokenizer: Any, captions: Sequence[str]) -> list[int]:
-    return [len(e["input_ids"]) for e in _encode(tokenizer, captions, add_special_tokens=True)]
+    # Only the ids are needed: no attention masks or type ids to convert to Python lists (a third of the
+    # time for 100k captions).
+    flags = {"return_attention_mask": False, "return_token_type_ids": False}
+    return [len(e["input_ids"]) for e in _encode(tokenizer, captions, add_special_tokens=True, **flags)]
 
 
 def token_lengths(
@@ -171,11 +178,18 @@ def token_lengths(
 # --- tags and words -----------------------------------------------------------------------------------
 
 
+# A dataset repeats the same few thousand tags: normalise each spelling once. tag_key collapses whitespace
+# itself, so it can take split_tags' pieces before their own whitespace is collapsed (same keys, same
+# empties dropped).
+_cached_tag_key = functools.lru_cache(maxsize=1 << 16)(tag_key)
+_TAG_SEPARATORS = re.compile(r"[,\n]")
+
+
 def split_units(caption: str, *, tags: bool) -> list[str]:
     """A caption's tags (normalized as loracap compares tags: case and "_" vs " " ignored) or its words
     (lower case, stopwords dropped), in order, duplicates kept."""
-    if tags:
-        return [key for key in (tag_key(t) for t in split_tags(caption)) if key]
+    if tags:  # = [tag_key(t) for t in split_tags(caption)] without the empty keys
+        return [key for key in map(_cached_tag_key, _TAG_SEPARATORS.split(caption)) if key]
     return [w for w in re.findall(r"[\w'-]+", caption.casefold()) if w.strip("'-") and w not in _STOPWORDS]
 
 
@@ -261,6 +275,10 @@ def tag_stats(
 
 # --- duplicates ---------------------------------------------------------------------------------------
 
+# Slack for bounds computed in floats (t * n may land just above a whole number): always towards keeping
+# a candidate pair.
+_EPS = 1e-9
+
 
 @dataclass
 class DuplicateGroup:
@@ -286,48 +304,84 @@ def jaccard(a: set[str] | frozenset[str], b: set[str] | frozenset[str]) -> float
     return len(a & b) / len(a | b)
 
 
-def _similar_pairs(sets: list[frozenset[str]], threshold: float) -> list[tuple[int, int, float]]:
-    """Pairs of sets with Jaccard >= threshold, without comparing every pair.
+def _prefix(size: int, share: float, extra: int) -> int:
+    """size - ceil(share * size) + extra, at most size: the prefix length that must hold `extra` of the
+    items a set shares with any set it shares at least share * size items with."""
+    return min(size, size - math.ceil(share * size - _EPS) + extra)
 
-    Prefix filtering (as in PPJoin): order each set's items rarest first; two sets reaching the threshold
-    must share an item among the first |x| - ceil(t*|x|) + 1 of either, so only pairs that do are compared.
-    Exact for any threshold > 0, and a few thousand captions take well under a second.
+
+def _similar_pairs(
+    sets: Sequence[frozenset[str]], threshold: float, *, stats: dict[str, int] | None = None, ell: int = 3
+) -> list[tuple[int, int, float]]:
+    """(i, j, Jaccard), i < j, linking non-empty sets with Jaccard >= threshold: every pair comparing all
+    pairs finds, without comparing all pairs. Equal sets are linked to their first copy only (1.0).
+
+    Prefix filtering (PPJoin, Xiao et al. 2008, with the l-prefix count of Wang et al. 2012): items are
+    ranked rarest first and each set sorted that way. Sets x, y with J >= t share o >= t * max(|x|, |y|)
+    and o >= t / (1 + t) * (|x| + |y|) items; sorted sets sharing o >= a items share at least `ell` of
+    them within their first |set| - a + ell items. Distinct sets are visited smallest first, so for each
+    earlier y: |y| <= |x|, o >= 2t / (1 + t) * |y| (the index keeps that prefix of y), o >= t * |x| (x
+    probes that prefix of its own) and |y| >= t * |x| (the size filter). Only pairs counting `ell` shared
+    prefix items (or o's lower bound, when smaller) get the exact Jaccard. Every bound is rounded
+    towards keeping a pair, so rounding can only cost a comparison, never miss one.
+
+    Rare items are what make it fast: on real captions the work grows about linearly; captions all drawn
+    from a few hundred words still cost about n**2 / vocabulary. `ell` = 3 rather than 1 or 2 reads a few
+    more index entries (counted in C) to compute far fewer Jaccards (in Python): 100k such captions took
+    43 s instead of 104 s with 2 (benchmarks/RESULTS.md). `stats` receives "entries" (index entries
+    read) and "verified" (pairs whose Jaccard was computed).
     """
-    freq: Counter[str] = Counter(item for s in sets for item in s)
-    index: dict[str, list[int]] = {}
     found: list[tuple[int, int, float]] = []
-    for j, s in enumerate(sets):
-        if not s:
-            continue
-        ordered = sorted(s, key=lambda item: (freq[item], item))
-        prefix = ordered[: len(s) - math.ceil(threshold * len(s) - 1e-9) + 1]
-        candidates: set[int] = set()
-        for item in prefix:
-            candidates.update(index.get(item, ()))
-            index.setdefault(item, []).append(j)
-        for i in sorted(candidates):
-            score = jaccard(sets[i], s)
-            if score >= threshold:
-                found.append((i, j, score))
+    first_of: dict[frozenset[str], int] = {}
+    for k, s in enumerate(sets):
+        if s:
+            first = first_of.setdefault(s, k)
+            if first != k:
+                found.append((first, k, 1.0))
+    freq: Counter[str] = Counter(item for s in first_of for item in s)
+    rank = {item: r for r, (item, _) in enumerate(sorted(freq.items(), key=lambda kv: (kv[1], kv[0])))}
+    order = sorted(first_of.values(), key=lambda k: (len(sets[k]), k))  # smallest first, then by index
+    sizes = [len(sets[k]) for k in order]
+    index: dict[int, list[int]] = {}  # item rank -> places in `order` of the sets indexed under it
+    two_t = 2 * threshold / (1 + threshold)
+    entries = verified = 0
+    for place, k in enumerate(order):
+        x = sorted(rank[item] for item in sets[k])
+        n = len(x)
+        low = bisect_left(sizes, threshold * n - _EPS)  # the first set of at least t * n items
+        shared: Counter[int] = Counter()
+        for item in x[: _prefix(n, threshold, ell)]:
+            places = index.get(item)
+            if places:
+                start = bisect_left(places, low)
+                entries += len(places) - start
+                shared.update(places[start:])  # counted in C: this is the loop that grows with n
+        required = min(ell, math.ceil(threshold * n - _EPS))
+        for other, count in shared.items():
+            if count >= required:
+                verified += 1
+                score = jaccard(sets[order[other]], sets[k])
+                if score >= threshold:
+                    found.append((min(order[other], k), max(order[other], k), score))
+        for item in x[: _prefix(n, two_t, ell)]:
+            index.setdefault(item, []).append(place)
+    if stats is not None:
+        stats.update(entries=entries, verified=verified)
     return found
 
 
-def _normalize(caption: str, tags: bool) -> str:
-    if tags:
-        return ", ".join(sorted(set(split_units(caption, tags=True))))
-    return " ".join(re.findall(r"\w+", caption.casefold()))
-
-
 def _near_pairs(texts: list[str], threshold: float, tags: bool) -> list[tuple[int, int, float]]:
-    """(i, j, similarity) linking distinct texts: equal after normalisation (1.0), or Jaccard >= threshold."""
+    """(i, j, similarity) linking distinct texts: equal after normalisation (1.0), or Jaccard >= threshold.
+    Normalised, a tag caption is its sorted tag set, a prose caption its words (stopwords kept)."""
+    units = [split_units(text, tags=tags) for text in texts]
     pairs: list[tuple[int, int, float]] = []
     first_by_norm: dict[str, int] = {}
     for k, text in enumerate(texts):
-        first = first_by_norm.setdefault(_normalize(text, tags), k)
+        norm = ", ".join(sorted(set(units[k]))) if tags else " ".join(re.findall(r"\w+", text.casefold()))
+        first = first_by_norm.setdefault(norm, k)
         if first != k:
             pairs.append((first, k, 1.0))
-    sets = [frozenset(split_units(text, tags=tags)) for text in texts]
-    return pairs + _similar_pairs(sets, threshold)
+    return pairs + _similar_pairs([frozenset(u) for u in units], threshold)
 
 
 def find_duplicates(
@@ -423,7 +477,8 @@ def _position(caption: str, start: int, end: int, tags: bool) -> tuple[int, str]
         cut = max(before.rfind(","), before.rfind("\n"))
         index = len(split_tags(before[: cut + 1])) if cut >= 0 else 0
         seps = [p for p in (after.find(","), after.find("\n")) if p >= 0]
-        last = not seps or not split_tags(after[min(seps) :])
+        # Last when only separators and whitespace follow (split_tags would find no tag there).
+        last = not seps or not after[min(seps) :].replace(",", "").strip()
         first_label = "first_tag"
     else:
         index = len(before.split())
@@ -480,7 +535,12 @@ def audit_trigger(
     report.with_trigger = len(matching)
     encodings = (
         _encode(
-            tokenizer, [captions[i] for i in matching], add_special_tokens=False, return_offsets_mapping=True
+            tokenizer,
+            [captions[i] for i in matching],
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            return_attention_mask=False,  # not looked at: converting them costs as much as the offsets
+            return_token_type_ids=False,
         )
         if can_check
         else [None] * len(matching)
@@ -522,15 +582,16 @@ def audit_trigger(
 def _span_tokens(
     tokenizer: Any, caption: str, enc: Mapping[str, Any], start: int, end: int, refs: set[tuple[int, ...]]
 ) -> tuple[list[str], bool]:
-    ids: list[int] = []
-    first = last = None
-    for token_id, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
-        if e > s and s < end and e > start:  # overlaps the match (zero-width tokens are specials)
-            ids.append(token_id)
-            first = s if first is None else first
-            last = e
-    if first is None or last is None:
+    # The tokens overlapping the match (zero-width tokens are specials).
+    covering = [
+        (token_id, s, e)
+        for token_id, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        if e > s and s < end and e > start
+    ]
+    if not covering:
         return [], True
+    ids = [token_id for token_id, _, _ in covering]
+    first, last = covering[0][1], covering[-1][2]
     glued = caption[first:start].strip() != "" or caption[end:last].strip() != ""
     return tokenizer.convert_ids_to_tokens(ids), glued or tuple(ids) not in refs
 
@@ -554,6 +615,54 @@ class SensitiveReport:
     category_of: dict[str, str]
 
 
+def _term_pattern(term: str, *, bounded: bool = True) -> re.Pattern[str]:
+    # Whole words: no letter, digit, "_" or "-" either side. Any whitespace between a term's words.
+    body = r"\s+".join(re.escape(w) for w in term.split())
+    return re.compile(rf"(?<![\w-]){body}(?![\w-])" if bounded else rf"{body}(?![\w-])", re.IGNORECASE)
+
+
+# Joins captions into one text to search each term once over all of them. None of these can be part of a
+# match (a term's words are literals joined by whitespace, and these are neither), and each is a word
+# boundary, like the start and end of a caption.
+_JOINERS = "\x00\x01\x02\x03\x04\x05\x06\x07\x08"
+
+
+def _find_all(captions: Sequence[str], joined: tuple[str, list[int]] | None, term: str) -> dict[int, int]:
+    """{caption index: len(_term_pattern(term).findall(caption))} for captions with at least one match.
+
+    `joined` is (the captions joined by a character no term holds, where each caption starts): one search
+    over all captions instead of one call per caption, and without the leading lookbehind, since a
+    pattern starting with one is tried at every position while a plain start lets the regex engine skip
+    ahead. Each match is then checked with the full pattern at its start; a rejected one resumes one
+    character later, so the matches are exactly finditer's. None: caption by caption.
+    """
+    pattern = _term_pattern(term)
+    if joined is None:
+        return {i: n for i, c in enumerate(captions) if (n := len(pattern.findall(c)))}
+    text, starts = joined
+    fast = _term_pattern(term, bounded=False)
+    found: Counter[int] = Counter()
+    pos = 0
+    while match := fast.search(text, pos):
+        if pattern.match(text, match.start()):  # the character before it allows a whole word
+            found[bisect_right(starts, match.start()) - 1] += 1
+            pos = match.end()
+        else:
+            pos = match.start() + 1
+    return dict(found)
+
+
+def _join(captions: Sequence[str], terms: Iterable[str]) -> tuple[str, list[int]] | None:
+    """The captions joined for _find_all by a _JOINERS character no term holds, with each caption's
+    start; None if every joiner is in some term."""
+    terms = list(terms)
+    joiner = next((c for c in _JOINERS if not any(c in t for t in terms)), None)
+    if joiner is None:
+        return None
+    starts = list(itertools.accumulate((len(c) + 1 for c in captions[:-1]), initial=0))
+    return joiner.join(captions), starts
+
+
 def count_sensitive(
     captions: Sequence[str], terms: Mapping[str, Iterable[str]] | None = None
 ) -> SensitiveReport:
@@ -563,27 +672,31 @@ def count_sensitive(
     multi-word terms. A term listed in two categories counts in both.
     """
     terms = DEFAULT_SENSITIVE_TERMS if terms is None else terms
-    compiled: list[tuple[str, str, re.Pattern[str]]] = []
+    listed: list[tuple[str, str]] = []  # (category, term), a term listed twice counting twice
     category_of: dict[str, str] = {}
     for category, words in terms.items():
         for term in words:
             term = " ".join(term.split()).casefold()
             if term:
-                body = r"\s+".join(re.escape(w) for w in term.split())
-                compiled.append((category, term, re.compile(rf"(?<![\w-]){body}(?![\w-])", re.IGNORECASE)))
+                listed.append((category, term))
                 category_of.setdefault(term, category)
+    # Hits per caption, in listing order: {caption: [(listing, occurrences), ...]}.
+    hits: dict[int, list[tuple[int, int]]] = {}
+    joined = _join(captions, (term for _, term in listed))
+    for listing, (_, term) in enumerate(listed):
+        for i, n in _find_all(captions, joined, term).items():
+            hits.setdefault(i, []).append((listing, n))
     per_term: dict[str, TermCount] = {}
     per_category = {category: TermCount() for category in terms}
-    for caption in captions:
+    for i in sorted(hits):  # caption by caption, as if each caption were searched term by term
         hit_categories: set[str] = set()
-        for category, term, pattern in compiled:
-            n = len(pattern.findall(caption))
-            if n:
-                count = per_term.setdefault(term, TermCount())
-                count.occurrences += n
-                count.captions += 1
-                per_category[category].occurrences += n
-                hit_categories.add(category)
+        for listing, n in hits[i]:
+            category, term = listed[listing]
+            count = per_term.setdefault(term, TermCount())
+            count.occurrences += n
+            count.captions += 1
+            per_category[category].occurrences += n
+            hit_categories.add(category)
         for category in hit_categories:
             per_category[category].captions += 1
     return SensitiveReport(terms=per_term, categories=per_category, category_of=category_of)
@@ -601,6 +714,8 @@ class TextReport:
     tags: TagStats
     sensitive: SensitiveReport
     trigger: TriggerReport | None = None
+    timing: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
+    """Seconds per check ("tokens_s", "duplicates_s", "tags_s", "sensitive_s", "trigger_s")."""
 
 
 def analyze_text(
@@ -626,20 +741,36 @@ def analyze_text(
         raise ValueError("t5_tokenizer counts T5 tokens next to tokenizer's window: pass a tokenizer too")
     if tags is None:
         tags = looks_like_tags(captions)
-    tokens = (
-        token_lengths(
-            captions, tokenizer, max_length=max_length, t5_tokenizer=t5_tokenizer, t5_max_length=t5_max_length
-        )
-        if tokenizer is not None
-        else None
-    )
-    return TextReport(
-        tags_mode=tags,
-        tokens=tokens,
-        duplicates=find_duplicates(captions, threshold=near_threshold, tags=tags),
-        tags=tag_stats(
-            captions, tags=tags, common_share=common_share, top_k=top_k, ignore=[trigger] if trigger else ()
+    timing: dict[str, float] = {}
+
+    def timed(name: str, check: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        result = check()
+        timing[name] = time.perf_counter() - started
+        return result
+
+    tokens = timed(
+        "tokens_s",
+        lambda: (
+            token_lengths(
+                captions,
+                tokenizer,
+                max_length=max_length,
+                t5_tokenizer=t5_tokenizer,
+                t5_max_length=t5_max_length,
+            )
+            if tokenizer is not None
+            else None
         ),
-        sensitive=count_sensitive(captions, sensitive_terms),
-        trigger=audit_trigger(captions, tokenizer, trigger, tags=tags) if trigger else None,
     )
+    duplicates = timed("duplicates_s", lambda: find_duplicates(captions, threshold=near_threshold, tags=tags))
+    ignore = [trigger] if trigger else ()
+    tag_counts = timed(
+        "tags_s",
+        lambda: tag_stats(captions, tags=tags, common_share=common_share, top_k=top_k, ignore=ignore),
+    )
+    sensitive = timed("sensitive_s", lambda: count_sensitive(captions, sensitive_terms))
+    audit = timed(
+        "trigger_s", lambda: audit_trigger(captions, tokenizer, trigger, tags=tags) if trigger else None
+    )
+    return TextReport(tags, tokens, duplicates, tag_counts, sensitive, audit, timing)

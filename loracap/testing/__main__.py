@@ -17,7 +17,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, build the model, print the output directory; returns the process exit code."""
     parser = argparse.ArgumentParser(
         prog="python -m loracap.testing",
-        description="Build a random-weight captioning model of a real architecture, offline.",
+        description="Build a random-weight model (captioner, encoder or diffusion pipeline) of a real "
+        "architecture, offline.",
     )
     parser.add_argument("arch", choices=ARCHS, help="architecture to build")
     parser.add_argument("out_dir", help="directory to write the checkpoint into (created if missing)")

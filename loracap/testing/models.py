@@ -9,9 +9,10 @@ The builders live with their family: `florence2` (native Florence-2), `florence2
 remote-code layout of microsoft/Florence-2-* and MiaoshouAI/Florence-2-*-PromptGen-*, the independent
 reference for loracap's converter), `caption_models` (BLIP, ViT-GPT2), `chat_models` (chat VLMs),
 `clip_models` (CLIP, SigLIP, and `siglip`, the vision tower `loracap train` assembles) and `text_models`
-(`llama`, a SmolLM2-shaped causal LM). Only the first three also build the published size.
+(`llama`, a SmolLM2-shaped causal LM), and `diffusion_models` (`sd15`, `sdxl`, `flux`: diffusers pipeline
+folders for DreamBooth-LoRA training and generation). Only the first three also build the published size.
 
-torch and transformers are imported inside the builders so `import loracap.testing` stays light.
+torch, transformers and diffusers are imported inside the builders so `import loracap.testing` stays light.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from loracap.testing.caption_models import write_blip, write_vit_gpt2
 from loracap.testing.chat_models import CHAT_ARCHS, build_chat_model
 from loracap.testing.clip_models import CLIP_ARCHS, VISION_ARCHS, build_clip_model
+from loracap.testing.diffusion_models import DIFFUSION_ARCHS, build_diffusion_model
 from loracap.testing.florence2 import write_florence2
 from loracap.testing.florence2_original import write_florence2_original
 from loracap.testing.text_models import TEXT_ARCHS, build_text_model
@@ -39,6 +41,7 @@ _TINY_FAMILIES: tuple[tuple[tuple[str, ...], Callable[..., None]], ...] = (
     (CHAT_ARCHS, build_chat_model),
     ((*CLIP_ARCHS, *VISION_ARCHS), build_clip_model),
     (TEXT_ARCHS, build_text_model),
+    (DIFFUSION_ARCHS, build_diffusion_model),
 )
 
 ARCHS: tuple[str, ...] = (
@@ -47,6 +50,7 @@ ARCHS: tuple[str, ...] = (
     *CLIP_ARCHS,
     *VISION_ARCHS,
     *TEXT_ARCHS,
+    *DIFFUSION_ARCHS,
 )
 SIZES: tuple[str, ...] = ("tiny", "full")
 WEIGHTS_FORMATS: tuple[str, ...] = ("safetensors", "bin")

@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one command, in under 8 minutes on one H100:
+#   1. `loracap caption` (caption_folder) vs the per-image loop and transformers' batched pipeline:
+#      Florence-2-large (full size, random weights, <CAPTION>, 50 fixed tokens, bf16)
+#   2. the same for a Qwen2.5-VL-3B-size chat model
+#   3. CLIPScore pairs/s (ViT-L/14 dimensions)
+#   4. `loracap train` samples/s (SigLIP-base + SmolLM2-135M dimensions)
+#   5. Florence-2 again with loracap's static-cache decoder (compiled by transformers on CUDA)
+# prints one table and appends it to benchmarks/RESULTS.md with the GPU's name. Every step has a
+# time limit (the whole run stays within $BUDGET_S seconds); a step that fails or runs out of time
+# is reported as such and the rest still run.
+#
+#   bash benchmarks/gpu.sh                        # on a CUDA machine
+#   bash benchmarks/gpu.sh --size tiny            # a check of the script on a CPU, in a few minutes;
+#                                                 # appends only with --results FILE
+#   bash benchmarks/gpu.sh --results FILE         # append somewhere else
+#
+# Environment: the active virtual environment, else ./.venv (made with --system-site-packages so a
+# preinstalled CUDA torch is used). loracap is installed into it (`pip install -e ".[train,report]"`)
+# unless it already imports with its training extras; the install is skipped when there is no network.
+set -uo pipefail
+
+SIZE=full
+RESULTS=""
+BUDGET_S=${BUDGET_S:-450}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size) SIZE=$2; shift 2 ;;
+    --size=*) SIZE=${1#*=}; shift ;;
+    --results) RESULTS=$2; shift 2 ;;
+    --results=*) RESULTS=${1#*=}; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+case "$SIZE" in full|tiny) ;; *) echo "--size is full or tiny, not $SIZE" >&2; exit 2 ;; esac
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT" || exit 1
+if [ "$SIZE" = full ] && [ -z "$RESULTS" ]; then RESULTS=benchmarks/RESULTS.md; fi
+START=$(date +%s)
+# Every model is built here with random weights: nothing is fetched from a hub.
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=$(mktemp -d "${TMPDIR:-/tmp}/loracap-gpu.XXXXXX")
+echo "logs and results: $OUT"
+
+# ------------------------------------------------------------------------------------------ environment
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  [ -d .venv ] || python3 -m venv --system-site-packages .venv
+  # shellcheck disable=SC1091
+  . .venv/bin/activate
+fi
+if ! python -c "import loracap, peft, accelerate, datasets, torch, transformers" 2>/dev/null; then
+  timeout 300 pip install -q --timeout 15 --retries 1 -e ".[train,report]" || echo "pip install failed (no network?); using what is installed"
+fi
+python - <<'EOF' || exit 1
+import torch, transformers, loracap
+print(f"python ok: torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"cuda {torch.cuda.is_available()}")
+EOF
+
+if [ "$SIZE" = full ]; then
+  if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "no CUDA device: run with --size tiny to check the script on a CPU" >&2
+    exit 1
+  fi
+  DEVICE="--device cuda --dtype bf16"
+  MACHINE=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+  FLORENCE="--images 384 --loop-images 24 --batch-size 64 --workers 8"
+  QWEN="--images 64 --loop-images 8 --batch-size 16 --workers 8"
+  CLIP="--size full --images 512 --device cuda"
+  TRAIN="--batch-size 32 --short 5 --long 25 --workers 8"
+else
+  DEVICE="--device cpu --dtype fp32 --threads 1"
+  MACHINE="CPU ($(nproc) cores), --size tiny check"
+  FLORENCE="--images 16 --batch-size 4 --workers 2"
+  QWEN="--images 8 --batch-size 4 --workers 2"
+  CLIP="--size tiny --images 32 --device cpu"
+  TRAIN="--size tiny --batch-size 4 --short 2 --long 8 --workers 0"
+fi
+
+# step NAME LIMIT_S COMMAND...: run with a time limit cut to what is left of the budget; log to $OUT.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET_S - ($(date +%s) - START)))
+  if [ "$left" -lt 20 ]; then
+    echo "[$name] skipped: the ${BUDGET_S} s budget is spent" | tee "$OUT/$name.status"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "[$name] up to ${limit} s: $*"
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  local took=$(($(date +%s) - t0))
+  if [ $rc -eq 0 ]; then
+    echo "ok in ${took} s" >"$OUT/$name.status"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "timed out after ${limit} s" >"$OUT/$name.status"
+  else
+    echo "failed (exit $rc) after ${took} s: $(grep -v '^\s*$' "$OUT/$name.log" | tail -1 | cut -c1-160)" >"$OUT/$name.status"
+  fi
+  echo "[$name] $(cat "$OUT/$name.status")"
+  grep -E "^setup|images/s|^ratio|samples/s|^note|not measured|^loop|^transformers|^loracap|^decode|^generate" "$OUT/$name.log" | sed 's/^/    /'
+}
+
+B=benchmarks
+# shellcheck disable=SC2086
+step florence2 150 python $B/caption_throughput.py --arch florence2 --size "$SIZE" --tokens 50 $DEVICE $FLORENCE --json "$OUT/florence2.json"
+# shellcheck disable=SC2086
+step qwen2.5-vl 150 python $B/caption_throughput.py --arch qwen2.5-vl --size "$SIZE" --tokens 50 $DEVICE $QWEN --json "$OUT/qwen2.5-vl.json"
+# shellcheck disable=SC2086
+step clipscore 60 python $B/clipscore_throughput.py $CLIP
+# shellcheck disable=SC2086
+step train 90 python $B/train_throughput.py $TRAIN
+# Last, as the step most likely to run out of time: compiling the decoder for each batch shape.
+# shellcheck disable=SC2086
+step florence2-static 120 python $B/caption_throughput.py --arch florence2 --size "$SIZE" --tokens 50 $DEVICE $FLORENCE --sides loracap --static-cache --json "$OUT/florence2-static.json"
+
+# ------------------------------------------------------------------------------------------ the table
+TOTAL=$(($(date +%s) - START))
+python - "$OUT" "$MACHINE" "$SIZE" "$TOTAL" "$RESULTS" <<'EOF'
+import datetime, json, re, sys
+from pathlib import Path
+
+import torch
+
+out, machine, size, total, results = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+
+
+def status(name):
+    path = out / f"{name}.status"
+    return path.read_text().strip() if path.exists() else "not run"
+
+
+def caption_row(name, label):
+    path = out / f"{name}.json"
+    if not path.exists():
+        return f"| {label} | {status(name)} | | | | |"
+    r = json.loads(path.read_text())
+    sides = r["sides"]
+
+    def rate(side):
+        if side in sides:
+            return f"{sides[side]['rate']:.1f}"
+        return r["errors"].get(side, "-")[:80].replace("|", "/")
+
+    def ratio(side):
+        return f"**{sides['loracap']['rate'] / sides[side]['rate']:.1f}x**" if side in sides else "-"
+
+    return (f"| {label} (batch {r['batch']}, {r['workers']} decode threads) | {rate('loop')} | "
+            f"{rate('pipeline')} | {rate('loracap')} | {ratio('loop')} | {ratio('pipeline')} |")
+
+
+def grab(name, pattern):
+    path = out / f"{name}.log"
+    found = re.search(pattern, path.read_text(), re.M) if path.exists() else None
+    return found.group(1) if found else status(name)
+
+
+number = r"([\d.-]+) (?:images|samples)/s"
+clip_ours = grab("clipscore", r"loracap clip_scores:\s+" + number)
+clip_loop = grab("clipscore", r"baseline per-pair loop:\s+" + number)
+train_images = grab("train", r"^images: " + number)
+train_cached = grab("train", r"^cached features: " + number)
+today = datetime.date.today().isoformat()
+lines = [
+    f"### {machine}: `benchmarks/gpu.sh{' --size tiny' if size == 'tiny' else ''}`, {today}",
+    "",
+    f"torch {torch.__version__}; whole run {total} s. "
+    + ("Tiny random models on a CPU: a check that the script runs end to end, not a throughput number."
+       if size == "tiny" else "Random weights at the published sizes, bf16, greedy, 50 fixed new tokens."),
+    "",
+    "| captioning, images/s | per-image loop | transformers pipeline | loracap | vs loop | vs pipeline |",
+    "|---|---|---|---|---|---|",
+    caption_row("florence2", f"Florence-2-large `<CAPTION>`" if size == "full" else "Florence-2 tiny"),
+    caption_row("florence2-static", "Florence-2, loracap with a static cache (compiled on CUDA)"),
+    caption_row("qwen2.5-vl", "Qwen2.5-VL-3B size, `caption` style" if size == "full" else "Qwen2.5-VL tiny"),
+    "",
+    f"- CLIPScore: {clip_ours} pairs/s (per-pair loop {clip_loop})",
+    f"- `loracap train`: {train_images} samples/s from images, {train_cached} from cached features",
+    "",
+]
+for name in ("florence2", "florence2-static", "qwen2.5-vl"):
+    path = out / f"{name}.json"
+    if path.exists():
+        r = json.loads(path.read_text())
+        parts = "; ".join(
+            f"{side}: decode {t['decode'] / t['images'] * 1e3:.1f}, generate {t['generate'] / t['images'] * 1e3:.1f}, "
+            f"wall {t['wall'] / t['images'] * 1e3:.1f}"
+            for side, t in r["sides"].items() if t["decode"] is not None
+        )
+        compiling = ", where CUDA compiles the decoder step" if r["static_cache"] else ""
+        warmup = f" (loracap's first batch{compiling}: {r['loracap_warmup_s']:.1f} s)"
+        lines.append(f"- {name}, ms per image: {parts}{warmup}")
+text = "\n".join(lines) + "\n"
+print("\n" + text)
+if results:
+    with open(results, "a", encoding="utf-8") as f:
+        f.write("\n" + text)
+    print(f"appended to {results}")
+EOF
