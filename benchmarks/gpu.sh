@@ -51,7 +51,7 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
 fi
 if ! python -c "import loracap, peft, accelerate, datasets, torch, transformers" 2>/dev/null; then
-  timeout 300 pip install -q --timeout 15 --retries 1 -e ".[train,report]" || echo "pip install failed (no network?); using what is installed"
+  timeout 300 pip install -q --timeout 15 --retries 1 -e ".[train,report,dreambooth]" || echo "pip install failed (no network?); using what is installed"
 fi
 python - <<'EOF' || exit 1
 import torch, transformers, loracap
@@ -70,6 +70,8 @@ if [ "$SIZE" = full ]; then
   QWEN="--images 64 --loop-images 8 --batch-size 16 --workers 8"
   CLIP="--size full --images 512 --device cuda"
   TRAIN="--batch-size 32 --short 5 --long 25 --workers 8"
+  DREAMBOOTH_SD15="--size full --resolution 512 --precision bf16 --batch-size 4 --short 5 --long 25 --repeats 1"
+  DREAMBOOTH_SDXL="--size full --resolution 1024 --precision bf16 --batch-size 2 --short 3 --long 13 --repeats 1"
 else
   DEVICE="--device cpu --dtype fp32 --threads 1"
   MACHINE="CPU ($(nproc) cores), --size tiny check"
@@ -77,7 +79,13 @@ else
   QWEN="--images 8 --batch-size 4 --workers 2"
   CLIP="--size tiny --images 32 --device cpu"
   TRAIN="--size tiny --batch-size 4 --short 2 --long 8 --workers 0"
+  DREAMBOOTH_SD15="--size tiny --resolution 32 --short 2 --long 6 --repeats 1"
+  DREAMBOOTH_SDXL="--size tiny --resolution 32 --short 2 --long 6 --repeats 1"
 fi
+# diffusers' own trainer is the baseline when its script is given (it cannot be committed here):
+# DIFFUSERS_DREAMBOOTH_DIR=/path/to/diffusers/examples/dreambooth bash benchmarks/gpu.sh
+DB_SD15_BASELINE=${DIFFUSERS_DREAMBOOTH_DIR:+--diffusers-script $DIFFUSERS_DREAMBOOTH_DIR/train_dreambooth_lora.py}
+DB_SDXL_BASELINE=${DIFFUSERS_DREAMBOOTH_DIR:+--diffusers-script $DIFFUSERS_DREAMBOOTH_DIR/train_dreambooth_lora_sdxl.py}
 
 # step NAME LIMIT_S COMMAND...: run with a time limit cut to what is left of the budget; log to $OUT.
 step() {
@@ -102,7 +110,7 @@ step() {
     echo "failed (exit $rc) after ${took} s: $(grep -v '^\s*$' "$OUT/$name.log" | tail -1 | cut -c1-160)" >"$OUT/$name.status"
   fi
   echo "[$name] $(cat "$OUT/$name.status")"
-  grep -E "^setup|images/s|^ratio|samples/s|^note|not measured|^loop|^transformers|^loracap|^decode|^generate" "$OUT/$name.log" | sed 's/^/    /'
+  grep -E "^setup|images/s|^ratio|samples/s|steps/s|^\| |^note|not measured|^loop|^transformers|^loracap|^decode|^generate" "$OUT/$name.log" | sed 's/^/    /'
 }
 
 B=benchmarks
@@ -114,6 +122,10 @@ step qwen2.5-vl 150 python $B/caption_throughput.py --arch qwen2.5-vl --size "$S
 step clipscore 60 python $B/clipscore_throughput.py $CLIP
 # shellcheck disable=SC2086
 step train 90 python $B/train_throughput.py $TRAIN
+# shellcheck disable=SC2086
+step dreambooth-sd15 90 python $B/dreambooth_throughput.py --arch sd15 $DREAMBOOTH_SD15 $DB_SD15_BASELINE
+# shellcheck disable=SC2086
+step dreambooth-sdxl 90 python $B/dreambooth_throughput.py --arch sdxl $DREAMBOOTH_SDXL $DB_SDXL_BASELINE
 # Last, as the step most likely to run out of time: compiling the decoder for each batch shape.
 # shellcheck disable=SC2086
 step florence2-static 120 python $B/caption_throughput.py --arch florence2 --size "$SIZE" --tokens 50 $DEVICE $FLORENCE --sides loracap --static-cache --json "$OUT/florence2-static.json"
@@ -180,8 +192,13 @@ lines = [
     "",
     f"- CLIPScore: {clip_ours} pairs/s (per-pair loop {clip_loop})",
     f"- `loracap train`: {train_images} samples/s from images, {train_cached} from cached features",
-    "",
 ]
+for name, label in (("dreambooth-sd15", "SD 1.5"), ("dreambooth-sdxl", "SDXL")):
+    path = out / f"{name}.log"
+    rows = re.findall(r"^\| (loracap|diffusers) \| ([\d.]+) ", path.read_text(), re.M) if path.exists() else []
+    found = ", ".join(f"{kind} {rate} steps/s" for kind, rate in rows) or status(name)
+    lines.append(f"- `loracap dreambooth`, {label} size: {found}")
+lines.append("")
 for name in ("florence2", "florence2-static", "qwen2.5-vl"):
     path = out / f"{name}.json"
     if path.exists():
