@@ -426,14 +426,14 @@ def _add_dreambooth_parser(commands: argparse._SubParsersAction) -> None:
         commands,
         "dreambooth",
         DREAMBOOTH_CONFIG,
-        help="train a DreamBooth LoRA (SD 1.5 / SDXL) on a captioned folder",
+        help="train a DreamBooth LoRA (SD 1.5 / SDXL / Flux) on a captioned folder",
         description="Train a LoRA of the subject in DATA (any caption layout loracap reads) on --base, with "
         "class-prior preservation when --class-prompt is given. --out gets the LoRA (OUT/NAME.safetensors, "
         "kohya layout: ComfyUI models/loras/, A1111/Forge models/Lora/), checkpoints/, samples/ (validation "
         "grids), logs/ (TensorBoard). Needs `pip install loracap[dreambooth]`.",
     )
     db.add_argument("data", nargs="?", help="the captioned image folder")
-    db.add_argument("--base", help="the base model: a diffusers folder or hub id (SD 1.x/2.x, SDXL)")
+    db.add_argument("--base", help="the base model: a diffusers folder or hub id (SD 1.x/2.x, SDXL, Flux)")
     db.add_argument("--out", help="the run's folder")
     cap = db.add_argument_group("captions")
     cap.add_argument("--trigger", help="replaces [trigger] in captions; put first where a caption lacks it")
@@ -463,7 +463,9 @@ def _add_dreambooth_parser(commands: argparse._SubParsersAction) -> None:
     lora.add_argument("--alpha", type=float, help="scale alpha/rank (default: the rank)")
     lora.add_argument("--lora-dropout", type=float)
     lora.add_argument(
-        "--lora-targets", help="UNet modules, comma-separated (default: to_q,to_k,to_v,to_out.0)"
+        "--lora-targets",
+        help="denoiser modules, comma-separated (default: to_q,to_k,to_v,to_out.0 for a UNet; Flux: "
+        "diffusers' attn.*, ff.* and ff_context.* list)",
     )
     lora.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder(s) too")
     lora.add_argument(
@@ -490,16 +492,53 @@ def _add_dreambooth_parser(commands: argparse._SubParsersAction) -> None:
     opt.add_argument("--grad-accum", type=int, help="batches per optimizer step")
     opt.add_argument("--max-grad-norm", type=float)
     opt.add_argument("--weight-decay", type=float)
-    opt.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only)")
+    opt.add_argument("--optimizer", choices=("adamw", "adamw8bit", "adafactor"))
+    opt.add_argument("--use-8bit-adam", action="store_true", help="the same as --optimizer adamw8bit (CUDA)")
+    opt.add_argument(
+        "--quantize-base",
+        choices=("fp8", "nf4"),
+        help="store the frozen denoiser quantized: fp8 (any device), nf4 (bitsandbytes, CUDA)",
+    )
+    opt.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    opt.add_argument("--log-every", type=int, metavar="STEPS", help="steps between loss readings")
     opt.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"))
     opt.add_argument("--gradient-checkpointing", action="store_true", help="less memory, about 20%% slower")
     opt.add_argument("--snr-gamma", type=float, help="min-SNR loss weighting, e.g. 5")
     opt.add_argument("--noise-offset", type=float, help="e.g. 0.05: lets it learn darker and brighter images")
     opt.add_argument("--seed", type=int)
-    opt.add_argument("--resolution", type=int, help="side in px (default: the base's: 512 SD 1.5, 1024 SDXL)")
+    opt.add_argument(
+        "--resolution", type=int, help="side in px (default: the base's: 512 SD 1.5, 1024 SDXL and Flux)"
+    )
     opt.add_argument("--crop", choices=("center", "random"))
     opt.add_argument("--random-flip", action="store_true", help="mirror images at random")
     opt.add_argument("--workers", type=int, help="data loader processes")
+    bkt = db.add_argument_group("aspect-ratio buckets (kohya's)")
+    bkt.add_argument(
+        "--bucket",
+        action=argparse.BooleanOptionalAction,
+        help="each image in the bucket nearest its aspect ratio; --no-bucket: square crops",
+    )
+    bkt.add_argument("--min-bucket-reso", type=int, metavar="PX", help="default min(256, resolution)")
+    bkt.add_argument("--max-bucket-reso", type=int, metavar="PX", help="default 2 x resolution")
+    bkt.add_argument("--bucket-reso-steps", type=int, metavar="PX")
+    bkt.add_argument("--bucket-no-upscale", action="store_true", help="never enlarge small images")
+    cache = db.add_argument_group("caches")
+    cache.add_argument(
+        "--cache-latents", action="store_true", help="encode each image once, to disk (needs --crop center)"
+    )
+    cache.add_argument(
+        "--cache-text",
+        action=argparse.BooleanOptionalAction,
+        help="encode each caption once while the text encoders are frozen",
+    )
+    cache.add_argument("--cache-dir", metavar="DIR", help="the latent cache (default OUT/cache)")
+    flux = db.add_argument_group("Flux")
+    flux.add_argument("--timestep-sampling", choices=("sigmoid", "uniform", "logit-normal"))
+    flux.add_argument("--timestep-shift", type=float, help="above 1 trains noisier timesteps more")
+    flux.add_argument("--logit-mean", type=float)
+    flux.add_argument("--logit-std", type=float)
+    flux.add_argument("--flux-guidance", type=float, help="guidance input of dev-style models in training")
+    flux.add_argument("--max-sequence-length", type=int, help="T5 tokens (default 512 dev, 256 schnell)")
     ckpt = db.add_argument_group("checkpoints")
     ckpt.add_argument("--checkpoint-every", type=int, metavar="STEPS")
     ckpt.add_argument(

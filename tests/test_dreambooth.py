@@ -61,6 +61,7 @@ def settings(data: Path, base: Path, out: Path, **overrides) -> DreamBoothConfig
         "base": str(base),
         "out": str(out),
         "resolution": 32,
+        "bucket_reso_steps": 8,
         "max_steps": 2,
         "workers": 0,
         "progress": False,
@@ -390,7 +391,7 @@ def test_8bit_adam_is_refused_on_a_cpu(tmp_path, tiny_model, monkeypatch, capsys
     data = dataset(tmp_path / "data", {"a": "ohwx"})
     args = ["dreambooth", str(data), "--base", str(tiny_model("sd15")), "--out", str(tmp_path / "out")]
     assert main([*args, "--use-8bit-adam", "--quiet"]) == 2
-    assert "--use-8bit-adam needs a CUDA GPU" in capsys.readouterr().err
+    assert "(--use-8bit-adam) needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_an_out_folder_with_a_run_needs_resume_or_overwrite(tmp_path, tiny_model, capsys):
@@ -401,7 +402,7 @@ def test_an_out_folder_with_a_run_needs_resume_or_overwrite(tmp_path, tiny_model
     config = tmp_path / "ohwx.toml"
     config.write_text(
         f'data = "{data}"\nbase = "{tiny_model("sd15")}"\nout = "{out}"\nresolution = 32\nmax-steps = 3\n'
-        "workers = 0\nrank = 4\n",
+        "workers = 0\nrank = 4\nbucket-reso-steps = 8\n",
         encoding="utf-8",
     )
     assert main(["dreambooth", "--config", str(config), "--max-steps", "1", "--quiet"]) == 0

@@ -11,17 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageEnhance
 
+from loracap.dataset.buckets import BucketSettings, make_bucket_resolutions, select_bucket
 from loracap.quality.images import (
-    BucketSettings,
     ImageInfo,
     aspect_histogram,
     bucket_preview,
     default_threshold,
     find_duplicate_groups,
     image_report,
-    make_bucket_resolutions,
     resolution_histogram,
-    select_bucket,
 )
 from loracap.quality.unionfind import UnionFind
 

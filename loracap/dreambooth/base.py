@@ -126,11 +126,17 @@ def resolve_base(spec: str | Path, *, offline: bool | None = None) -> Path:
 
 
 def load_base(
-    spec: str | Path, *, device: str | None = None, dtype: str | None = None, progress: bool = True
+    spec: str | Path,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: bool = True,
+    quantization: Any = None,
 ) -> Any:
     """The family's diffusers pipeline for `spec` (folder or hub id), on `device` in `dtype` ("auto" or None:
     CUDA bf16/fp16, Apple MPS fp16, else CPU fp32), with no safety checker and its sampling progress bar off.
-    `progress=False` also hides diffusers' and transformers' loading bars.
+    `progress=False` also hides diffusers' and transformers' loading bars. `quantization`: a diffusers
+    `PipelineQuantizationConfig` the weights are loaded with.
 
     The family is checked (`base_family`) before anything loads.
     """
@@ -150,6 +156,8 @@ def load_base(
     # releases take torch_dtype.
     new_name = tuple(int(x) for x in re.findall(r"\d+", diffusers.__version__)[:2]) >= (0, 42)
     extra["dtype" if new_name else "torch_dtype"] = placement.dtype
+    if quantization is not None:
+        extra["quantization_config"] = quantization
     with _loading_bars(progress):
         pipe = pipeline_class.from_pretrained(folder, **extra)
     pipe.to(placement.device)

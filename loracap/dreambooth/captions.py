@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from loracap.dataset import read_dataset
-from loracap.inputs import ImageDecodeError, load_image
+from loracap.inputs import ImageDecodeError, load_image, read_size
 from loracap.postprocess import PostProcess, looks_like_tags, postprocess, split_tags
 from loracap.quality.text import audit_trigger, token_lengths
 
@@ -49,6 +49,8 @@ class Instance:
     caption: str
     name: str
     """How messages name it: the path relative to the dataset folder."""
+    size: tuple[int, int] = (0, 0)
+    """(width, height) as displayed (EXIF rotation applied): what its bucket is chosen from."""
 
 
 @dataclass
@@ -90,7 +92,8 @@ def read_instances(
     and when captions say "[trigger]" but no trigger is given.
 
     `check_side`: every image is decoded (shrunk to about this side, which is quick for JPEG) so an
-    unreadable one is listed now and left out, instead of failing a batch mid-run; None skips the check."""
+    unreadable one is listed now and left out, instead of failing a batch mid-run; None reads the headers
+    only (each image's size is read either way)."""
     dataset = read_dataset(data, layout=layout, ext=caption_ext, metadata_file=metadata_file)
     root = dataset.root
     placeholder = [r for r in dataset.records if TRIGGER_PLACEHOLDER in r.text]
@@ -112,13 +115,14 @@ def read_instances(
     items: list[Instance] = []
     for image, text in _bar(pairs, progress):
         name = _name(image, root)
-        if check_side is not None:
-            try:
+        try:
+            size = read_size(image)
+            if check_side is not None:
                 load_image(image, max_side=check_side)
-            except ImageDecodeError as exc:
-                unreadable.append(f"{name} ({exc.reason})")
-                continue
-        items.append(Instance(image, apply_trigger(text, trigger, tags=tags), name))
+        except ImageDecodeError as exc:
+            unreadable.append(f"{name} ({exc.reason})")
+            continue
+        items.append(Instance(image, apply_trigger(text, trigger, tags=tags), name, size))
     result = Instances(
         items=items,
         tags=tags,

@@ -29,6 +29,7 @@ Ctrl-C: the first one lets the current batch finish, then a checkpoint is saved 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -45,7 +46,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from loracap.dataset.buckets import cover_size
 from loracap.dreambooth.base import base_family, load_base, resolve_base
+from loracap.dreambooth.cache import (
+    CacheItem,
+    LatentCache,
+    fill_latent_cache,
+    text_cache_plan,
+    vae_fingerprint,
+)
 from loracap.dreambooth.captions import Instances, dataset_warnings, read_instances
 from loracap.dreambooth.checkpoints import (
     check_out,
@@ -56,11 +65,35 @@ from loracap.dreambooth.checkpoints import (
     save_checkpoint,
     write_run,
 )
-from loracap.dreambooth.data import DrawSampler, DreamBoothDataset, collate
-from loracap.dreambooth.families import FAMILIES, make_family, native_side
+from loracap.dreambooth.data import (
+    BucketBatchSampler,
+    DreamBoothDataset,
+    LatentLookup,
+    Placement,
+    bucket_settings,
+    collate,
+    place_images,
+)
+from loracap.dreambooth.families import (
+    DEFAULT_GUIDANCE,
+    FAMILIES,
+    Family,
+    flux_sequence_length,
+    make_family,
+    native_side,
+    size_multiple,
+)
 from loracap.dreambooth.lora import add_lora, lora_modules
 from loracap.dreambooth.lora_files import TrainingInfo, save_lora, tag_frequency
-from loracap.dreambooth.optim import check_8bit_adam, make_optimizer, make_scheduler
+from loracap.dreambooth.memory import (
+    check_quantization,
+    compile_denoiser,
+    move_off_accelerator,
+    nf4_quantization,
+    peak_memory,
+    quantize_fp8,
+)
+from loracap.dreambooth.optim import check_optimizer, make_optimizer, make_scheduler
 from loracap.dreambooth.prior import ClassImages, ClassRecipe, base_fingerprint, prepare_class_images
 from loracap.dreambooth.settings import (
     DEFAULT_STEPS,
@@ -70,6 +103,7 @@ from loracap.dreambooth.settings import (
     uses_prior,
 )
 from loracap.dreambooth.validation import grid_path, render_prompts, sample_grid
+from loracap.inputs import ImageDecodeError, read_size
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +148,18 @@ def dreambooth(
     check_config(config)
     out = Path(config.out)
     base_dir = resolve_base(config.base)
-    family_name = base_family(base_dir)  # reads model_index.json only: a non-SD base stops here
+    family_name = base_family(base_dir)  # reads model_index.json only: another pipeline stops here
     if family_name not in FAMILIES:
         raise ValueError(
-            f"{config.base} is a {family_name} pipeline; DreamBooth training supports SD 1.x/2.x and SDXL "
-            "bases (Flux is planned)"
+            f"{config.base} is a {family_name} pipeline; DreamBooth trains {', '.join(FAMILIES)}"
+        )
+    if family_name == "flux" and config.train_text_encoder:
+        raise ValueError(
+            "--train-text-encoder is for SD 1.x/2.x and SDXL: a Flux LoRA trains the transformer (T5 and "
+            "CLIP stay frozen, as in the Flux trainers users know)"
         )
     side = config.resolution or native_side(base_dir)
+    _check_sizes(config, side, size_multiple(base_dir, family_name), family_name)
     check_out(out, config)
     mixed = _mixed_precision(config.mixed_precision)
     # accelerate keeps one state per process; a second run in the same process (tests, a notebook) with
@@ -135,51 +174,74 @@ def dreambooth(
     main = accelerator.is_main_process
     if main and not _has_tensorboard():
         log.info("TensorBoard is not installed: no logs in %s (pip install tensorboard)", out / "logs")
-    check_8bit_adam(config, accelerator.device)
+    check_optimizer(config, accelerator.device)
+    check_quantization(config, accelerator.device)
     name = config.output_name or out.resolve().name
     lora_path = out / f"{name}.safetensors"
 
-    instances, warnings = _instances(config, base_dir, main)
+    instances, warnings = _instances(config, base_dir, main, family_name)
+    settings = bucket_settings(config, side) if config.bucket else None
+    placements = place_images([(i.image, *i.size) for i in instances.items], settings, side)
+    if main:
+        _say_buckets(placements, settings)
     weight_dtype = {"fp16": "fp16", "bf16": "bf16"}.get(mixed, "fp32")
+    denoiser_name = "transformer" if family_name == "flux" else "unet"
     pipeline = load_base(
-        base_dir, device=str(accelerator.device), dtype=weight_dtype, progress=config.progress
+        base_dir,
+        device=str(accelerator.device),
+        dtype=weight_dtype,
+        progress=config.progress,
+        quantization=nf4_quantization(config, denoiser_name),
     )
     if family_name == "sdxl" and weight_dtype == "fp16":
         pipeline.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (diffusers' trainers keep it fp32 too)
-    class_set = _class_images(config, accelerator, pipeline, base_dir, side) if uses_prior(config) else None
+    guidance = DEFAULT_GUIDANCE[family_name]
+    class_set = None
+    if uses_prior(config):
+        class_set = _class_images(config, accelerator, pipeline, base_dir, side, guidance)
     class_images = class_set.images if class_set else []
 
     set_seed(config.seed)  # the adapters' initial weights (and any LoRA dropout) follow the seed
-    family = make_family(
-        family_name,
-        pipeline,
-        train_text_encoder=config.train_text_encoder,
-        snr_gamma=config.snr_gamma,
-        noise_offset=config.noise_offset,
-    )
+    family = make_family(family_name, pipeline, config)
+    if config.quantize_base == "fp8":
+        quantize_fp8(family.denoiser, pipeline.dtype)
     groups = add_lora(family, config)
     adapted = lora_modules(family, config)  # the pipeline's own modules, unwrapped: saved and validated
     params = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(groups, config)
+    if config.compile:
+        compile_denoiser(family.denoiser)
+    latents = _latent_cache(config, accelerator, family, instances, placements, class_images)
+    texts, plan = text_cache_plan(config, [i.caption for i in instances.items])
+    if main:
+        log.info("%s", plan)
+    if texts is not None:
+        family.text_cache = _encode_texts(family, texts, accelerator)
+    cached_parts = ([family.vae] if latents else []) + (family.text_encoders if texts is not None else [])
+    move_off_accelerator(cached_parts, accelerator.device)
     dataset = DreamBoothDataset(
         instances.items,
+        placements,
         class_images,
         config.class_prompt,
-        side=side,
         random_crop=config.crop == "random",
         random_flip=config.random_flip,
         tags=instances.tags,
         caption_dropout=config.caption_dropout,
         shuffle_tags=config.shuffle_tags,
         keep_tokens=config.keep_tokens,
+        latents=latents,
     )
-    sampler = DrawSampler(len(instances.items), len(class_images), config.seed)
+    sampler = BucketBatchSampler(
+        [p.bucket for p in placements], len(class_images), config.batch_size, config.seed
+    )
     loader = DataLoader(
         dataset,
-        batch_size=config.batch_size,
-        sampler=sampler,
+        batch_sampler=sampler,
         collate_fn=collate,
-        num_workers=config.workers,
+        num_workers=0 if latents else config.workers,  # reading a cached latent is quicker than a process hop
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=bool(config.workers and not latents),
         # Its own generator: starting an iterator must not draw from the global RNG (LoRA dropout's).
         generator=torch.Generator().manual_seed(config.seed),
     )
@@ -187,9 +249,9 @@ def dreambooth(
     prepared = accelerator.prepare(*trained, optimizer, loader)
     wrapped = dict(zip(adapted, prepared[: len(trained)], strict=True))
     optimizer, loader = prepared[-2], prepared[-1]
-    family.denoiser = wrapped["unet"]
+    family.denoiser = wrapped["denoiser"]
     if config.train_text_encoder:
-        family.text_encoders = [wrapped[k] for k in adapted if k != "unet"]
+        family.text_encoders = [wrapped[k] for k in adapted if k != "denoiser"]
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
     total = config.max_steps or (config.epochs * steps_per_epoch if config.epochs else DEFAULT_STEPS)
     scheduler = accelerator.prepare(make_scheduler(optimizer, config, total, accelerator.num_processes))
@@ -229,10 +291,10 @@ def dreambooth(
             output_name=name,
             extra={"ss_learning_rate": str(config.lr), "ss_num_train_images": str(len(instances.items))},
         )
-        encoders = [m for k, m in adapted.items() if k != "unet"]  # pipeline order; none when not trained
+        encoders = [m for k, m in adapted.items() if k != "denoiser"]  # pipeline order; none when not trained
         return save_lora(
             path,
-            adapted["unet"],
+            adapted["denoiser"],
             encoders,
             family=family_name,
             rank=config.rank,
@@ -250,7 +312,8 @@ def dreambooth(
             lambda folder: write_lora(folder / f"{name}.safetensors", state["step"]),
         )
 
-    validation = _Validation(config, accelerator, pipeline, list(adapted.values()), out, side)
+    validation = _Validation(config, accelerator, pipeline, list(adapted.values()), out, side, guidance)
+    validation.offloaded = cached_parts
     if resumed_from == 0:
         validation.run(0)
 
@@ -263,9 +326,8 @@ def dreambooth(
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    history: list[dict[str, float]] = []
     at_sync = accelerator.step  # accelerate's micro-batch counter as of the last optimizer step
-    sums = _Sums()
+    losses_log = _LossLog(accelerator, bar, scheduler)
     loop_started = time.perf_counter()
     try:
         with _deferred_interrupt() as interrupted:
@@ -284,7 +346,9 @@ def dreambooth(
                         if batch is not None:  # None: every instance image of the batch was unreadable
                             generator = _batch_generator(config.seed, accelerator, state["epoch"], position)
                             losses = family.loss(batch, generator)
-                            loss = _combine(losses, batch.instance_count, config.prior_loss_weight, sums)
+                            loss = _combine(
+                                losses, batch.instance_count, config.prior_loss_weight, losses_log
+                            )
                             accelerator.backward(loss)
                         if accelerator.sync_gradients and config.max_grad_norm:
                             accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -296,9 +360,9 @@ def dreambooth(
                         at_sync = accelerator.step
                         state["step"] += 1
                         state["batch"] = position
-                        record = {"step": state["step"], **sums.take(), "lr": scheduler.get_last_lr()[0]}
-                        history.append(record)
-                        _log_step(accelerator, bar, record, scheduler)
+                        losses_log.close_step(state["step"])
+                        if state["step"] % config.log_every == 0 or state["step"] == total:
+                            losses_log.flush()
                         if state["step"] % config.checkpoint_every == 0 or state["step"] == total:
                             checkpoint()
                         if validation.due(state["step"], total):
@@ -317,6 +381,7 @@ def dreambooth(
         # gradients, and accelerate's micro-batch counter goes back so a resume accumulates the same way.
         accelerator.step = at_sync
         optimizer.zero_grad(set_to_none=True)
+        losses_log.flush()
         saved = {int(p.name.split("-")[1]) for p in checkpoint_folders(out)}
         if state["step"] and state["step"] not in saved:
             log.warning("interrupted: saving a checkpoint at step %d before stopping", state["step"])
@@ -327,7 +392,12 @@ def dreambooth(
         raise
     finally:
         bar.close()
+    losses_log.flush()
+    history = losses_log.history
     train_seconds = time.perf_counter() - loop_started
+    peak, measured = peak_memory(accelerator.device)
+    if main:
+        log.info("peak %s: %.2f GB", measured, peak / 1e9)
 
     lora = None
     if main:
@@ -370,9 +440,12 @@ def _mixed_precision(asked: str) -> str:
     return asked
 
 
-def _instances(config: DreamBoothConfig, base_dir: Path, main: bool) -> tuple[Instances, list[str]]:
+def _instances(
+    config: DreamBoothConfig, base_dir: Path, main: bool, family: str
+) -> tuple[Instances, list[str]]:
     """The dataset's instances and the pre-training warnings, logged (by the main process); with --strict
-    any warning is a ValueError instead."""
+    any warning is a ValueError instead. Caption lengths are counted against the window that cuts them: the
+    CLIP tokenizer's 77 tokens (SD), T5's --max-sequence-length (Flux)."""
     from transformers import AutoTokenizer
 
     instances = read_instances(
@@ -384,7 +457,12 @@ def _instances(config: DreamBoothConfig, base_dir: Path, main: bool) -> tuple[In
         metadata_file=config.metadata_file,
         progress=config.progress and main,
     )
-    tokenizer = AutoTokenizer.from_pretrained(base_dir / "tokenizer")
+    if family == "flux":
+        tokenizer = AutoTokenizer.from_pretrained(base_dir / "tokenizer_2")
+        transformer = json.loads((base_dir / "transformer" / "config.json").read_text(encoding="utf-8"))
+        tokenizer.model_max_length = config.max_sequence_length or flux_sequence_length(transformer)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir / "tokenizer")
     warnings = dataset_warnings(instances, tokenizer, trigger=config.trigger, prompt=config.instance_prompt)
     if config.strict and warnings:
         more = f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""
@@ -404,7 +482,7 @@ def _instances(config: DreamBoothConfig, base_dir: Path, main: bool) -> tuple[In
 
 
 def _class_images(
-    config: DreamBoothConfig, accelerator: Any, pipeline: Any, base_dir: Path, side: int
+    config: DreamBoothConfig, accelerator: Any, pipeline: Any, base_dir: Path, side: int, guidance: float
 ) -> ClassImages:
     """The class images, generated by the main process where missing while the others wait."""
     folder = Path(config.class_data_dir) if config.class_data_dir else Path(config.out) / "class-images"
@@ -413,7 +491,7 @@ def _class_images(
         prompt=config.class_prompt or "",
         size=side,
         steps=config.class_inference_steps,
-        guidance=config.class_guidance,
+        guidance=config.class_guidance if config.class_guidance is not None else guidance,
     )
 
     def generate(seeds: list[int]) -> list[Any]:
@@ -452,36 +530,160 @@ def _class_images(
     return found
 
 
+def _check_sizes(config: DreamBoothConfig, side: int, multiple: int, family: str) -> None:
+    """The training side and the bucket steps must be whole latent patches: multiples of the VAE's factor
+    (x2 for Flux's 2x2 packing)."""
+    for flag, value in (("--resolution", side), ("--bucket-reso-steps", config.bucket_reso_steps)):
+        if value % multiple:
+            raise ValueError(f"{flag} must be a multiple of {multiple} for this {family} base, not {value}")
+    if config.bucket and side % config.bucket_reso_steps:
+        raise ValueError(
+            f"--resolution {side} is not a multiple of --bucket-reso-steps {config.bucket_reso_steps}: give "
+            "a smaller --bucket-reso-steps, or --no-bucket"
+        )
+
+
+def _say_buckets(placements: list[Placement], settings: Any) -> None:
+    """The bucket assignment, before training (the same as `loracap report`'s preview for these settings)."""
+    counts: dict[tuple[int, int], int] = {}
+    for p in placements:
+        counts[p.bucket] = counts.get(p.bucket, 0) + 1
+    listed = ", ".join(
+        f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
+    if settings is None:
+        log.info("no buckets: every image cropped to %s", listed)
+        return
+    log.info(
+        "%d aspect-ratio bucket(s) (resolution %d, %d-%d px in steps of %d%s): %s",
+        len(counts),
+        settings.resolution,
+        settings.min_bucket_reso,
+        settings.max_bucket_reso,
+        settings.bucket_reso_steps,
+        ", no upscaling" if settings.no_upscale else "",
+        listed,
+    )
+
+
+def _latent_cache(
+    config: DreamBoothConfig,
+    accelerator: Any,
+    family: Family,
+    instances: Instances,
+    placements: list[Placement],
+    class_images: list[Path],
+) -> LatentLookup | None:
+    """With --cache-latents: every (image, bucket, flip) the run trains with encoded once, by the main
+    process while the others wait; then the lookup the dataset reads them by."""
+    if not config.cache_latents:
+        return None
+    flips = (False, True) if config.random_flip else (False,)
+    items = [
+        CacheItem(i.image, p.bucket, p.resized, flip)
+        for i, p in zip(instances.items, placements, strict=True)
+        for flip in flips
+    ]
+    for bucket in sorted({p.bucket for p in placements}):  # a class image takes its partner's bucket
+        for path in class_images:
+            try:
+                width, height = read_size(path)
+            except ImageDecodeError:
+                continue  # the dataset skips it with a warning, as without the cache
+            items += [CacheItem(path, bucket, cover_size(width, height, bucket), flip) for flip in flips]
+    cache = LatentCache(Path(config.cache_dir or Path(config.out) / "cache") / "latents")
+    vae_id = vae_fingerprint(family.vae)
+
+    def fill(progress: bool) -> Any:
+        return fill_latent_cache(
+            cache,
+            items,
+            vae_id,
+            family.latent_parameters,
+            batch_size=max(4, config.batch_size),
+            progress=progress,
+        )
+
+    if accelerator.is_main_process:
+        keys, unreadable = fill(config.progress)
+        for line in unreadable:
+            log.warning("latent cache: cannot read %s; it is left out", line)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        keys, _ = fill(False)
+    return LatentLookup(cache, keys)
+
+
+def _encode_texts(family: Family, texts: list[str], accelerator: Any, batch: int = 8) -> dict[str, dict]:
+    """Each text's conditioning, encoded once with the frozen text encoders; kept on the CPU, since a batch
+    moves only its own."""
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+    with torch.no_grad(), accelerator.autocast():
+        for start in range(0, len(texts), batch):
+            chunk = texts[start : start + batch]
+            encoded = family.encode_text(chunk, accelerator.device)
+            for j, text in enumerate(chunk):
+                cache[text] = {k: v[j].detach().to("cpu") for k, v in encoded.items()}
+    return cache
+
+
 # --- the loop's parts ---------------------------------------------------------------------------------------
 
 
-class _Sums:
-    """Loss sums over the micro-batches of one optimizer step, for the step's record."""
+class _LossLog:
+    """The losses of each optimizer step, kept on the device until `flush` reads them all at once: reading
+    a loss waits for the GPU to finish the step, so it is done every --log-every steps, not every step.
+    The progress bar counts every step; its loss, TensorBoard and `history` are filled at each flush."""
 
-    def __init__(self) -> None:
-        self.values: dict[str, float] = {}
+    def __init__(self, accelerator: Any, bar: Any, scheduler: Any) -> None:
+        self.accelerator, self.bar, self.scheduler = accelerator, bar, scheduler
+        self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.pending: list[tuple[int, dict[str, torch.Tensor], list[float]]] = []
+        self.history: list[dict[str, float]] = []
 
-    def add(self, **values: float) -> None:
+    def add(self, **values: torch.Tensor) -> None:
+        """One micro-batch's losses."""
         for key, value in values.items():
-            self.values[key] = self.values.get(key, 0.0) + value
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.count += 1
 
-    def take(self) -> dict[str, float]:
-        means = {k: v / self.count for k, v in self.values.items()} if self.count else {}
-        self.values, self.count = {}, 0
-        return means
+    def close_step(self, step: int) -> None:
+        """The optimizer step `step` is done: its mean losses wait for the next flush."""
+        means = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        self.pending.append((step, means, list(self.scheduler.get_last_lr())))
+        self.sums, self.count = {}, 0
+        self.bar.update()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        tensors = [t for _, means, _ in self.pending for t in means.values()]
+        values = iter(torch.stack(tensors).tolist() if tensors else [])  # one wait for the device
+        for step, means, lrs in self.pending:
+            record = {"step": step, **{k: next(values) for k in means}, "lr": lrs[0]}
+            self.history.append(record)
+            scalars = {f"train/{k}": v for k, v in record.items() if k != "step"}
+            if len(lrs) > 1:
+                scalars["train/lr_text_encoder"] = lrs[1]
+            self.accelerator.log(scalars, step=step)
+        if "loss" in self.history[-1]:
+            self.bar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}", lr=f"{self.history[-1]['lr']:.2e}")
+        self.pending = []
 
 
-def _combine(losses: torch.Tensor, instance_count: int, prior_weight: float, sums: _Sums) -> torch.Tensor:
+def _combine(
+    losses: torch.Tensor, instance_count: int, prior_weight: float, losses_log: _LossLog
+) -> torch.Tensor:
     """Instance MSE + prior weight x class MSE, as in the DreamBooth paper (each the mean over its items)."""
     instance = losses[:instance_count].mean()
     if losses.shape[0] == instance_count:
-        sums.add(loss=instance.item(), instance_loss=instance.item())
+        losses_log.add(loss=instance, instance_loss=instance)
         return instance
     prior = losses[instance_count:].mean()
     loss = instance + prior_weight * prior
-    sums.add(loss=loss.item(), instance_loss=instance.item(), prior_loss=prior.item())
+    losses_log.add(loss=loss, instance_loss=instance, prior_loss=prior)
     return loss
 
 
@@ -490,17 +692,6 @@ def _batch_generator(seed: int, accelerator: Any, epoch: int, position: int) -> 
     so a resumed run draws them again whatever happened to the global RNG in between."""
     mixed = ((seed * _MIX + accelerator.process_index) * _MIX + epoch) * _MIX + position
     return torch.Generator(accelerator.device).manual_seed(mixed % (2**63))
-
-
-def _log_step(accelerator: Any, bar: Any, record: dict[str, float], scheduler: Any) -> None:
-    bar.update()
-    if "loss" in record:
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-    scalars = {f"train/{k}": v for k, v in record.items() if k != "step"}
-    lrs = scheduler.get_last_lr()
-    if len(lrs) > 1:
-        scalars["train/lr_text_encoder"] = lrs[1]
-    accelerator.log(scalars, step=int(record["step"]))
 
 
 class _Validation:
@@ -514,11 +705,15 @@ class _Validation:
         modules: list[torch.nn.Module],
         out: Path,
         side: int,
+        guidance: float,
     ) -> None:
         self.config, self.accelerator, self.pipeline, self.modules = config, accelerator, pipeline, modules
         self.out, self.side = out, side
+        self.guidance = config.validation_guidance if config.validation_guidance is not None else guidance
         self.prompts = render_prompts(config.validation_prompt, config.trigger)
         self.written: list[Path] = []
+        self.offloaded: list[torch.nn.Module] = []
+        """Parts moved off the GPU after caching: brought back for the grid."""
 
     def due(self, step: int, total: int) -> bool:
         return bool(self.prompts) and (step % self.config.validation_every == 0 or step == total)
@@ -528,6 +723,9 @@ class _Validation:
             return
         if self.accelerator.is_main_process:
             config = self.config
+            device = self.accelerator.device
+            for module in self.offloaded if device.type != "cpu" else []:
+                module.to(device)
             image = sample_grid(
                 self.pipeline,
                 self.modules,
@@ -535,10 +733,11 @@ class _Validation:
                 seeds=[config.validation_seed + j for j in range(config.validation_images)],
                 size=self.side,
                 steps=config.validation_inference_steps,
-                guidance=config.validation_guidance,
-                device=self.accelerator.device,
+                guidance=self.guidance,
+                device=device,
                 autocast=self.accelerator.autocast(),
             )
+            move_off_accelerator(self.offloaded, device)
             path = grid_path(self.out, step)
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path)

@@ -1,4 +1,5 @@
-"""LoRA adapters on a family's UNet (and optionally its text encoders), through peft, and their weights.
+"""LoRA adapters on a family's denoiser (UNet or Flux transformer; optionally the SD text encoders too),
+through peft, and their weights.
 
 Everything else stays frozen: the VAE (also in eval mode), the base weights of the UNet and the text
 encoders. The adapters start as peft's "gaussian" init (A random, B zero), so before the first step the
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from loracap.dreambooth.families import Family
+from loracap.dreambooth.families import Family, default_targets
 from loracap.dreambooth.settings import DreamBoothConfig
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,10 @@ def add_lora(family: Family, config: DreamBoothConfig) -> list[dict[str, Any]]:
         part.requires_grad_(False)
     if vae is not None:
         vae.eval()
-    unet_config = _config(config.rank, alpha, config.lora_dropout, config.lora_targets)
-    _add(family.denoiser, unet_config, "UNet", "--lora-targets")
-    groups = [{"params": _trainable(family.denoiser), "lr": config.lr, "name": "unet"}]
+    targets = config.lora_targets or default_targets(family.name)
+    what = "Flux transformer" if family.name == "flux" else "UNet"
+    _add(family.denoiser, _config(config.rank, alpha, config.lora_dropout, targets), what, "--lora-targets")
+    groups = [{"params": _trainable(family.denoiser), "lr": config.lr, "name": "denoiser"}]
     if config.train_text_encoder:
         encoder_config = _config(config.rank, alpha, config.lora_dropout, config.text_encoder_targets)
         params = []
@@ -88,7 +90,7 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def lora_modules(family: Family, config: DreamBoothConfig) -> dict[str, torch.nn.Module]:
     """The modules that carry adapters, by the name their weights are saved under."""
-    modules = {"unet": family.denoiser}
+    modules = {"denoiser": family.denoiser}
     if config.train_text_encoder:
         for i, encoder in enumerate(family.text_encoders):
             modules["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = encoder

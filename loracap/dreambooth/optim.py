@@ -1,4 +1,4 @@
-"""The optimizer (AdamW, or bitsandbytes' 8-bit AdamW on CUDA) and the learning-rate schedule."""
+"""The optimizer (AdamW, bitsandbytes' 8-bit AdamW on CUDA, or Adafactor) and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -6,33 +6,47 @@ from typing import Any
 
 import torch
 
-from loracap.dreambooth.settings import DreamBoothConfig
+from loracap.dreambooth.settings import DreamBoothConfig, optimizer_name
 
-__all__ = ["check_8bit_adam", "make_optimizer", "make_scheduler"]
+__all__ = ["check_optimizer", "make_optimizer", "make_scheduler"]
 
 
-def check_8bit_adam(config: DreamBoothConfig, device: torch.device) -> None:
-    """ValueError, before anything loads, when 8-bit Adam cannot run here: bitsandbytes' optimizers are
+def check_optimizer(config: DreamBoothConfig, device: torch.device) -> None:
+    """ValueError, before anything loads, when the optimizer cannot run here: bitsandbytes' optimizers are
     CUDA kernels."""
-    if not config.use_8bit_adam:
+    if optimizer_name(config) != "adamw8bit":
         return
     if device.type != "cuda":
         raise ValueError(
-            f"--use-8bit-adam needs a CUDA GPU (bitsandbytes' kernels), and this run is on {device.type}; "
-            "leave the option out"
+            f"--optimizer adamw8bit (--use-8bit-adam) needs a CUDA GPU (bitsandbytes' kernels), and this run "
+            f"is on {device.type}; use adamw or adafactor"
         )
     try:
         import bitsandbytes  # noqa: F401  (a probe)
     except ImportError:
-        raise ValueError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
+        raise ValueError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
 
 
 def make_optimizer(groups: list[dict[str, Any]], config: DreamBoothConfig) -> torch.optim.Optimizer:
     groups = [{k: v for k, v in g.items() if k != "name"} for g in groups if g["params"]]
-    if config.use_8bit_adam:
+    name = optimizer_name(config)
+    if name == "adamw8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, lr=config.lr, weight_decay=config.weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # At the given learning rate and schedule (its relative-step mode would ignore both), as kohya's
+        # `--optimizer_type adafactor --optimizer_args scale_parameter=False relative_step=False` runs it.
+        return Adafactor(
+            groups,
+            lr=config.lr,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+            weight_decay=config.weight_decay,
+        )
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 

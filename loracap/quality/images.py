@@ -13,13 +13,19 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from loracap.dataset.buckets import (
+    Bucket,
+    BucketAssignment,
+    BucketSettings,
+    assign_buckets,
+)
 from loracap.inputs import ImageDecodeError, file_sha256, load_image, map_ahead, read_size
 from loracap.quality.unionfind import UnionFind
 
@@ -111,58 +117,6 @@ class SmallImage:
     @property
     def short_side(self) -> int:
         return min(self.width, self.height)
-
-
-@dataclass(frozen=True)
-class BucketAssignment:
-    """Where kohya would put one image: bucket (w, h), the size it is resized to before the crop."""
-
-    path: Path
-    bucket: tuple[int, int]
-    resized: tuple[int, int]
-    aspect_error: float  # bucket aspect minus image aspect: how much gets cropped away
-
-
-@dataclass(frozen=True)
-class Bucket:
-    width: int
-    height: int
-    paths: tuple[Path, ...]
-
-    @property
-    def count(self) -> int:
-        return len(self.paths)
-
-    @property
-    def single(self) -> bool:
-        # A one-image bucket is a batch of one every epoch (batch size silently drops), and with
-        # batch_size > 1 the image is trained less evenly: worth cropping it into a common bucket.
-        return self.count == 1
-
-
-@dataclass(frozen=True)
-class BucketSettings:
-    """kohya sd-scripts' bucket arguments (--resolution, --min/max_bucket_reso, --bucket_reso_steps,
-    --bucket_no_upscale)."""
-
-    resolution: int = 1024
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 2048
-    bucket_reso_steps: int = 64
-    no_upscale: bool = False
-
-    def __post_init__(self) -> None:
-        if self.bucket_reso_steps < 1:
-            raise ValueError(f"bucket_reso_steps must be >= 1, got {self.bucket_reso_steps}")
-        if not 0 < self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
-            raise ValueError(
-                "need 0 < min_bucket_reso <= resolution <= max_bucket_reso, got "
-                f"{self.min_bucket_reso}, {self.resolution}, {self.max_bucket_reso}"
-            )
-
-    @property
-    def max_area(self) -> int:
-        return self.resolution * self.resolution
 
 
 @dataclass
@@ -432,89 +386,12 @@ def find_small_images(infos: Iterable[ImageInfo], min_side: int | str = 1024) ->
     return [SmallImage(i.path, i.width, i.height) for i in infos if i.short_side < limit]
 
 
-# --- kohya bucketing --------------------------------------------------------------------------------
-
-
-def make_bucket_resolutions(settings: BucketSettings) -> list[tuple[int, int]]:
-    """The (width, height) buckets sd-scripts predefines: for each width from min to max bucket reso in
-    steps, the tallest height (a multiple of steps, within the limits) keeping the area <= resolution^2,
-    plus its transpose and the square."""
-    step, area = settings.bucket_reso_steps, settings.max_area
-    side = int(math.sqrt(area) // step) * step
-    resos = {(side, side)}
-    for width in range(settings.min_bucket_reso, settings.max_bucket_reso + 1, step):
-        height = min(settings.max_bucket_reso, (area // width) // step * step)
-        if height >= settings.min_bucket_reso:
-            resos.add((width, height))
-            resos.add((height, width))
-    return sorted(resos)
-
-
-def _round_to_steps(x: float, step: int) -> int:
-    rounded = int(x + 0.5)
-    return rounded - rounded % step
-
-
-def select_bucket(
-    width: int, height: int, settings: BucketSettings, resos: Sequence[tuple[int, int]] | None = None
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(bucket, resized size) for an image of ``width`` x ``height``, the way sd-scripts' BucketManager
-    picks them. The image is later resized to ``resized`` and centre-cropped to ``bucket``.
-
-    Default: the predefined bucket with the nearest aspect ratio (an exact size match wins), the image
-    scaled (up or down) to cover it. ``no_upscale``: images over the area are first shrunk to it, with
-    whichever side rounded to steps keeps the aspect closer; the bucket is the size floored to steps.
-    """
-    aspect = width / height
-    step = settings.bucket_reso_steps
-    if not settings.no_upscale:
-        resos = make_bucket_resolutions(settings) if resos is None else resos
-        if (width, height) in resos:
-            bucket = (width, height)
-        else:
-            # First minimum, like numpy's argmin over the sorted list: ties go to the narrower bucket.
-            bucket = min(resos, key=lambda r: abs(r[0] / r[1] - aspect))
-        scale = bucket[1] / height if aspect > bucket[0] / bucket[1] else bucket[0] / width
-        resized = (int(width * scale + 0.5), int(height * scale + 0.5))
-        return bucket, resized
-
-    if width * height > settings.max_area:
-        target_w = math.sqrt(settings.max_area * aspect)
-        target_h = settings.max_area / target_w
-        w_rounded = _round_to_steps(target_w, step)
-        h_in_w = _round_to_steps(w_rounded / aspect, step)
-        h_rounded = _round_to_steps(target_h, step)
-        w_in_h = _round_to_steps(h_rounded * aspect, step)
-        err_w = abs(w_rounded / h_in_w - aspect) if h_in_w else math.inf
-        err_h = abs(w_in_h / h_rounded - aspect) if h_rounded else math.inf
-        if err_w < err_h:
-            resized = (w_rounded, int(w_rounded / aspect + 0.5))
-        else:
-            resized = (int(h_rounded * aspect + 0.5), h_rounded)
-    else:
-        resized = (width, height)
-    bucket = (resized[0] - resized[0] % step, resized[1] - resized[1] % step)
-    return bucket, resized
-
-
 def bucket_preview(
     infos: Iterable[ImageInfo], settings: BucketSettings | None = None
 ) -> tuple[list[BucketAssignment], list[Bucket]]:
-    """Every image's bucket, and the buckets in use, most populated first (then by width, height)."""
-    settings = settings or BucketSettings()
-    resos = None if settings.no_upscale else make_bucket_resolutions(settings)
-    assignments = []
-    for info in infos:
-        bucket, resized = select_bucket(info.width, info.height, settings, resos)
-        # no_upscale can floor a tiny image's side to 0; kohya would fail on it, so it shows here as is.
-        error = bucket[0] / bucket[1] - info.aspect if bucket[1] else math.inf
-        assignments.append(BucketAssignment(info.path, bucket, resized, error))
-    by_bucket: dict[tuple[int, int], list[Path]] = defaultdict(list)
-    for a in assignments:
-        by_bucket[a.bucket].append(a.path)
-    buckets = [Bucket(w, h, tuple(paths)) for (w, h), paths in by_bucket.items()]
-    buckets.sort(key=lambda b: (-b.count, b.width, b.height))
-    return assignments, buckets
+    """Every image's bucket, and the buckets in use, most populated first (then by width, height): the
+    assignment `loracap dreambooth` trains with (`loracap.dataset.buckets.assign_buckets`)."""
+    return assign_buckets(((i.path, i.width, i.height) for i in infos), settings)
 
 
 # --- everything -------------------------------------------------------------------------------------
