@@ -20,12 +20,18 @@ from loracap.testing.diffusion_models import DIFFUSION_ARCHS  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
-PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
+PIPELINES = {
+    "sd15": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "flux": "FluxPipeline",
+    "flux-dev": "FluxPipeline",
+}
 FOLDERS = {
     "sd15": {"unet", "vae", "text_encoder", "tokenizer", "scheduler"},
     "sdxl": {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"},
     "flux": {"transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"},
 }
+FOLDERS["flux-dev"] = FOLDERS["flux"]
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -64,7 +70,7 @@ def _load(path: Path, arch: str):
 def _generate(pipe, arch: str, prompt: str, seed: int = 0, **kw):
     import torch
 
-    if arch == "flux":
+    if arch.startswith("flux"):
         kw.setdefault("max_sequence_length", 48)
     return pipe(
         prompt,
@@ -76,7 +82,7 @@ def _generate(pipe, arch: str, prompt: str, seed: int = 0, **kw):
 
 
 def test_registered_after_the_existing_archs() -> None:
-    assert ARCHS[-3:] == DIFFUSION_ARCHS == ("sd15", "sdxl", "flux")
+    assert ARCHS[-4:] == DIFFUSION_ARCHS == ("sd15", "sdxl", "flux", "flux-dev")
 
 
 @pytest.mark.parametrize("arch", DIFFUSION_ARCHS)
@@ -85,7 +91,7 @@ def test_pipeline_folder_layout(built: dict[str, Path], arch: str) -> None:
     index = json.loads((path / "model_index.json").read_text())
     assert index["_class_name"] == PIPELINES[arch]
     assert {p.name for p in path.iterdir() if p.is_dir()} == FOLDERS[arch]
-    denoiser = "transformer" if arch == "flux" else "unet"
+    denoiser = "transformer" if arch.startswith("flux") else "unet"
     assert (path / denoiser / "diffusion_pytorch_model.safetensors").is_file()
     assert (path / "text_encoder" / "model.safetensors").is_file()
     if arch == "sd15":
@@ -93,9 +99,10 @@ def test_pipeline_folder_layout(built: dict[str, Path], arch: str) -> None:
         assert index["safety_checker"] == [None, None]
     if arch == "sdxl":
         assert index["force_zeros_for_empty_prompt"] is True
-    if arch == "flux":
+    if arch.startswith("flux"):
         assert index["tokenizer_2"] == ["transformers", "T5Tokenizer"]
-        assert json.loads((path / "transformer" / "config.json").read_text())["guidance_embeds"] is False
+        config = json.loads((path / "transformer" / "config.json").read_text())
+        assert config["guidance_embeds"] is (arch == "flux-dev")  # dev takes a guidance scale, schnell none
 
 
 @pytest.mark.parametrize("arch", DIFFUSION_ARCHS)

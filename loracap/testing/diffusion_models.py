@@ -19,6 +19,8 @@ are the published ones shrunk to the configs measured in the project's notes (di
   (pooled prompt) + T5 encoder (token prompt), a one-block VAE with 1 latent channel and no quant convs
   (Flux's scaling 0.3611 and shift 0.1159), the schnell `FlowMatchEulerDiscreteScheduler` config (shift
   1.0, no dynamic shifting).
+- "flux-dev" (black-forest-labs/FLUX.1-dev): the same with the guidance embedding (the transformer takes
+  a guidance scale) and dev's scheduler config (shift 3.0, dynamic shifting 0.5-1.15).
 
 The CLIP tokenizers are `clip_models.build_clip_tokenizer` (CLIP's BPE, trained on the caption corpus); the
 T5 one is a Unigram counted here with T5's layout (`<pad>`=0, `</s>`=1, `<unk>`=2, "▁" word boundaries,
@@ -44,7 +46,7 @@ from loracap.testing.tokenizer import caption_corpus
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PreTrainedTokenizerBase
 
-DIFFUSION_ARCHS: tuple[str, ...] = ("sd15", "sdxl", "flux")
+DIFFUSION_ARCHS: tuple[str, ...] = ("sd15", "sdxl", "flux", "flux-dev")
 
 NATIVE_SIZE = 64
 """The image side, in pixels, the SD 1.5 / SDXL pipelines generate by default (and tests use for Flux)."""
@@ -66,7 +68,12 @@ _PARTS = ("text_encoder", "text_encoder_2", "denoiser", "vae")  # index -> per-p
 
 def build_diffusion_model(arch: str, out: Path, *, seed: int = 0) -> None:
     """Build the tiny `arch` pipeline and save it into `out` (an existing folder)."""
-    builders: dict[str, Callable[[int], Any]] = {"sd15": _sd15, "sdxl": _sdxl, "flux": _flux}
+    builders: dict[str, Callable[[int], Any]] = {
+        "sd15": _sd15,
+        "sdxl": _sdxl,
+        "flux": _flux,
+        "flux-dev": lambda seed: _flux(seed, dev=True),
+    }
     builders[arch](seed).save_pretrained(out)
 
 
@@ -232,7 +239,7 @@ def _sdxl(seed: int) -> Any:
     )
 
 
-def _flux(seed: int) -> Any:
+def _flux(seed: int, *, dev: bool = False) -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
@@ -266,7 +273,7 @@ def _flux(seed: int) -> Any:
             num_attention_heads=2,
             joint_attention_dim=_TEXT_WIDTH,
             pooled_projection_dim=_TEXT_WIDTH,
-            guidance_embeds=False,
+            guidance_embeds=dev,
             axes_dims_rope=(4, 4, 8),
         ),
     )
@@ -283,8 +290,14 @@ def _flux(seed: int) -> Any:
             shift_factor=0.1159,
         ),
     )
+    # schnell: no shift; dev: shift 3 with the resolution-dependent ("dynamic") shift of FLUX.1-dev's config.
+    scheduler = (
+        FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+        if dev
+        else FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    )
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
+        scheduler=scheduler,
         vae=vae,
         text_encoder=_part(seed, "text_encoder", lambda: CLIPTextModel(config)),
         tokenizer=tokenizer,
