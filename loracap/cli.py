@@ -29,6 +29,7 @@ SERVE_CONFIG = "loracap.serve.config:ServeConfig"
 TRAIN_SETTINGS = "loracap.train.settings:TrainSettings"
 GENERATE_CONFIG = "loracap.dreambooth.generate:GenerateConfig"
 DREAMBOOTH_CONFIG = "loracap.dreambooth.settings:DreamBoothConfig"
+EXPORT_CONFIG = "loracap.scale.export:ExportConfig"
 # Where a flag's default differs from the settings class's (the Python API's), the flag's wins here.
 _CLI_DEFAULTS = {TRAIN_SETTINGS: {"mixed_precision": "auto"}}
 # Given on the command line but not settings of a command: how to run, not what to do.
@@ -123,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="caption every image in a folder",
         description="Caption every image under DIR and write what LoRA trainers read.",
     )
-    cap.add_argument("dir", nargs="?", help="folder of images (searched recursively)")
+    cap.add_argument(
+        "dir",
+        nargs="?",
+        help="folder of images (searched recursively); with --engine ray also .tar shards, parquet or a "
+        "Hugging Face dataset",
+    )
     cap.add_argument(
         "--model",
         help="hub id, local folder, or cached id (see `loracap models`), or openai:MODEL for a remote "
@@ -194,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("--max-tags", type=int, help="keep at most this many tags")
     post.add_argument("--underscores-to-spaces", action="store_true", help="'long_hair' -> 'long hair'")
 
+    scale = cap.add_argument_group("scale out (--engine ray / vllm)")
+    scale.add_argument(
+        "--engine",
+        choices=("local", "ray", "vllm"),
+        help="local: this process; ray: Ray Data on every local GPU/core or the cluster at RAY_ADDRESS; "
+        "vllm: a chat model in vLLM (CUDA)",
+    )
+    scale.add_argument("--out", help="--engine ray on shards or tables: the folder for caption shards")
+    scale.add_argument("--image-column", metavar="NAME", help="shards/tables: the image column or suffix")
+    scale.add_argument("--id-column", metavar="NAME", help="tables: the column naming each row")
+    scale.add_argument("--shard-rows", type=int, metavar="N", help="rows per caption shard (default 1000)")
+    scale.add_argument("--ray-actors", type=int, metavar="N", help="model copies (default: one per GPU)")
+
     run = cap.add_argument_group("speed and hardware")
     run.add_argument(
         "--batch-size",
@@ -220,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parsers(commands)
     _add_generate_parser(commands)
     _add_dreambooth_parser(commands)
+    _add_export_parser(commands)
     return parser
 
 
@@ -419,6 +439,30 @@ def _generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    exp = _command_parser(
+        commands,
+        "export",
+        EXPORT_CONFIG,
+        help="caption shards (--engine ray on shards/tables) -> a trainer folder",
+        description="Write the images of a `loracap caption --engine ray --out SHARDS` run, read again from "
+        "its sources, with their captions, into --to in a trainer's layout; each image once.",
+    )
+    exp.add_argument("shards", nargs="?", help="the --out folder of the captioning run")
+    exp.add_argument("--to", help="the trainer folder to write")
+    exp.add_argument("--format", choices=("sidecar", "jsonl", "kohya-json"))
+    exp.add_argument("--ext", help="sidecar extension (default .txt)")
+    exp.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .scale.export import export
+
+    summary = export(_settings(EXPORT_CONFIG, args))
+    print(f"loracap: {summary.describe()}", file=sys.stderr)
+    return 0 if not summary.missing else 1
 
 
 def _add_dreambooth_parser(commands: argparse._SubParsersAction) -> None:
@@ -749,7 +793,13 @@ def _caption(args: argparse.Namespace) -> int:
         given = {**given, "remove_tags": _split_list(given["remove_tags"])}
     if "replace_tags" in given:
         given = {**given, "replace_tags": parse_replace_tags(given["replace_tags"])}
-    summary = caption_folder(_settings(CAPTION_CONFIG, args, given))
+    config = _settings(CAPTION_CONFIG, args, given)
+    if config.engine == "ray":
+        from .scale.ray_engine import caption_with_ray
+
+        summary = caption_with_ray(config)
+    else:
+        summary = caption_folder(config)
     if summary.write_problem():
         print(f"loracap: error: {summary.write_problem()}", file=sys.stderr)
     print(f"loracap: {summary.describe()}", file=sys.stderr)
@@ -819,6 +869,11 @@ class _Command:
 
 
 _COMMANDS = {
+    "export": _Command(
+        _export,
+        extra="ray",
+        interrupted="interrupted; images and captions written so far are kept. Run it again to resume.",
+    ),
     "caption": _Command(
         _caption,
         interrupted="interrupted; captions written so far are kept. Run the same command again to resume.",

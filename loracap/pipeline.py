@@ -12,7 +12,8 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ EXISTING_POLICIES = ("skip", "overwrite", "prepend", "append")
 # Write errors that no other file in the folder would escape: the run stops at the first one.
 _NOTHING_MORE_FITS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 FORMATS = ("sidecar", "jsonl", "kohya-json")
+ENGINES = ("local", "ray", "vllm")
 
 
 @dataclass
@@ -113,7 +115,7 @@ class CaptionConfig:
     """
 
     dir: str | Path | None = None
-    """The folder of images."""
+    """The folder of images; with engine "ray" also webdataset shards, parquet or a Hugging Face dataset."""
     model: str | None = None
     """Hub id, local folder, cached id, or openai:MODEL; None: chosen by free accelerator memory."""
     style_choice: StyleChoice = field(default_factory=StyleChoice)
@@ -146,6 +148,19 @@ class CaptionConfig:
     concurrency: int = 8
     timeout: float = 120.0
     max_retries: int = 4
+    engine: str = "local"
+    """local (this process), ray (Ray Data: all local GPUs/cores, or the cluster at RAY_ADDRESS) or vllm
+    (the chat model in vLLM, one CUDA GPU)."""
+    out: str | Path | None = None
+    """engine "ray" on shards or tables: the folder of caption shards (parquet) and errors.jsonl."""
+    image_column: str | None = None
+    """Shards and tables: the image column (webdataset: the member suffix); default found."""
+    id_column: str | None = None
+    """Tables: the column that names each row (its key); default none (the image's hash alone)."""
+    shard_rows: int = 1000
+    """Rows per caption shard written under `out`."""
+    ray_actors: int | None = None
+    """Model copies (Ray actors); default one per GPU, or one on CPUs."""
     progress: bool = True
 
     def check(self) -> Style:
@@ -156,6 +171,10 @@ class CaptionConfig:
             raise ValueError(f"existing must be one of {', '.join(EXISTING_POLICIES)}, not {self.existing!r}")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.shard_rows < 1 or (self.ray_actors is not None and self.ray_actors < 1):
+            raise ValueError("--shard-rows and --ray-actors must be at least 1")
         parse_batch_size(self.batch_size)
         parse_threads(self.threads)
         return self.style_choice.check()
@@ -213,50 +232,84 @@ def caption_folder(
     process (`threads`, chosen from the CPUs this process may use when None) and leaves it so afterwards.
     """
     config = caption_config(config, **settings)
-    chosen_style = config.check()  # before anything is scanned or loaded
-    root = Path(config.dir).expanduser().resolve()
-    choice, options, generation = config.style_choice, config.postprocess, config.generation
-    recursive, existing, format, ext = config.recursive, config.existing, config.format, config.ext
-    model, metadata_file, errors_file = config.model, config.metadata_file, config.errors_file
-    started = time.perf_counter()
-
-    register_optional_formats()
-    images = find_images(root, recursive=recursive)
-    remove_stale_temp_files(root, recursive=recursive)
-    summary = RunSummary(total=len(images), model=model or getattr(backend, "name", ""))
-    errors_path = Path(errors_file) if errors_file else root / "loracap-errors.jsonl"
-    failed_before = {} if config.retry_failed else _undecodable_before(errors_path)
-    store = open_store(
-        format,
-        root,
-        ext=ext,
-        metadata_file=Path(metadata_file) if metadata_file else None,
-        tags=chosen_style.tags,
-    )
-    write_error: OSError | None = None
     own_backend = None  # a model this run loaded, and closes (a remote one holds connections)
     try:
-        todo = _plan(images, root, store, format, ext, existing, summary, failed_before)
-        if todo:
-            if backend is None:
-                backend = own_backend = config.load_backend()
-                summary.model = backend.name
-            request = resolve_request(choice, backend, trigger=options.trigger)
-            _run(
-                todo,
-                root,
-                backend,
-                store,
-                summary,
-                request=request,
-                existing=existing,
-                options=options,
-                generation=generation,
-                batch_size=parse_batch_size(config.batch_size),
-                workers=config.workers,
-                threads=config.threads,
-                progress=config.progress,
-            )
+        with folder_run(config, config.model or getattr(backend, "name", "")) as run:
+            if run.todo:
+                if backend is None:
+                    backend = own_backend = config.load_backend()
+                    run.summary.model = backend.name
+                _run(
+                    run,
+                    backend,
+                    resolve_request(config.style_choice, backend, trigger=config.postprocess.trigger),
+                    config,
+                )
+    finally:
+        if own_backend is not None and hasattr(own_backend, "close"):
+            own_backend.close()
+    return run.summary
+
+
+@dataclass
+class FolderRun:
+    """One `loracap caption` run over a folder, whichever engine captions it: what to caption (`todo`),
+    where captions go (`store`), and the summary; `write` and `fail` record each image's outcome."""
+
+    config: CaptionConfig
+    root: Path
+    store: Any
+    summary: RunSummary
+    style: Style
+    todo: list[_Item] = field(default_factory=list)
+
+    def write(self, item: _Item, caption: str, *, tags: bool) -> None:
+        """Write `item`'s new caption (merged with its old one for --existing prepend/append). A full disk
+        or read-only folder raises (nothing else could be written either); another write error fails the
+        image and the run goes on."""
+        existing, options = self.config.existing, self.config.postprocess
+        if item.old is not None and existing in ("prepend", "append"):
+            caption = merge_captions(caption, item.old, existing, tags=tags, options=options)
+        try:
+            self.store.write(item.path, caption)
+            self.summary.captioned += 1
+        except OSError as exc:
+            if exc.errno in _NOTHING_MORE_FITS:
+                raise  # no other image's caption can be written either: stop, keep what was made
+            self.fail(item.path, "write", f"cannot write caption: {exc}")
+
+    def fail(self, path: Path, stage: str, reason: str) -> None:
+        _fail(self.summary, self.root, path, stage, reason)
+
+
+@contextmanager
+def folder_run(config: CaptionConfig, model: str) -> Iterator[FolderRun]:
+    """Plan a folder run (settings checked before anything is scanned; images found; captioned ones,
+    name clashes and files that failed last time sorted out), and on the way out close the store, save
+    elsewhere what could not be written, time the run and write the error list."""
+    chosen_style = config.check()  # before anything is scanned or loaded
+    root = Path(config.dir).expanduser().resolve()
+    started = time.perf_counter()
+    register_optional_formats()
+    images = find_images(root, recursive=config.recursive)
+    remove_stale_temp_files(root, recursive=config.recursive)
+    summary = RunSummary(total=len(images), model=model)
+    errors_path = Path(config.errors_file) if config.errors_file else root / "loracap-errors.jsonl"
+    failed_before = {} if config.retry_failed else _undecodable_before(errors_path)
+    store = open_store(
+        config.format,
+        root,
+        ext=config.ext,
+        metadata_file=Path(config.metadata_file) if config.metadata_file else None,
+        tags=chosen_style.tags,
+    )
+    run = FolderRun(config, root, store, summary, chosen_style)
+    write_error: OSError | None = None
+    try:
+        run.todo = _plan(
+            images, root, store, config.format, config.ext, config.existing, summary, failed_before
+        )
+        yield run
     except OSError as exc:
         if exc.errno not in _NOTHING_MORE_FITS:
             raise
@@ -271,9 +324,6 @@ def caption_folder(
             summary.saved_elsewhere = _save_elsewhere(store.unsaved(), root)
         summary.seconds = time.perf_counter() - started
         summary.errors_file = _write_errors(errors_path, summary.errors)
-        if own_backend is not None and hasattr(own_backend, "close"):
-            own_backend.close()
-    return summary
 
 
 def _plan(
@@ -349,66 +399,44 @@ def _undecodable_before(errors_path: Path) -> dict[str, FileError]:
     return known
 
 
-def _run(
-    todo: list[_Item],
-    root: Path,
-    backend: Backend,
-    store: Any,
-    summary: RunSummary,
-    *,
-    request: CaptionRequest,
-    existing: str,
-    options: PostProcess,
-    generation: GenerationSettings,
-    batch_size: int | None,
-    workers: int,
-    threads: int | None,
-    progress: bool,
-) -> None:
+def _run(run: FolderRun, backend: Backend, request: CaptionRequest, config: CaptionConfig) -> None:
+    """The local engine: decode ahead of the model in threads, caption batch by batch, write as we go."""
     from tqdm.auto import tqdm
 
+    workers = config.workers
     placement = getattr(backend, "placement", None)
     if placement is not None:  # a local model; a remote one runs no torch here
-        use_threads(threads, workers=workers, device=placement.device.type)
-    sizer = BatchSize(batch_size, backend, workers=workers)
+        use_threads(config.threads, workers=workers, device=placement.device.type)
+    sizer = BatchSize(parse_batch_size(config.batch_size), backend, workers=workers)
     tags = request.tags
-    bare = replace(options, trigger=None, prefix="", suffix="")
+    todo = run.todo
     watch = _BrokenModelWatch(len(todo), sizer.size)
     bar = tqdm(
         total=len(todo),
         unit="img",
         desc="captioning",
-        disable=not progress,
+        disable=not config.progress,
         dynamic_ncols=True,
         file=sys.stderr,
     )
+    generation, options = config.generation, config.postprocess
     try:
         for batch in _decoded_batches(todo, sizer, backend, request, workers):
             items = batch.items
             for item, reason in batch.errors:
-                _fail(summary, root, item.path, "decode", reason)
-            for item, raw, error in _generate(backend, items, batch.inputs, request, generation, sizer):
-                if error is None and not postprocess(raw, bare, tags=tags):  # nothing left but what we add
-                    error = "the model returned an empty caption"
+                run.fail(item.path, "decode", reason)
+            steps = caption_batch(backend, request, items, batch.inputs, generation, options, sizer)
+            for item, caption, error in steps:
                 if error is not None:
                     for failed, reason in watch.failed(item, error):
-                        _fail(summary, root, failed.path, "caption", reason)
+                        run.fail(failed.path, "caption", reason)
                     continue
                 for failed, reason in watch.captioned():
-                    _fail(summary, root, failed.path, "caption", reason)
-                caption = postprocess(raw, options, tags=tags)
-                if item.old is not None and existing in ("prepend", "append"):
-                    caption = merge_captions(caption, item.old, existing, tags=tags, options=options)
-                try:
-                    store.write(item.path, caption)
-                    summary.captioned += 1
-                except OSError as exc:
-                    if exc.errno in _NOTHING_MORE_FITS:
-                        raise  # no other image's caption can be written either: stop, keep what was made
-                    _fail(summary, root, item.path, "write", f"cannot write caption: {exc}")
+                    run.fail(failed.path, "caption", reason)
+                run.write(item, caption, tags=tags)
             bar.update(len(items) + len(batch.errors))
         for failed, reason in watch.captioned():  # the run ended before the model was judged broken
-            _fail(summary, root, failed.path, "caption", reason)
+            run.fail(failed.path, "caption", reason)
     finally:
         bar.close()
 
@@ -421,7 +449,7 @@ def _decoded_batches(
     changes (measured, or halved after an out-of-memory) applies to all but the few already decoded."""
 
     def prepare(items: list[_Item], images: list) -> Any:
-        return _prepare(backend, request, items, images)
+        return prepare_batch(backend, request, items, images)
 
     def decode(items: list[_Item]) -> DecodedBatch[_Item]:
         # Decoded a bit larger than the model's input, so its own resize does the final, better filtering.
@@ -441,6 +469,29 @@ def _decoded_batches(
     yield from map_ahead(decode, cut(todo[len(first) :]), workers, name="loracap-decode")
 
 
+def caption_batch(
+    backend: Backend,
+    request: CaptionRequest,
+    items: list[Any],
+    inputs: Any,
+    generation: GenerationSettings,
+    options: PostProcess,
+    sizer: BatchSize,
+    load: Callable[[Any], Any] | None = None,
+) -> Iterator[tuple[Any, str | None, str | None]]:
+    """The batch step every engine runs (`loracap caption` here, the Ray engine's actors): a prepared batch
+    through the model (`_generate`: out-of-memory halving, one-by-one retry of a failing batch), then the
+    clean-up. `items` have `.path` and `.old` (what the per-image prompt and the retry need); `load(item)`
+    gives an item's image again for a retry (default: decoded from `item.path`).
+
+    Yields (item, caption, None), or (item, None, reason) for an image the model failed on or left empty."""
+    bare = replace(options, trigger=None, prefix="", suffix="")
+    for item, raw, error in _generate(backend, items, inputs, request, generation, sizer, load):
+        if error is None and not postprocess(raw, bare, tags=request.tags):  # nothing left but what we add
+            error = "the model returned an empty caption"
+        yield item, None if error else postprocess(raw, options, tags=request.tags), error
+
+
 def _generate(
     backend: Backend,
     items: list[_Item],
@@ -448,6 +499,7 @@ def _generate(
     request: CaptionRequest,
     generation: GenerationSettings,
     sizer: BatchSize,
+    load: Callable[[Any], Any] | None = None,
 ) -> Iterator[tuple[_Item, str | None, str | None]]:
     """Caption a prepared batch. If it runs out of memory, the batch size halves for the rest of the run
     and these images are captioned at the new size; if it fails otherwise (a bad image), they are retried
@@ -472,7 +524,7 @@ def _generate(
                 yield item, caption, None
             return
     for start in range(0, len(items), size):
-        yield from _generate_again(backend, items[start : start + size], request, generation, sizer)
+        yield from _generate_again(backend, items[start : start + size], request, generation, sizer, load)
 
 
 def _generate_again(
@@ -481,11 +533,15 @@ def _generate_again(
     request: CaptionRequest,
     generation: GenerationSettings,
     sizer: BatchSize,
+    load: Callable[[Any], Any] | None,
 ) -> Iterator[tuple[_Item, str | None, str | None]]:
-    """`_generate` on images decoded and prepared once more, as a batch of their own."""
+    """`_generate` on images decoded (or given by `load`) and prepared once more, as a batch of their own."""
     try:
-        images = [load_image(item.path, min_side=backend.image_side or None) for item in items]
-        inputs = _prepare(backend, request, items, images)
+        if load is None:
+            images = [load_image(item.path, min_side=backend.image_side or None) for item in items]
+        else:
+            images = [load(item) for item in items]
+        inputs = prepare_batch(backend, request, items, images)
     except (KeyboardInterrupt, BackendError):
         raise
     except Exception as exc:  # noqa: BLE001
@@ -493,9 +549,9 @@ def _generate_again(
             yield items[0], None, f"{type(exc).__name__}: {exc}"
             return
         for item in items:  # each on its own: only the image that cannot be read again fails
-            yield from _generate_again(backend, [item], request, generation, sizer)
+            yield from _generate_again(backend, [item], request, generation, sizer, load)
         return
-    yield from _generate(backend, items, inputs, request, generation, sizer)
+    yield from _generate(backend, items, inputs, request, generation, sizer, load)
 
 
 class _BrokenModelWatch:
@@ -532,7 +588,9 @@ class _BrokenModelWatch:
         return held
 
 
-def _prepare(backend: Backend, request: CaptionRequest, items: list[_Item], images: list) -> Any:
+def prepare_batch(backend: Backend, request: CaptionRequest, items: list[Any], images: list) -> Any:
+    """The model's inputs for decoded images: the style's prompt, or one per image where it names the
+    image's folder or existing tags."""
     if request.per_image:  # the prompt names this image's folder or existing tags
         return backend.prepare(images, request.mode, [request.prompt_for(i.path, i.old) for i in items])
     return backend.prepare(images, request.mode, request.prompt)

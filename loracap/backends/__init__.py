@@ -20,6 +20,7 @@ __all__ = [
     "ModelUnavailable",
     "caption_images",
     "load_backend",
+    "processor_side",
     "resolve_model",
 ]
 
@@ -100,3 +101,26 @@ def load_backend(
     module_name, class_name = family
     backend_class = getattr(importlib.import_module(f".{module_name}", __name__), class_name)
     return backend_class(folder, model, choose_placement(device, dtype), quant=quant)
+
+
+def processor_side(model: str | None, *, offline: bool | None = None) -> int:
+    """The side `model`'s backend decodes images at (`Backend.image_side`), from its processor files alone,
+    without loading weights: for an engine that decodes on other workers than the model's (Ray). 0 when
+    the processor names no size."""
+    import importlib
+
+    from transformers import AutoImageProcessor
+
+    from .device import image_side
+
+    folder = resolve_model(model or DEFAULT_MODEL, offline=offline)
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    family = _backend_for(model_type)
+    if family == _CHAT:
+        chat = importlib.import_module(".chat_vlm", __name__)
+        return chat.chat_input_side(chat.load_processor(folder, model_type).image_processor)
+    if family is not None and family[0] == "prefix_captioner":
+        from .prefix_captioner import input_side
+
+        return input_side(AutoImageProcessor.from_pretrained(folder))
+    return image_side(AutoImageProcessor.from_pretrained(folder))

@@ -78,15 +78,7 @@ class ChatVLMBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = load_model(AutoModelForImageTextToText, folder, placement, quant)
         self.default_batch_size = default_batch_size(placement, gpu_batch=16)
-        image_processor = self.processor.image_processor
-        if hasattr(image_processor, "merge_size"):  # Qwen: native resolution, capped (see module doc)
-            size = dict(image_processor.size)
-            size["longest_edge"] = min(size.get("longest_edge", QWEN_MAX_PIXELS), QWEN_MAX_PIXELS)
-            image_processor.size = size
-            # Qwen's size bounds are areas in pixels, not sides.
-            self.image_side = math.isqrt(size["longest_edge"])
-        else:
-            self.image_side = image_side(image_processor)
+        self.image_side = chat_input_side(self.processor.image_processor)
         # PaliGemma's <locXXXX> / <segXXX> tokens (boxes, masks) are not caption words; a user's own
         # task prompt ("detect cat") keeps them. Other models have none, so their vocab is not scanned.
         self.non_caption_ids: list[int] = []
@@ -176,6 +168,17 @@ class ChatVLMBackend:
         prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
         config, limit = self.model.generation_config, kwargs["max_new_tokens"]
         return generations(texts, prompt_tokens, new_tokens, config, limit)
+
+
+def chat_input_side(image_processor: Any) -> int:
+    """The side images are decoded at for a chat model's image processor. Qwen's (native resolution) is
+    capped at QWEN_MAX_PIXELS here, in place (see the module doc); its size bounds are areas in pixels."""
+    if hasattr(image_processor, "merge_size"):
+        size = dict(image_processor.size)
+        size["longest_edge"] = min(size.get("longest_edge", QWEN_MAX_PIXELS), QWEN_MAX_PIXELS)
+        image_processor.size = size
+        return math.isqrt(size["longest_edge"])
+    return image_side(image_processor)
 
 
 def load_processor(folder: Path, model_type: str | None) -> Any:
