@@ -372,6 +372,10 @@ def _add_report_parser(commands: argparse._SubParsersAction) -> None:
     img.add_argument("--no-images", dest="images", action="store_false", help="skip the image checks")
     img.add_argument("--min-side", help="smallest shorter side in px, or sd15 / sdxl / flux")
     img.add_argument("--resolution", help="training resolution for the bucket preview")
+    img.add_argument("--min-bucket-reso", type=int, metavar="PX", help="as loracap dreambooth takes it")
+    img.add_argument("--max-bucket-reso", type=int, metavar="PX", help="as loracap dreambooth takes it")
+    img.add_argument("--bucket-reso-steps", type=int, metavar="PX", help="as loracap dreambooth takes it")
+    img.add_argument("--bucket-no-upscale", action="store_true", help="as loracap dreambooth takes it")
     img.add_argument("--hash-threshold", type=int, help="phash bits apart that still count as duplicates (6)")
     img.add_argument("--thumbnails", type=int, help="worst pairs shown with thumbnails")
     rep.add_argument(

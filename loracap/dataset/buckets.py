@@ -76,6 +76,33 @@ class BucketSettings:
                 "need 0 < min_bucket_reso <= resolution <= max_bucket_reso, got "
                 f"{self.min_bucket_reso}, {self.resolution}, {self.max_bucket_reso}"
             )
+        if self.min_bucket_reso % self.bucket_reso_steps or self.max_bucket_reso % self.bucket_reso_steps:
+            # Bucket sides run from min to max in steps: off the grid they would not be whole steps (nor
+            # whole latent patches).
+            raise ValueError(
+                f"min_bucket_reso ({self.min_bucket_reso}) and max_bucket_reso ({self.max_bucket_reso}) must "
+                f"be multiples of bucket_reso_steps ({self.bucket_reso_steps})"
+            )
+
+    @classmethod
+    def at(
+        cls,
+        resolution: int,
+        *,
+        min_bucket_reso: int | None = None,
+        max_bucket_reso: int | None = None,
+        bucket_reso_steps: int = 64,
+        no_upscale: bool = False,
+    ) -> BucketSettings:
+        """The settings at `resolution`, the limits not given taking loracap's defaults (the same in
+        `loracap report` and `loracap dreambooth`): min(256, resolution) and 2 x resolution."""
+        return cls(
+            resolution=resolution,
+            min_bucket_reso=min_bucket_reso or min(256, resolution),
+            max_bucket_reso=max_bucket_reso or 2 * resolution,
+            bucket_reso_steps=bucket_reso_steps,
+            no_upscale=no_upscale,
+        )
 
     @property
     def max_area(self) -> int:

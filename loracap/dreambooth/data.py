@@ -63,15 +63,13 @@ class Placement:
 
 
 def bucket_settings(config: Any, side: int) -> BucketSettings:
-    """kohya's bucket settings for a run at `side` pixels (`DreamBoothConfig`'s bucket options)."""
-    steps = config.bucket_reso_steps
-    low = config.min_bucket_reso or min(256, side)
-    high = config.max_bucket_reso or 2 * side
-    return BucketSettings(
-        resolution=side,
-        min_bucket_reso=low,
-        max_bucket_reso=high,
-        bucket_reso_steps=steps,
+    """kohya's bucket settings for a run at `side` pixels (`DreamBoothConfig`'s bucket options), with the
+    defaults `loracap report` previews."""
+    return BucketSettings.at(
+        side,
+        min_bucket_reso=config.min_bucket_reso,
+        max_bucket_reso=config.max_bucket_reso,
+        bucket_reso_steps=config.bucket_reso_steps,
         no_upscale=config.bucket_no_upscale,
     )
 
@@ -86,7 +84,7 @@ def place_images(
     assignments, _ = assign_buckets(sizes, settings)
     placements = []
     for (path, width, height), a in zip(sizes, assignments, strict=True):
-        if min(a.bucket) < 1:
+        if min(a.bucket) < 1:  # --bucket-no-upscale floors a tiny image's side to 0 steps
             raise ValueError(
                 f"{path.name} ({width}x{height}) is smaller than one --bucket-reso-steps "
                 f"({settings.bucket_reso_steps} px) and --bucket-no-upscale keeps it so: leave it out or "
@@ -189,7 +187,9 @@ class LatentLookup:
         self.cache, self.keys = cache, keys
 
     def get(self, path: Path, bucket: tuple[int, int], flip: bool) -> torch.Tensor:
-        key = self.keys[(path, bucket, flip)]
+        key = self.keys.get((path, bucket, flip))
+        if key is None:  # it could not be read when the cache was filled: left out, as without the cache
+            raise ImageDecodeError(path, "it could not be read when the latent cache was filled")
         parameters = self.cache.load(key)
         if parameters is None:
             raise RuntimeError(

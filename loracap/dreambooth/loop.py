@@ -541,6 +541,11 @@ def _check_sizes(config: DreamBoothConfig, side: int, multiple: int, family: str
             f"--resolution {side} is not a multiple of --bucket-reso-steps {config.bucket_reso_steps}: give "
             "a smaller --bucket-reso-steps, or --no-bucket"
         )
+    if config.bucket:
+        try:
+            bucket_settings(config, side)
+        except ValueError as exc:
+            raise ValueError(f"bucket settings: {exc} (--min-bucket-reso, --max-bucket-reso)") from None
 
 
 def _say_buckets(placements: list[Placement], settings: Any) -> None:

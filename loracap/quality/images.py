@@ -412,11 +412,12 @@ def image_report(
     """All image checks over ``paths``: one scan, then duplicates, histograms, small images, buckets.
 
     ``min_side`` and ``resolution`` take pixels or a preset ("sd15" 512, "sdxl"/"flux" 1024).
-    ``buckets`` are the kohya settings to preview; without them, kohya's defaults at ``resolution``
-    (``resolution`` is not used when ``buckets`` is given). ``threshold`` (Hamming bits) defaults to 6 per
+    ``buckets`` are the kohya settings to preview; without them, the defaults at ``resolution``
+    (`BucketSettings.at`, as `loracap dreambooth` trains; ``resolution`` is not used when ``buckets`` is
+    given). ``threshold`` (Hamming bits) defaults to 6 per
     64 hash bits. Bad files end up in ``errors``.
     """
-    settings = buckets if buckets is not None else BucketSettings(resolution=resolve_side(resolution))
+    settings = buckets if buckets is not None else BucketSettings.at(resolve_side(resolution))
     limit = resolve_side(min_side)  # validate everything before the (long) scan
     if threshold is None:
         threshold = default_threshold(hash_size)

@@ -24,11 +24,12 @@ from typing import Any
 
 from loracap.config import settings_for
 from loracap.dataset import Dataset, read_dataset, store_file_label
+from loracap.dataset.buckets import BucketSettings
 from loracap.files import atomic_write_text
 from loracap.hub import is_cached, resolve_model
 from loracap.quality.clipscore import DEFAULT_MODEL, ClipScoreRun, clip_scores
 from loracap.quality.gates import Rule, evaluate, parse_rules
-from loracap.quality.images import ImageReport, image_report
+from loracap.quality.images import ImageReport, image_report, resolve_side
 from loracap.quality.text import TextReport, analyze_text
 
 __all__ = [
@@ -146,6 +147,13 @@ class ReportConfig:
     images: bool = True
     min_side: int | str = 1024
     resolution: int | str = 1024
+    """Training resolution of the bucket preview (pixels, or sd15 / sdxl / flux)."""
+    min_bucket_reso: int | None = None
+    """Bucket limits and steps as `loracap dreambooth` takes them (defaults: min(256, resolution),
+    2 x resolution, 64), so the preview is the trainer's assignment."""
+    max_bucket_reso: int | None = None
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
     hash_threshold: int | None = None
     device: str | None = None
     dtype: str | None = None
@@ -225,7 +233,13 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
         image_report(
             ds.images,
             min_side=config.min_side,
-            resolution=config.resolution,
+            buckets=BucketSettings.at(
+                resolve_side(config.resolution),
+                min_bucket_reso=config.min_bucket_reso,
+                max_bucket_reso=config.max_bucket_reso,
+                bucket_reso_steps=config.bucket_reso_steps,
+                no_upscale=config.bucket_no_upscale,
+            ),
             threshold=config.hash_threshold,
             workers=config.workers,
             progress=config.progress,
