@@ -200,7 +200,8 @@ class CaptionConfig:
             model, quant = choice.model, quant or choice.quant
             at = f" at {quant}" if quant else ""
             log.info("no --model given (%s): using %s%s", choice.reason, model, at)
-        return load_backend(model, device=self.device, dtype=self.dtype, quant=quant)
+        engine = "vllm" if self.engine == "vllm" else "local"
+        return load_backend(model, device=self.device, dtype=self.dtype, quant=quant, engine=engine)
 
 
 # Keyword shortcuts of caption_folder / Captioner that are older names of a setting.

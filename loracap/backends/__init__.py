@@ -64,6 +64,7 @@ def load_backend(
     quant: str | None = None,
     offline: bool | None = None,
     api_base: str | None = None,
+    engine: str = "local",
     **remote: Any,
 ) -> Backend:
     """Load `model` (hub id, local folder or cached id) onto the best device, or as told.
@@ -71,6 +72,7 @@ def load_backend(
     `quant` ("4bit" / "8bit") loads through bitsandbytes on CUDA and is refused elsewhere.
     `openai:MODEL` is a model on the OpenAI-compatible server at `api_base` (default: $OPENAI_BASE_URL);
     `remote` goes to `OpenAIRemoteBackend` (api_key_env, concurrency, timeout_s, max_retries, ...).
+    `engine="vllm"`: a chat model in vLLM (`vllm_chat`; CUDA only, refused elsewhere with one line).
     """
     import importlib
 
@@ -88,6 +90,16 @@ def load_backend(
         return OpenAIRemoteBackend(remote_model, api_base, **remote)
     if api_base or remote:
         raise ValueError(f"--api-base and the remote options only apply to --model {REMOTE_PREFIX}MODEL")
+    if engine == "vllm":
+        from .vllm_chat import VLLMChatBackend, check_vllm
+
+        folder = resolve_model(model, offline=offline)
+        check_vllm(json.loads((folder / "config.json").read_text()).get("model_type"), model)
+        if quant or (device not in (None, "auto") and not str(device).startswith("cuda")):
+            raise ValueError(
+                "--engine vllm runs on one CUDA GPU in the model's own precision: drop --quant/--device"
+            )
+        return VLLMChatBackend(folder, model)
     from .device import choose_placement
 
     folder = resolve_model(model, offline=offline)

@@ -93,17 +93,7 @@ class ChatVLMBackend:
         when there is one), or PaliGemma's task."""
         if self.paligemma:
             return "<image>" + prompt
-        conversation = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
-        ]
-        if system:
-            conversation.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
-        # Rendered through the tokenizer with the processor's template, not `processor.apply_chat_template`:
-        # SmolVLM's override of the latter reads its video processor, which is absent without torchvision.
-        template = self.processor.chat_template or self.tokenizer.chat_template
-        return self.tokenizer.apply_chat_template(
-            conversation, chat_template=template, add_generation_prompt=True, tokenize=False
-        )
+        return chat_prompt(self.processor, prompt, system)
 
     def prepare(
         self, images: list, mode: str, prompt: str | list[str] | None = None, *, system: str | None = None
@@ -168,6 +158,23 @@ class ChatVLMBackend:
         prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
         config, limit = self.model.generation_config, kwargs["max_new_tokens"]
         return generations(texts, prompt_tokens, new_tokens, config, limit)
+
+
+def chat_prompt(processor: Any, prompt: str, system: str | None = None) -> str:
+    """The model's chat template around one image and the instruction (after a system message when there
+    is one), ending where the model's answer begins: the same text for every engine that runs the model."""
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+    ]
+    if system:
+        conversation.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+    # Rendered through the tokenizer with the processor's template, not `processor.apply_chat_template`:
+    # SmolVLM's override of the latter reads its video processor, which is absent without torchvision.
+    tokenizer = processor.tokenizer
+    template = processor.chat_template or tokenizer.chat_template
+    return tokenizer.apply_chat_template(
+        conversation, chat_template=template, add_generation_prompt=True, tokenize=False
+    )
 
 
 def chat_input_side(image_processor: Any) -> int:
