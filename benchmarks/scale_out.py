@@ -48,8 +48,8 @@ def make_images(folder: Path, n: int, seed: int = 0) -> None:
 
 def run_engine(engine: str, images: Path, model: Path, args: argparse.Namespace) -> float:
     """Wall seconds of one `loracap caption` process."""
-    command = [sys.executable, "-m", "loracap", "caption", str(images), "--model", str(model), "--engine", engine,
-               "--existing", "overwrite", "--style", "caption", "--device", args.device, "--quiet",
+    command = [sys.executable, "-m", "loracap", "caption", str(images), "--model", str(model),
+               "--engine", engine, "--existing", "overwrite", "--style", "caption", "--device", args.device, "--quiet",
                "--max-new-tokens", str(args.tokens), "--min-new-tokens", str(args.tokens),
                "--batch-size", str(args.batch_size)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -68,8 +68,8 @@ def compare_ray(args: argparse.Namespace, work: Path) -> None:
     images.mkdir()
     make_images(images, args.images)
     model = build_model(args.arch, "tiny", work / "model", args.device)
-    print(f"setup: {args.images} images, tiny {args.arch}, {args.tokens} tokens each, batch {args.batch_size}, "
-          f"{os.cpu_count()} CPUs, {args.repeats} repeats")  # fmt: skip
+    print(f"setup: {args.images} images, tiny {args.arch}, {args.tokens} tokens each, "
+          f"batch {args.batch_size}, {os.cpu_count()} CPUs, {args.repeats} repeats")  # fmt: skip
     times: dict[str, list[float]] = {"local": [], "ray": []}
     for _ in range(args.repeats):
         for engine in times:
