@@ -49,7 +49,8 @@ def make_images(folder: Path, n: int, seed: int = 0) -> None:
 def run_engine(engine: str, images: Path, model: Path, args: argparse.Namespace) -> float:
     """Wall seconds of one `loracap caption` process."""
     command = [sys.executable, "-m", "loracap", "caption", str(images), "--model", str(model),
-               "--engine", engine, "--existing", "overwrite", "--style", "caption", "--device", args.device, "--quiet",
+               "--engine", engine, "--existing", "overwrite", "--style", "caption", "--device", args.device,
+               "--quiet",
                "--max-new-tokens", str(args.tokens), "--min-new-tokens", str(args.tokens),
                "--batch-size", str(args.batch_size)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -100,17 +101,10 @@ def compare_vllm(args: argparse.Namespace, work: Path) -> None:
     for engine in ("local", "vllm"):
         backend = load_backend(str(model), device="cuda", dtype="bf16") if engine == "local" else None
         backend = backend or load_backend(str(model), engine="vllm")
-        caption_folder(
-            images,
-            backend=backend,
-            style="caption",
-            generation=settings,
-            existing="overwrite",
-            batch_size=args.batch_size,
-            progress=False,
-        )  # fmt: skip  (warm-up pass)
-        summary = caption_folder(images, backend=backend, style="caption", generation=settings,
-                                 existing="overwrite", batch_size=args.batch_size, progress=False)  # fmt: skip
+        run = {"backend": backend, "style": "caption", "generation": settings, "existing": "overwrite",
+               "batch_size": args.batch_size, "progress": False}  # fmt: skip
+        caption_folder(images, **run)  # warm-up pass
+        summary = caption_folder(images, **run)
         rates[engine] = summary.captioned / summary.seconds
         print(f"loracap --engine {engine}: {rates[engine]:.1f} images/s", flush=True)
         del backend
