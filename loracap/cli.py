@@ -30,6 +30,7 @@ TRAIN_SETTINGS = "loracap.train.settings:TrainSettings"
 GENERATE_CONFIG = "loracap.dreambooth.generate:GenerateConfig"
 DREAMBOOTH_CONFIG = "loracap.dreambooth.settings:DreamBoothConfig"
 EXPORT_CONFIG = "loracap.scale.export:ExportConfig"
+EDIT_CONFIG = "loracap.edit.app:EditConfig"
 # Where a flag's default differs from the settings class's (the Python API's), the flag's wins here.
 _CLI_DEFAULTS = {TRAIN_SETTINGS: {"mixed_precision": "auto"}}
 # Given on the command line but not settings of a command: how to run, not what to do.
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(commands)
     _add_dreambooth_parser(commands)
     _add_export_parser(commands)
+    _add_edit_parser(commands)
     return parser
 
 
@@ -442,6 +444,37 @@ def _generate(args: argparse.Namespace) -> int:
         f"grid {grid}, images beside it as {grid.stem}-PROMPT-IMAGE.png",
         file=sys.stderr,
     )
+    return 0
+
+
+def _add_edit_parser(commands: argparse._SubParsersAction) -> None:
+    ed = _command_parser(
+        commands,
+        "edit",
+        EDIT_CONFIG,
+        help="review and fix captions in the browser",
+        description="Serve a local web editor for the captions of DIR (any layout loracap reads), indexed "
+        "under DIR/.loracap/. Needs `pip install loracap[serve]`.",
+    )
+    ed.add_argument("dir", nargs="?", help="the dataset folder")
+    ed.add_argument("--host", help="address to bind (default 127.0.0.1; any other needs the printed token)")
+    ed.add_argument("--port", type=int, help="default 7861")
+    ed.add_argument("--no-browser", dest="browser", action="store_false", help="do not open the browser")
+    ed.add_argument("--model", help="the captioner re-captioning offers (any --model of loracap caption)")
+    ed.add_argument(
+        "--tokenizer", help="CLIP tokenizer for the token counter (default: ViT-L/14's, if cached)"
+    )
+    ed.add_argument("--layout", choices=("auto", "sidecar", "jsonl", "kohya-json"))
+    ed.add_argument("--ext", help="sidecar extension (default .txt)")
+    ed.add_argument("--metadata-file", help="metadata.jsonl / kohya JSON elsewhere than in DIR")
+    ed.add_argument("--token", help="the access token to require (default: made when --host is not local)")
+    ed.add_argument("--device", help="where re-captioning runs")
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from .edit.app import edit
+
+    edit(_settings(EDIT_CONFIG, args))
     return 0
 
 
@@ -873,6 +906,9 @@ class _Command:
 
 
 _COMMANDS = {
+    "edit": _Command(
+        _edit, extra="serve", interrupted="stopped; every saved caption is on disk.", what="editing"
+    ),
     "export": _Command(
         _export,
         extra="ray",

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("loracap.quality",),
     ("loracap.data",),
     ("loracap.train", "loracap.dreambooth", "loracap.scale"),
-    ("loracap.serve", "loracap.cli", "loracap.__main__", "loracap.testing", "loracap"),
+    ("loracap.serve", "loracap.edit", "loracap.cli", "loracap.__main__", "loracap.testing", "loracap"),
 ]
 
 
