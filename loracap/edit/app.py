@@ -551,7 +551,7 @@ def _recaption(
         caption_config.check()
         backend = caption_config.load_backend()
         request = resolve_request(caption_config.style_choice, backend)
-        sizer = BatchSize(None, backend)
+        sizer = BatchSize(None, backend, workers=0)
         size = backend.default_batch_size
         for start in range(0, len(rows), size):
             chunk = rows[start : start + size]
