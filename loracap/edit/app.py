@@ -156,7 +156,8 @@ def create_app(config: EditConfig) -> FastAPI:
     metadata = Path(config.metadata_file) if config.metadata_file else None
     index = Index(root, layout=config.layout, ext=config.ext, metadata_file=metadata)
     undo_log = UndoLog(index.folder)
-    tokenizer = _load_tokenizer(config.tokenizer)
+    # Loaded after the index (importing transformers takes seconds): the counter shows once it is there.
+    tokens_of: dict[str, Any] = {"tokenizer": None}
     token = config.token or ("" if config.host in LOOPBACK else secrets.token_urlsafe(16))
     jobs: dict[str, _Job] = {}
     job_lock = threading.Lock()
@@ -169,6 +170,7 @@ def create_app(config: EditConfig) -> FastAPI:
         except Exception as exc:  # noqa: BLE001 - shown by /api/info; the server stays up
             log.exception("indexing %s failed", root)
             state["error"] = f"{type(exc).__name__}: {exc}"
+        tokens_of["tokenizer"] = _load_tokenizer(config.tokenizer)
 
     threading.Thread(target=build, name="loracap-index", daemon=True).start()
     app = FastAPI(title="loracap edit", docs_url=None, redoc_url=None)
@@ -200,7 +202,7 @@ def create_app(config: EditConfig) -> FastAPI:
             "total": index.count(),
             "indexing": index.indexing,
             "error": state["error"],
-            "tokenizer": tokenizer is not None,
+            "tokenizer": tokens_of["tokenizer"] is not None,
             "max_tokens": index.max_tokens,
             "models": [m for m in [config.model] if m],
             "styles": config.styles,
@@ -221,7 +223,7 @@ def create_app(config: EditConfig) -> FastAPI:
         if sort not in ("path", "clip") or order not in ("asc", "desc"):
             raise HTTPException(422, "sort is path or clip, order asc or desc")
         total, rows = index.select(selection, offset=offset, limit=limit, sort=sort, order=order)
-        _count_tokens(index, tokenizer, rows)
+        _count_tokens(index, tokens_of["tokenizer"], rows)
         return {"total": total, "offset": offset, "items": [_item(index, r) for r in rows]}
 
     @app.get("/api/image/{image_id}/file")
@@ -248,14 +250,14 @@ def create_app(config: EditConfig) -> FastAPI:
                 status_code=409,
             )
         _write(index, [(image_id, row["path"], body.text)])
-        tokens = _tokens(tokenizer, body.text)
+        tokens = _tokens(tokens_of["tokenizer"], body.text)
         if tokens is not None:
             index.set_tokens([(image_id, tokens)])
         return {"caption": body.text.strip(), "tokens": tokens}
 
     @app.post("/api/tokens")
     def tokens(body: TokenRequest) -> dict[str, Any]:
-        return {"tokens": _tokens(tokenizer, body.text), "max_tokens": index.max_tokens}
+        return {"tokens": _tokens(tokens_of["tokenizer"], body.text), "max_tokens": index.max_tokens}
 
     @app.get("/api/tags")
     def tags_panel(sort: str = "count") -> dict[str, Any]:
