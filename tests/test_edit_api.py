@@ -216,3 +216,19 @@ def test_recaption_proposes_and_accepting_writes(tmp_path, tiny_model):
     written = {p["path"]: p["proposal"] for p in proposals}["d.png"]
     assert (root / "d.txt").read_text(encoding="utf-8") == written.strip()
     assert (root / "a.txt").read_text() == "ohwx, red, hat" and c.get("/api/proposals").json()["items"] == []
+
+
+def test_clip_scores_on_request_sort_the_grid_lowest_first(tmp_path, tiny_model):
+    import torch
+
+    torch.set_num_threads(1)
+    root = dataset(tmp_path / "data")
+    c = client(root, clip_model=str(tiny_model("clip")), device="cpu")
+    job = c.post("/api/clip", json={}).json()["job"]
+    with c.stream("GET", f"/api/jobs/{job}/events") as stream:
+        events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["state"] == "done", events[-1]
+    items = c.get("/api/images", params={"sort": "clip"}).json()["items"]
+    scores = [i["clip"] for i in items if i["clip"] is not None]
+    assert len(scores) == 3 and scores == sorted(scores)  # the three captioned images, lowest first
+    assert items[-1]["path"] == "d.png" and items[-1]["clip"] is None  # no caption, no score: last

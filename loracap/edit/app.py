@@ -68,7 +68,9 @@ class EditConfig:
     token: str | None = None
     """The access token (default: made at start when the address is not loopback)."""
     device: str | None = None
-    """Where re-captioning runs (default: the best there is)."""
+    """Where re-captioning and CLIP scoring run (default: the best there is)."""
+    clip_model: str | None = None
+    """The CLIP model scores are computed with on request (default: `loracap report`'s)."""
     styles: list[str] = field(default_factory=lambda: ["caption", "detailed", "tags", "booru-tags"])
 
 
@@ -116,6 +118,10 @@ class RecaptionBody(BaseModel):
     ids: list[int] = Field(..., min_length=1, max_length=100_000)
     model: str | None = Field(None, max_length=500)
     style: str | None = Field(None, max_length=200)
+
+
+class ClipBody(BaseModel):
+    model: str | None = Field(None, max_length=500)
 
 
 class ProposalBody(BaseModel):
@@ -310,15 +316,22 @@ def create_app(config: EditConfig) -> FastAPI:
         rows = [index.get(i) for i in body.ids]
         if any(r is None for r in rows):
             raise HTTPException(404, "an id names no image")
+        return {"job": start_job(len(rows), _recaption, index, rows, model, body.style or "caption", config)}
+
+    @app.post("/api/clip")
+    def clip(body: ClipBody | None = None) -> dict[str, Any]:
+        rows = [r for r in index.select(Selection(), limit=None)[1] if (r["caption"] or "").strip()]
+        model = (body.model if body else None) or config.clip_model
+        return {"job": start_job(len(rows), _clip_job, index, rows, model, config)}
+
+    def start_job(total: int, work: Any, *args: Any) -> str:
         with job_lock:
             if any(j.state == "running" for j in jobs.values()):
-                raise HTTPException(409, "a re-captioning job is already running")
-            job = _Job(len(rows))
+                raise HTTPException(409, "a job is already running")
+            job = _Job(total)
             jobs[job.id] = job
-        threading.Thread(
-            target=_recaption, args=(index, job, rows, model, body.style or "caption", config), daemon=True
-        ).start()
-        return {"job": job.id}
+        threading.Thread(target=work, args=(*args[:1], job, *args[1:]), daemon=True).start()
+        return job.id
 
     @app.get("/api/jobs/{job_id}/events")
     async def job_events(job_id: str) -> StreamingResponse:
@@ -573,6 +586,27 @@ def _recaption(
         job.state = "done"
     except Exception as exc:  # noqa: BLE001 - the job fails, the server goes on; the page shows why
         log.exception("re-captioning failed")
+        job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+
+
+def _clip_job(
+    index: Index, job: _Job, rows: list[dict[str, Any]], model: str | None, config: EditConfig
+) -> None:
+    """CLIP scores of every captioned image, through `loracap report`'s scorer and its cache."""
+    from loracap.quality.clipscore import DEFAULT_MODEL, clip_scores
+
+    try:
+        run = clip_scores(
+            [(index.root / r["path"], r["caption"]) for r in rows],
+            model=model or DEFAULT_MODEL,
+            device=config.device,
+            progress=False,
+        )
+        by_path = {Path(p.path).resolve(): p.score for p in run.pairs if p.score is not None}
+        index.set_clip((r["path"], by_path.get((index.root / r["path"]).resolve())) for r in rows)
+        job.done, job.state = job.total, "done"
+    except Exception as exc:  # noqa: BLE001 - the job fails, the server goes on; the page shows why
+        log.exception("CLIP scoring failed")
         job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
 
 

@@ -302,6 +302,12 @@ class Index:
             db.executemany("UPDATE images SET clip=?, fused=? WHERE path=?", rows)
             db.commit()
 
+    def set_clip(self, scores: Iterable[tuple[str, float | None]]) -> None:
+        """CLIP scores by path (computed on request)."""
+        with self.write_lock, self.connection() as db:
+            db.executemany("UPDATE images SET clip=? WHERE path=?", ((s, p) for p, s in scores))
+            db.commit()
+
     def set_proposals(self, proposals: Iterable[tuple[int, str | None]]) -> None:
         with self.write_lock, self.connection() as db:
             db.executemany("UPDATE images SET proposal=? WHERE id=?", ((p, i) for i, p in proposals))
