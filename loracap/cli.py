@@ -294,6 +294,9 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "(base64 image_url content), with /v1/models and /health. Needs `pip install loracap[serve]`.",
     )
     srv.add_argument("--model", help="hub id, local folder, or cached id")
+    srv.add_argument(
+        "--engine", choices=("local", "vllm"), help="local: transformers; vllm: a chat model on vLLM (CUDA)"
+    )
     srv.add_argument("--host", help="0.0.0.0 to accept other machines")
     srv.add_argument("--port", type=int)
     _add_style_arguments(srv)

@@ -40,6 +40,14 @@ def test_vllm_is_refused_with_one_line_where_it_cannot_run(tmp_path, tiny_model,
     assert not list(data.glob("*.txt"))
 
 
+@pytest.mark.skipif(_cuda_and_vllm(), reason="this machine can run vLLM")
+def test_serve_with_vllm_is_refused_before_it_binds_where_it_cannot_run(tiny_model, capsys):
+    model = str(tiny_model("qwen2-vl"))
+    assert main(["serve", "--model", model, "--engine", "vllm", "--port", "1"]) == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("loracap:")]
+    assert len(said) == 1 and "--engine vllm needs" in said[0]
+
+
 def test_vllm_refuses_the_families_it_does_not_run(tmp_path, tiny_model, capsys):
     data = _folder(tmp_path / "data")
     assert (

@@ -505,7 +505,9 @@ def serve(config: ServeConfig | str, *, api_key: str | None = None, **settings: 
         if not api_key:  # refuse to start open when a key was asked for
             raise ValueError(f"api_key_env: ${config.api_key_env} is not set or empty")
     config.style_choice.check()  # before minutes of model loading
-    backend = load_backend(config.model, device=config.device, dtype=config.dtype, quant=config.quant)
+    backend = load_backend(
+        config.model, device=config.device, dtype=config.dtype, quant=config.quant, engine=config.engine
+    )
     request = resolve_request(config.style_choice, backend)
     app = create_app(
         backend,

@@ -23,6 +23,8 @@ class ServeConfig:
     device: str | None = None
     dtype: str | None = None
     quant: str | None = None
+    engine: str = "local"
+    """local (transformers) or vllm (a chat model on vLLM, one CUDA GPU; refused elsewhere)."""
     max_batch: int = 16
     batch_wait_ms: float = 5.0
     max_image_pixels: int | None = None
