@@ -282,6 +282,17 @@ def _add_model_arguments(group: argparse._ActionsContainer) -> None:
     group.add_argument("--min-new-tokens", type=int, help="shortest caption in tokens")
     group.add_argument("--num-beams", type=int, help="beam search width (3 is a little better, slower)")
     group.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
+    group.add_argument(
+        "--general-threshold", type=float, metavar="P", help="taggers: keep general tags at P or more (0.35)"
+    )
+    group.add_argument(
+        "--character-threshold",
+        type=float,
+        metavar="P",
+        help="taggers: keep character tags at P or more (0.85)",
+    )
+    group.add_argument("--character-tags-first", action="store_true", help="taggers: character tags first")
+    group.add_argument("--rating-tags", action="store_true", help="taggers: the most likely rating tag first")
 
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:

@@ -61,12 +61,24 @@ def is_cached(repo_id: str) -> bool:
     return isinstance(found, str)
 
 
+TAGGER_FILES = ("model.onnx", "selected_tags.csv")
+"""What makes a folder a WD14-style tagger (SmilingWolf's wd-*-tagger repos, and any like them)."""
+
+
+def is_tagger_folder(path: Path) -> bool:
+    return all((Path(path) / name).is_file() for name in TAGGER_FILES)
+
+
 def resolve_model(spec: str, *, offline: bool | None = None, revision: str | None = None) -> Path:
-    """Turn `--model` into a local folder holding config.json, downloading once if allowed."""
+    """Turn `--model` into a local folder holding config.json (or a tagger's model.onnx and
+    selected_tags.csv), downloading once if allowed."""
     path = Path(spec).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelUnavailable(f"{spec} is not a model folder: it has no config.json")
+        if not (path / "config.json").is_file() and not is_tagger_folder(path):
+            raise ModelUnavailable(
+                f"{spec} is not a model folder: it has no config.json (nor a tagger's model.onnx and "
+                "selected_tags.csv)"
+            )
         return path.resolve()
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not _REPO_ID.match(spec):
         raise ModelUnavailable(f"no model folder at {spec}, and it is not a Hugging Face model id")
@@ -95,6 +107,8 @@ def _download(spec: str, revision: str | None, cache: Path) -> Path:
     try:
         files = HfApi().list_repo_files(spec, revision=revision)
         ignore = list(_IGNORE_PATTERNS)
+        if "selected_tags.csv" in files:  # a WD tagger: its ONNX graph is the model
+            ignore = [p for p in ignore if "onnx" not in p]
         if any(name.endswith(".safetensors") for name in files):
             ignore.append("*.bin")  # both are often published; one copy is enough
         log.info("downloading %s (first use; cached for next time in %s)", spec, cache)

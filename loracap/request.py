@@ -172,6 +172,9 @@ def _mode_request(choice: StyleChoice, style: Style, backend: Backend, trigger: 
             f"{', '.join(given)} cannot apply; use a chat model (see `loracap models`) or leave them out"
         )
     mode = style.florence_task
+    if tuple(backend.modes) == ("tags",) and choice.style == "caption" and mode != "tags":
+        # A tagger writes tags only: the default style means "what it writes", not prose it cannot write.
+        style, mode = load_style("tags"), "tags"
     if mode is None or not accepts(backend, mode):
         able = [s.name for s in list_styles() if s.florence_task in backend.modes]
         raise BackendError(

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from ..hub import ModelUnavailable, resolve_model
+from ..hub import ModelUnavailable, is_tagger_folder, resolve_model
 from .base import Backend, BackendError, GenerationSettings, caption_images
 from .registry import DEFAULT_MODEL, KNOWN_MODELS, REMOTE_PREFIX, KnownModel
 
@@ -53,6 +53,8 @@ def _backend_for(model_type: str | None) -> tuple[str, str] | None:
 def supports(model_id: str) -> bool:
     """Whether a model in the registry has a backend here (its family maps to one)."""
     known = next((m for m in KNOWN_MODELS if m.id == model_id), None)
+    if known is not None and known.family == "wd-tagger":
+        return True
     return known is not None and not known.unsupported and _backend_for(known.family) is not None
 
 
@@ -103,6 +105,12 @@ def load_backend(
     from .device import choose_placement
 
     folder = resolve_model(model, offline=offline)
+    if is_tagger_folder(folder):
+        from .wd_tagger import WDTaggerBackend
+
+        if quant:
+            raise ValueError("--quant does not apply to a tagger (an ONNX graph on onnxruntime)")
+        return WDTaggerBackend(folder, model, device=device)
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     family = _backend_for(model_type)
     if family is None:

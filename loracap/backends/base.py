@@ -35,6 +35,14 @@ class GenerationSettings:
     """Sample (with `temperature` and `top_p`) instead of decoding greedily."""
     temperature: float = 1.0
     top_p: float = 1.0
+    general_threshold: float = 0.35
+    """Taggers (WD14 / WD v3): the lowest probability a general tag is kept at (sd-scripts' default)."""
+    character_threshold: float = 0.85
+    """Taggers: the same for character tags."""
+    character_tags_first: bool = False
+    """Taggers: character tags before the general ones."""
+    rating_tags: bool = False
+    """Taggers: put the most likely rating tag (general, sensitive, questionable, explicit) first."""
 
     def generate_kwargs(
         self, default_max_new_tokens: int, *, interrupt: Callable[[], bool] | None = None

@@ -67,6 +67,15 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
     KnownModel(
         "nlpconnect/vit-gpt2-image-captioning", "vision-encoder-decoder", ("caption",), 240, "short captions"
     ),
+    # WD taggers: ONNX graphs on onnxruntime (the `tagger` extra); parameters are the backbone's plus the
+    # ~10.9k-tag head, approximately.
+    KnownModel("SmilingWolf/wd-vit-tagger-v3", "wd-tagger", ("tags",), 94, "booru tags, on onnxruntime"),
+    KnownModel("SmilingWolf/wd-swinv2-tagger-v3", "wd-tagger", ("tags",), 96),
+    KnownModel("SmilingWolf/wd-convnext-tagger-v3", "wd-tagger", ("tags",), 99),
+    KnownModel(
+        "SmilingWolf/wd-eva02-large-tagger-v3", "wd-tagger", ("tags",), 315, "the most accurate WD tagger"
+    ),
+    KnownModel("SmilingWolf/wd-v1-4-moat-tagger-v2", "wd-tagger", ("tags",), 80, "WD14 (v2 tags)"),
     KnownModel("vikhyatk/moondream2", "moondream", ANY_STYLE, 1930, unsupported=_REMOTE_CODE),
     KnownModel("openbmb/MiniCPM-V-2_6", "minicpmv", ANY_STYLE, 8100, unsupported=_REMOTE_CODE),
 )

@@ -10,7 +10,8 @@ remote-code layout of microsoft/Florence-2-* and MiaoshouAI/Florence-2-*-PromptG
 reference for loracap's converter), `caption_models` (BLIP, ViT-GPT2), `chat_models` (chat VLMs),
 `clip_models` (CLIP, SigLIP, and `siglip`, the vision tower `loracap train` assembles) and `text_models`
 (`llama`, a SmolLM2-shaped causal LM), and `diffusion_models` (`sd15`, `sdxl`, `flux`: diffusers pipeline
-folders for DreamBooth-LoRA training and generation). Only the first three also build the published size.
+folders for DreamBooth-LoRA training and generation), and `tagger_models` (`wd-tagger`, a WD14-style
+ONNX tagger). Only the first three also build the published size.
 
 torch, transformers and diffusers are imported inside the builders so `import loracap.testing` stays light.
 """
@@ -26,6 +27,7 @@ from loracap.testing.clip_models import CLIP_ARCHS, VISION_ARCHS, build_clip_mod
 from loracap.testing.diffusion_models import DIFFUSION_ARCHS, build_diffusion_model
 from loracap.testing.florence2 import write_florence2
 from loracap.testing.florence2_original import write_florence2_original
+from loracap.testing.tagger_models import TAGGER_ARCHS, build_tagger
 from loracap.testing.text_models import TEXT_ARCHS, build_text_model
 
 # The archs that also come in the published size: arch -> write(out, size=, seed=) (florence2-original also
@@ -41,6 +43,7 @@ _TINY_FAMILIES: tuple[tuple[tuple[str, ...], Callable[..., None]], ...] = (
     (CHAT_ARCHS, build_chat_model),
     ((*CLIP_ARCHS, *VISION_ARCHS), build_clip_model),
     (TEXT_ARCHS, build_text_model),
+    (TAGGER_ARCHS, build_tagger),
     (DIFFUSION_ARCHS, build_diffusion_model),
 )
 
@@ -50,6 +53,7 @@ ARCHS: tuple[str, ...] = (
     *CLIP_ARCHS,
     *VISION_ARCHS,
     *TEXT_ARCHS,
+    *TAGGER_ARCHS,
     *DIFFUSION_ARCHS,
 )
 SIZES: tuple[str, ...] = ("tiny", "full")
