@@ -31,6 +31,7 @@ GENERATE_CONFIG = "loracap.dreambooth.generate:GenerateConfig"
 DREAMBOOTH_CONFIG = "loracap.dreambooth.settings:DreamBoothConfig"
 EXPORT_CONFIG = "loracap.scale.export:ExportConfig"
 EDIT_CONFIG = "loracap.edit.app:EditConfig"
+EXPORT_ONNX_CONFIG = "loracap.onnx_export:ExportOnnxConfig"
 # Where a flag's default differs from the settings class's (the Python API's), the flag's wins here.
 _CLI_DEFAULTS = {TRAIN_SETTINGS: {"mixed_precision": "auto"}}
 # Given on the command line but not settings of a command: how to run, not what to do.
@@ -242,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dreambooth_parser(commands)
     _add_export_parser(commands)
     _add_edit_parser(commands)
+    _add_export_onnx_parser(commands)
     return parser
 
 
@@ -277,7 +279,11 @@ def _add_style_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
 def _add_model_arguments(group: argparse._ActionsContainer) -> None:
     group.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
     group.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), help="(default: auto)")
-    group.add_argument("--quant", choices=("4bit", "8bit"), help="load through bitsandbytes (CUDA only)")
+    group.add_argument(
+        "--quant",
+        choices=("4bit", "8bit", "int8"),
+        help="4bit/8bit: load through bitsandbytes (CUDA only); int8: an ONNX captioner's quantized graphs",
+    )
     group.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default per mode)")
     group.add_argument("--min-new-tokens", type=int, help="shortest caption in tokens")
     group.add_argument("--num-beams", type=int, help="beam search width (3 is a little better, slower)")
@@ -458,6 +464,36 @@ def _generate(args: argparse.Namespace) -> int:
         f"grid {grid}, images beside it as {grid.stem}-PROMPT-IMAGE.png",
         file=sys.stderr,
     )
+    return 0
+
+
+def _add_export_onnx_parser(commands: argparse._SubParsersAction) -> None:
+    onx = _command_parser(
+        commands,
+        "export-onnx",
+        EXPORT_ONNX_CONFIG,
+        help="export a ViT-GPT2-style captioner to ONNX (onnxruntime, no PyTorch)",
+        description="Write MODEL as ONNX graphs (encoder, decoder, decoder with past) with its config, image "
+        "processor and tokenizer into OUT, after checking that onnxruntime's greedy tokens equal PyTorch's. "
+        "`loracap caption --model OUT` then runs it on onnxruntime. Needs `pip install loracap[onnx]`.",
+    )
+    onx.add_argument("model", nargs="?", help="hub id or folder of the captioner")
+    onx.add_argument("out", nargs="?", help="the folder to write")
+    onx.add_argument("--quantize", choices=("int8",), help="also write int8 *_quantized.onnx graphs")
+    onx.add_argument("--opset", type=int)
+    onx.add_argument("--check-images", type=int, metavar="N", help="probe images of the parity check (4)")
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx
+
+    result = export_onnx(_settings(EXPORT_ONNX_CONFIG, args))
+    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in result["files"].items())
+    parity = result["parity"]
+    line = f"first-step logits within {parity['first_step_max_logit_difference']:.1e}, greedy tokens equal"
+    if "int8" in parity:
+        line += f"; int8 agrees on {100 * parity['int8']['token_agreement']:.0f}% of tokens"
+    print(f"loracap: exported ({sizes}); {line}", file=sys.stderr)
     return 0
 
 
@@ -920,6 +956,7 @@ class _Command:
 
 
 _COMMANDS = {
+    "export-onnx": _Command(_export_onnx, extra="onnx", what="ONNX export"),
     "edit": _Command(
         _edit, extra="serve", interrupted="stopped; every saved caption is on disk.", what="editing"
     ),

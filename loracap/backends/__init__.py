@@ -105,6 +105,14 @@ def load_backend(
     from .device import choose_placement
 
     folder = resolve_model(model, offline=offline)
+    from .onnx_captioner import is_onnx_captioner
+
+    if is_onnx_captioner(folder):
+        from .onnx_captioner import OnnxCaptionerBackend
+
+        if quant not in (None, "int8"):
+            raise ValueError("an ONNX captioner takes --quant int8 (its *_quantized.onnx graphs) or none")
+        return OnnxCaptionerBackend(folder, model, quantized=quant == "int8", device=device)
     if is_tagger_folder(folder):
         from .wd_tagger import WDTaggerBackend
 
