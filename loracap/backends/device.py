@@ -82,7 +82,10 @@ def quantization_kwargs(quant: str | None, placement: Placement) -> dict:
     if quant is None:
         return {}
     if quant not in QUANT_MODES:
-        raise BackendError(f"unknown quantization {quant!r}; choose {' or '.join(QUANT_MODES)}")
+        raise BackendError(
+            f"unknown quantization {quant!r}; choose {' or '.join(QUANT_MODES)} (int8 is for ONNX "
+            "captioners, see loracap export-onnx)"
+        )
     if placement.device.type != "cuda":
         raise BackendError(
             f"--quant {quant} loads through bitsandbytes, which needs a CUDA GPU; this run is on "
