@@ -5,7 +5,13 @@
 #   2. the same for a Qwen2.5-VL-3B-size chat model
 #   3. CLIPScore pairs/s (ViT-L/14 dimensions)
 #   4. `loracap train` samples/s (SigLIP-base + SmolLM2-135M dimensions)
-#   5. Florence-2 again with loracap's static-cache decoder (compiled by transformers on CUDA)
+#   5. `loracap dreambooth` steps/s against diffusers' example trainers (when DIFFUSERS_DREAMBOOTH_DIR
+#      is set): SD 1.5 size at 512 px batch 4, SDXL size at 1024 px batch 1
+#   6. Florence-2 again with loracap's static-cache decoder (compiled by transformers on CUDA)
+#   7. `loracap dreambooth` on a FLUX.1-dev-size pipeline (12B transformer + T5-XXL, random weights, 33 GB
+#      written to $TMPDIR) at 1024 px batch 1 against diffusers' train_dreambooth_lora_flux.py: several
+#      minutes on its own, so the default budget seldom reaches it; run it alone with
+#      BUDGET_S=600 bash benchmarks/gpu.sh --steps dreambooth-flux
 # prints one table and appends it to benchmarks/RESULTS.md with the GPU's name. Every step has a
 # time limit (the whole run stays within $BUDGET_S seconds); a step that fails or runs out of time
 # is reported as such and the rest still run.
@@ -14,6 +20,9 @@
 #   bash benchmarks/gpu.sh --size tiny            # a check of the script on a CPU, in a few minutes;
 #                                                 # appends only with --results FILE
 #   bash benchmarks/gpu.sh --results FILE         # append somewhere else
+#   bash benchmarks/gpu.sh --steps a,b            # only those steps (names as printed: florence2,
+#                                                 # qwen2.5-vl, clipscore, train, dreambooth-sd15,
+#                                                 # dreambooth-sdxl, florence2-static, dreambooth-flux)
 #
 # Environment: the active virtual environment, else ./.venv (made with --system-site-packages so a
 # preinstalled CUDA torch is used). loracap is installed into it (`pip install -e ".[train,report]"`)
@@ -22,6 +31,7 @@ set -uo pipefail
 
 SIZE=full
 RESULTS=""
+STEPS=""
 BUDGET_S=${BUDGET_S:-450}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -29,7 +39,9 @@ while [ $# -gt 0 ]; do
     --size=*) SIZE=${1#*=}; shift ;;
     --results) RESULTS=$2; shift 2 ;;
     --results=*) RESULTS=${1#*=}; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --steps) STEPS=$2; shift 2 ;;
+    --steps=*) STEPS=${1#*=}; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -71,7 +83,10 @@ if [ "$SIZE" = full ]; then
   CLIP="--size full --images 512 --device cuda"
   TRAIN="--batch-size 32 --short 5 --long 25 --workers 8"
   DREAMBOOTH_SD15="--size full --resolution 512 --precision bf16 --batch-size 4 --short 5 --long 25 --repeats 1"
-  DREAMBOOTH_SDXL="--size full --resolution 1024 --precision bf16 --batch-size 2 --short 3 --long 13 --repeats 1"
+  # SDXL and Flux: one image a step (no class images), the issue's 1024 px batch 1 targets; with a second
+  # loracap row that has its default text cache (diffusers' SDXL script encodes its prompt once, too)
+  DREAMBOOTH_SDXL="--size full --resolution 1024 --precision bf16 --batch-size 1 --no-prior --short 3 --long 23 --repeats 1 --loracap-variant=--cache-text"
+  DREAMBOOTH_FLUX="--size full --resolution 1024 --precision bf16 --batch-size 1 --no-prior --short 2 --long 17 --repeats 1 --loracap-variant=--cache-text"
 else
   DEVICE="--device cpu --dtype fp32 --threads 1"
   MACHINE="CPU ($(nproc) cores), --size tiny check"
@@ -81,16 +96,22 @@ else
   TRAIN="--size tiny --batch-size 4 --short 2 --long 8 --workers 0"
   DREAMBOOTH_SD15="--size tiny --resolution 32 --short 2 --long 6 --repeats 1"
   DREAMBOOTH_SDXL="--size tiny --resolution 32 --short 2 --long 6 --repeats 1"
+  DREAMBOOTH_FLUX="--size tiny --resolution 32 --short 2 --long 6 --repeats 1 --loracap-variant=--cache-text"
 fi
 # diffusers' own trainer is the baseline when its script is given (it cannot be committed here):
 # DIFFUSERS_DREAMBOOTH_DIR=/path/to/diffusers/examples/dreambooth bash benchmarks/gpu.sh
 DB_SD15_BASELINE=${DIFFUSERS_DREAMBOOTH_DIR:+--diffusers-script $DIFFUSERS_DREAMBOOTH_DIR/train_dreambooth_lora.py}
 DB_SDXL_BASELINE=${DIFFUSERS_DREAMBOOTH_DIR:+--diffusers-script $DIFFUSERS_DREAMBOOTH_DIR/train_dreambooth_lora_sdxl.py}
+DB_FLUX_BASELINE=${DIFFUSERS_DREAMBOOTH_DIR:+--diffusers-script $DIFFUSERS_DREAMBOOTH_DIR/train_dreambooth_lora_flux.py}
 
 # step NAME LIMIT_S COMMAND...: run with a time limit cut to what is left of the budget; log to $OUT.
 step() {
   local name=$1 limit=$2
   shift 2
+  if [ -n "$STEPS" ] && [[ ",$STEPS," != *",$name,"* ]]; then
+    echo "not selected (--steps $STEPS)" >"$OUT/$name.status"
+    return
+  fi
   local left=$((BUDGET_S - ($(date +%s) - START)))
   if [ "$left" -lt 20 ]; then
     echo "[$name] skipped: the ${BUDGET_S} s budget is spent" | tee "$OUT/$name.status"
@@ -125,20 +146,24 @@ step train 90 python $B/train_throughput.py $TRAIN
 # shellcheck disable=SC2086
 step dreambooth-sd15 90 python $B/dreambooth_throughput.py --arch sd15 $DREAMBOOTH_SD15 $DB_SD15_BASELINE
 # shellcheck disable=SC2086
-step dreambooth-sdxl 90 python $B/dreambooth_throughput.py --arch sdxl $DREAMBOOTH_SDXL $DB_SDXL_BASELINE
+step dreambooth-sdxl 180 python $B/dreambooth_throughput.py --arch sdxl $DREAMBOOTH_SDXL $DB_SDXL_BASELINE
 # Last, as the step most likely to run out of time: compiling the decoder for each batch shape.
 # shellcheck disable=SC2086
 step florence2-static 120 python $B/caption_throughput.py --arch florence2 --size "$SIZE" --tokens 50 $DEVICE $FLORENCE --sides loracap --static-cache --json "$OUT/florence2-static.json"
+# Flux after everything: building and loading a 12B pipeline takes minutes (see the top).
+# shellcheck disable=SC2086
+step dreambooth-flux 540 python $B/dreambooth_throughput.py --arch flux $DREAMBOOTH_FLUX $DB_FLUX_BASELINE
 
 # ------------------------------------------------------------------------------------------ the table
 TOTAL=$(($(date +%s) - START))
-python - "$OUT" "$MACHINE" "$SIZE" "$TOTAL" "$RESULTS" <<'EOF'
+python - "$OUT" "$MACHINE" "$SIZE" "$TOTAL" "$RESULTS" "$STEPS" <<'EOF'
 import datetime, json, re, sys
 from pathlib import Path
 
 import torch
 
 out, machine, size, total, results = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+steps = f" --steps {sys.argv[6]}" if sys.argv[6] else ""
 
 
 def status(name):
@@ -178,7 +203,7 @@ train_images = grab("train", r"^images: " + number)
 train_cached = grab("train", r"^cached features: " + number)
 today = datetime.date.today().isoformat()
 lines = [
-    f"### {machine}: `benchmarks/gpu.sh{' --size tiny' if size == 'tiny' else ''}`, {today}",
+    f"### {machine}: `benchmarks/gpu.sh{' --size tiny' if size == 'tiny' else ''}{steps}`, {today}",
     "",
     f"torch {torch.__version__}; whole run {total} s. "
     + ("Tiny random models on a CPU: a check that the script runs end to end, not a throughput number."
@@ -193,10 +218,17 @@ lines = [
     f"- CLIPScore: {clip_ours} pairs/s (per-pair loop {clip_loop})",
     f"- `loracap train`: {train_images} samples/s from images, {train_cached} from cached features",
 ]
-for name, label in (("dreambooth-sd15", "SD 1.5"), ("dreambooth-sdxl", "SDXL")):
+for name, label in (("dreambooth-sd15", "SD 1.5"), ("dreambooth-sdxl", "SDXL"), ("dreambooth-flux", "FLUX.1-dev")):
     path = out / f"{name}.log"
-    rows = re.findall(r"^\| (loracap|diffusers) \| ([\d.]+) ", path.read_text(), re.M) if path.exists() else []
-    found = ", ".join(f"{kind} {rate} steps/s" for kind, rate in rows) or status(name)
+    text = path.read_text() if path.exists() else ""
+    rows = re.findall(r"^\| (loracap[^|]*?|diffusers) \| ([\d.]+|nan) .*?\| ([\d.]+) \| ([\d.-]+) \|$", text, re.M)
+    found = ", ".join(
+        f"{kind} {rate} steps/s (peak {'CUDA ' + cuda if cuda != '-' else 'RSS ' + rss} GiB)"
+        for kind, rate, rss, cuda in rows
+    ) or status(name)
+    ratios = re.findall(r"^ratio (loracap.*?) / diffusers: steps/s ([\d.]+)", text, re.M)
+    if ratios:
+        found += "; " + ", ".join(f"{kind} / diffusers **{ratio}x**" for kind, ratio in ratios)
     lines.append(f"- `loracap dreambooth`, {label} size: {found}")
 lines.append("")
 for name in ("florence2", "florence2-static", "qwen2.5-vl"):
