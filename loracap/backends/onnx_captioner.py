@@ -11,13 +11,13 @@ ended keep getting the end token, as transformers pads them. Sampling and beam s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .base import BackendError, Generation, GenerationSettings, check_mode
+from .resources import cpu_threads
 
 DEFAULT_MAX_NEW_TOKENS = 32
 GRAPHS = ("encoder_model", "decoder_model", "decoder_with_past_model")
@@ -58,7 +58,7 @@ class OnnxCaptionerBackend:
         if missing:
             raise BackendError(f"{name} has no {', '.join(f'onnx/{n}{suffix}.onnx' for n in missing)}")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        options.intra_op_num_threads = cpu_threads()
         providers = ["CPUExecutionProvider"]
         if device not in (None, "auto", "cpu") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")

@@ -81,6 +81,15 @@ def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> floa
     return min(limits) if limits else None
 
 
+def cpu_threads() -> int:
+    """Threads for a runtime other than torch (onnxruntime): OMP_NUM_THREADS when set, as torch honours it,
+    else the CPUs this process may use."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return available_cpus()
+
+
 def available_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
     """CPUs this process may run on: its affinity mask, cut to the cgroup CPU quota (rounded up), at least 1.
 

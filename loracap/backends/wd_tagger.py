@@ -14,13 +14,13 @@ run after, as for any tag model.
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .base import BackendError, GenerationSettings, check_mode
+from .resources import cpu_threads
 
 RATING, GENERAL, CHARACTER = 9, 0, 4
 DEFAULT_BATCH = 8
@@ -42,9 +42,7 @@ class WDTaggerBackend:
         if device not in (None, "auto", "cpu") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = max(
-            1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-        )
+        options.intra_op_num_threads = cpu_threads()
         self.session = ort.InferenceSession(str(Path(folder) / "model.onnx"), options, providers=providers)
         graph_input = self.session.get_inputs()[0]
         self.input_name = graph_input.name
