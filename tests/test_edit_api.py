@@ -232,3 +232,20 @@ def test_clip_scores_on_request_sort_the_grid_lowest_first(tmp_path, tiny_model)
     scores = [i["clip"] for i in items if i["clip"] is not None]
     assert len(scores) == 3 and scores == sorted(scores)  # the three captioned images, lowest first
     assert items[-1]["path"] == "d.png" and items[-1]["clip"] is None  # no caption, no score: last
+
+
+def test_a_prose_dataset_lists_no_tags_and_items_carry_their_flags(tmp_path):
+    root = tmp_path / "prose"
+    root.mkdir()
+    for name, caption in {
+        "a": "A red hat on a wooden table, in soft light.",
+        "b": "A dog.",
+        "c": "A dog.",
+    }.items():
+        Image.new("RGB", (20, 20)).save(root / f"{name}.png")
+        (root / f"{name}.txt").write_text(caption, encoding="utf-8")
+    c = client(root)
+    assert c.get("/api/tags").json() == {"tags": [], "common": [], "once": [], "prose": True}
+    flags = {i["path"]: i["flags"] for i in c.get("/api/images").json()["items"]}
+    assert flags == {"a.png": [], "b.png": ["duplicate"], "c.png": ["duplicate"]}
+    assert c.get("/api/images", params={"flag": "duplicate"}).json()["total"] == 2

@@ -33,7 +33,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from loracap.edit.bulk import BulkOp, UndoLog, apply_op
-from loracap.edit.index import FLAGS, Index
+from loracap.edit.index import FLAGS, LOW_CLIP, Index
 from loracap.edit.index import Query as Selection
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def create_app(config: EditConfig) -> FastAPI:
     def page() -> str:
         from loracap.quality.html import page_environment, static_asset
 
-        template = page_environment().get_template("edit.html")
+        template = page_environment().get_template("edit.html.j2")
         return template.render(title=index.root.name, token=token, css=static_asset("edit.css"),
                                js=static_asset("edit.js"))  # fmt: skip
 
@@ -210,6 +210,7 @@ def create_app(config: EditConfig) -> FastAPI:
             "error": state["error"],
             "tokenizer": tokens_of["tokenizer"] is not None,
             "max_tokens": index.max_tokens,
+            "low_clip": LOW_CLIP,
             "models": [m for m in [config.model] if m],
             "styles": config.styles,
         }
@@ -269,6 +270,8 @@ def create_app(config: EditConfig) -> FastAPI:
     def tags_panel(sort: str = "count") -> dict[str, Any]:
         if sort not in ("count", "name"):
             raise HTTPException(422, "sort is count or name")
+        if not index.tag_dataset:  # prose: its comma-separated phrases are not tags to list
+            return {"tags": [], "common": [], "once": [], "prose": True}
         counts = index.tag_counts()
         counts.sort(key=(lambda c: (-c[1], c[0])) if sort == "count" else (lambda c: c[0]))
         total = max(1, index.count())
@@ -332,6 +335,11 @@ def create_app(config: EditConfig) -> FastAPI:
             jobs[job.id] = job
         threading.Thread(target=work, args=(*args[:1], job, *args[1:]), daemon=True).start()
         return job.id
+
+    @app.get("/api/jobs")
+    def job_list() -> dict[str, Any]:
+        """Every job of this server with its state (the page re-attaches to a running one after a reload)."""
+        return {"jobs": [{"job": j.id, **j.event()} for j in jobs.values()]}
 
     @app.get("/api/jobs/{job_id}/events")
     async def job_events(job_id: str) -> StreamingResponse:
@@ -399,6 +407,10 @@ def _item(index: Index, row: dict[str, Any]) -> dict[str, Any]:
         flags.append("truncated")
     if row.get("fused"):
         flags.append("fused-trigger")
+    if row["clip"] is not None and row["clip"] < LOW_CLIP:
+        flags.append("low-clip")
+    if row.get("duplicate"):
+        flags.append("duplicate")
     return {
         "id": row["id"],
         "path": row["path"],
@@ -518,9 +530,8 @@ def _load_tokenizer(spec: str | None) -> Any:
         folder = resolve_model(spec or "openai/clip-vit-large-patch14", offline=True)
         return AutoTokenizer.from_pretrained(folder)
     except (ModelUnavailable, OSError, ValueError, ImportError) as exc:
-        log.info(
-            "no CLIP tokenizer for the token counter (%s)", str(exc).splitlines()[0] if str(exc) else exc
-        )
+        reason = str(exc).splitlines()[0].replace("--model PATH", "--tokenizer PATH") if str(exc) else exc
+        log.info("no CLIP tokenizer for the token counter (%s)", reason)
         return None
 
 

@@ -221,7 +221,11 @@ class Index:
         order_by = f"clip IS NULL, clip {direction}, path" if sort == "clip" else f"path {direction}"
         with self.connection() as db:
             total = db.execute(f"SELECT COUNT(*) FROM images WHERE {where}", params).fetchone()[0]
-            sql = f"SELECT * FROM images WHERE {where} ORDER BY {order_by}"
+            duplicate = (
+                "caption IS NOT NULL AND trim(caption) != '' AND caption IN "
+                "(SELECT caption FROM images WHERE caption IS NOT NULL GROUP BY caption HAVING COUNT(*) > 1)"
+            )
+            sql = f"SELECT *, ({duplicate}) AS duplicate FROM images WHERE {where} ORDER BY {order_by}"
             if limit is not None:
                 sql += " LIMIT ? OFFSET ?"
                 params = [*params, limit, offset]
@@ -332,4 +336,5 @@ def _read(store: Any, image: Path) -> str | None:
 
 
 def _tags(caption: str | None) -> list[str]:
+    """The caption's comma-separated parts: tags in a tag dataset (the tag panel shows them only there)."""
     return list(dict.fromkeys(split_tags(caption))) if caption else []

@@ -162,6 +162,7 @@
     jobRunning: false,
     undoOpen: null,
     pendingReload: false,
+    lastDone: "",
   };
 
   // ---- the save state (one line for the whole page) --------------------------------------------------
@@ -178,10 +179,12 @@
     return n;
   }
 
-  function refreshSaveState(lastDone) {
+  // `done`: what just happened ("Saved a.png"), shown until the next change
+  function refreshSaveState(done) {
+    if (done !== undefined) S.lastDone = done;
     var n = unsavedCount();
-    if (n) setSaveState("dirty", (lastDone ? lastDone + " · " : "") + "Unsaved: " + plural(n, "caption"));
-    else setSaveState(lastDone ? "saved" : "idle", lastDone || "All changes saved");
+    if (n) setSaveState("dirty", "Unsaved: " + plural(n, "caption") + (done ? " · " + done : ""));
+    else setSaveState(S.lastDone ? "saved" : "idle", S.lastDone || "All changes saved");
   }
 
   var STATE_LABELS = { unsaved: "unsaved", saving: "saving…", saved: "saved", conflict: "changed on disk", error: "not saved" };
@@ -482,13 +485,14 @@
   function columns() {
     var cards = $("grid").children;
     if (!cards.length) return 1;
-    var top = cards[0].offsetTop, n = 0;
-    while (n < cards.length && cards[n].offsetTop === top) n++;
+    var top = cards[0].getBoundingClientRect().top, n = 0;
+    while (n < cards.length && Math.abs(cards[n].getBoundingClientRect().top - top) < 2) n++;
     return Math.max(1, n);
   }
 
   function moveFocus(delta) {
-    if (!S.items.length) return;
+    if (!S.items.length || S.paging) return; // a key held down waits for the next page
+
     var i = S.items.findIndex(function (it) { return it.id === S.focusId; });
     if (i < 0) i = 0;
     var j = i + delta;
@@ -508,7 +512,8 @@
     stashEditor();
     S.offset = next;
     writeHash();
-    loadGrid({ focus: focus || "first" });
+    S.paging = true;
+    loadGrid({ focus: focus || "first" }).then(function () { S.paging = false; });
   }
 
   // ---- editing in place -----------------------------------------------------------------------------
@@ -712,7 +717,7 @@
     E.chips.textContent = "";
     E.tags.forEach(function (t, i) {
       E.chips.appendChild(h("span", { class: "chip", testid: "chip-" + E.id + "-" + t },
-        t, h("button", { type: "button", class: "x", tabindex: "-1", testid: "chip-remove-" + E.id + "-" + t,
+        t, h("button", { type: "button", class: "x", testid: "chip-remove-" + E.id + "-" + t,
           "aria-label": "remove tag " + t, onclick: function () { removeChip(E, i); E.input.focus(); } }, "×")));
     });
   }
@@ -918,7 +923,7 @@
       conflictResolve = resolve;
       if (dlg.open) dlg.close();
       dlg.showModal();
-      $("conflict-keep-mine").focus();
+      $("conflict-cancel").focus(); // Enter by habit must not overwrite a file: the safe choice has the focus
     });
   }
 
