@@ -4,9 +4,10 @@ each backend (fp32 and int8 ONNX), images/s and peak memory of each, ratio last.
     python benchmarks/onnx_throughput.py --size tiny --images 64
     python benchmarks/onnx_throughput.py --size full --images 16      # ViT-GPT2's published dimensions
 
-Random weights, a fixed 20 new tokens per caption (min == max) so every side does the same work (images
-whose tokens decode to no text count: the model ran for them); model loading and export are excluded; each side runs in its own process (so peak RSS is its own), one after the
-other, `--repeats` times, medians reported.
+Random weights, a fixed 20 new tokens per caption (min == max) so every side does the same work (an
+image whose tokens decode to no text counts: the model ran for it); model loading and export are
+excluded; each side runs in its own process (so peak RSS is its own), one after the other, `--repeats`
+times, medians reported.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 RUN = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from loracap.backends import GenerationSettings, load_backend
 from loracap.pipeline import caption_folder
 model, images, quant = sys.argv[1], sys.argv[2], sys.argv[3] or None
@@ -33,7 +34,8 @@ run = dict(backend=backend, generation=settings, existing="overwrite", batch_siz
            threads=threads, progress=False)
 caption_folder(images, **run)  # warm-up
 summary = caption_folder(images, **run)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its parent's peak.
+rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 # Every image went through the model: random weights at full size often write no text, which the run
 # counts as a failed image, but the model did the same work for it.
 print(json.dumps({"rate": summary.total / summary.seconds, "rss_mb": rss, "empty": summary.failed}))
