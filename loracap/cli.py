@@ -440,6 +440,9 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--width", type=int, help="pixels (default: the base's native size)")
     gen.add_argument("--height", type=int, help="pixels (default: the base's native size)")
     gen.add_argument("--out", help="the grid PNG; the images go beside it as STEM-PROMPT-IMAGE.png")
+    gen.add_argument(
+        "--captions", action="store_true", help="write each image's prompt beside it as its caption (.txt)"
+    )
     gen.add_argument("--batch-size", type=int, help="images per pipeline call (default: 4 SD, 2 SDXL/Flux)")
     gen.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
     gen.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), help="(default: auto)")

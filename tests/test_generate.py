@@ -399,3 +399,17 @@ def test_cli_needs_a_prompt_and_a_base(tiny_model, tmp_path, capsys):
     assert "no base model: give --base" in err
     assert "--out names the grid PNG" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_captions_write_each_images_prompt_beside_it(tiny_model, tmp_path):
+    """Generated images that join a dataset come captioned with the prompt they were made from."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ohwx, red hat\nohwx, blue coat\n", encoding="utf-8")
+    out = tmp_path / "gen" / "grid.png"
+    code = main(["generate", "--base", str(tiny_model("sd15")), "--prompts-file", str(prompts), "--n", "2",
+                 "--steps", "1", "--out", str(out), "--captions", "--quiet"])  # fmt: skip
+    assert code == 0
+    captions = {p.stem: p.read_text(encoding="utf-8").strip() for p in sorted(out.parent.glob("*.txt"))}
+    assert captions == {"grid-0-0": "ohwx, red hat", "grid-0-1": "ohwx, red hat",
+                        "grid-1-0": "ohwx, blue coat", "grid-1-1": "ohwx, blue coat"}  # fmt: skip
+    assert all((out.parent / f"{stem}.png").is_file() for stem in captions)

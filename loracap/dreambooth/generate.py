@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loracap.dreambooth.base import base_family, load_base, pipeline_family, resolve_base
+from loracap.files import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from PIL import Image
@@ -95,6 +96,9 @@ class GenerateConfig:
     height: int | None = None
     out: str | Path = "generated/grid.png"
     """The grid PNG; the images go beside it as <stem>-<prompt index>-<image index>.png."""
+    captions: bool = False
+    """Also write each image's prompt beside it as its caption (<image stem>.txt): generated images that
+    join a dataset come captioned with the prompt they were made from."""
     batch_size: int | None = None
     """Images per pipeline call (default: 4 SD 1.x/2.x, 2 SDXL and Flux); CFG doubles the UNet's batch."""
     device: str | None = None
@@ -163,6 +167,8 @@ def generate(config: GenerateConfig) -> list[Path]:
         for j, image in enumerate(batch, start=first):  # as each batch comes: Ctrl-C keeps them
             path = grid_path.with_name(f"{grid_path.stem}-{prompt_index}-{j}.png")
             _save_image(image, path, _parameters(config, prompts[prompt_index], config.seed + j, image))
+            if config.captions:
+                atomic_write_text(path.with_suffix(".txt"), prompts[prompt_index] + "\n")
             written.append(path)
 
     images = render_images(pipe, config, on_batch=save)
