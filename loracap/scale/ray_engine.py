@@ -20,6 +20,7 @@ machine's CPUs and GPUs. Folder sources must be on a file system every node sees
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -113,7 +114,8 @@ def _caption_folder(config: CaptionConfig) -> RunSummary:
             return run.summary
         items = {str(item.path): item for item in run.todo}
         rows = [{"key": key, "path": key, "old": item.old or ""} for key, item in items.items()]
-        dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // 64))
+        # Small blocks: results reach this process (and the files) a block at a time.
+        dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // 16))
         tags = run.style.tags
         bar = _progress(config, len(rows))
         for batch in _captions(config, dataset, folder=True):
@@ -214,18 +216,17 @@ class _Decode:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from loracap.inputs import ImageDecodeError, load_image, load_image_bytes
 
-        out: dict[str, list[Any]] = {
-            k: [] for k in ("key", "id", "old", "where", "pixels", "stage", "reason")
-        }
+        names = ("key", "id", "sha256", "old", "where", "pixels", "stage", "reason")
+        out: dict[str, list[Any]] = {k: [] for k in names}
         for i, key in enumerate(batch["key"]):
             key = str(key)
             where = str(batch["where"][i]) if "where" in batch else key
             pixels, stage, reason = np.zeros((1, 1, 3), np.uint8), "", ""
             if self.folder:
-                ident = key
+                ident, digest = key, ""
             else:
                 data = bytes(batch["image"][i])
-                ident = row_id(key, data)
+                ident, digest = row_id(key, data), hashlib.sha256(data).hexdigest()
             if ident in self.done:
                 stage = "done"
             else:
@@ -239,6 +240,7 @@ class _Decode:
                     stage, reason = "decode", exc.reason
             out["key"].append(key)
             out["id"].append(ident)
+            out["sha256"].append(digest)
             out["old"].append(str(batch["old"][i]) if "old" in batch else "")
             out["where"].append(where)
             out["pixels"].append(pixels)
@@ -311,6 +313,7 @@ class CaptionActor:
         return {
             "key": batch["key"],
             "id": batch["id"],
+            "sha256": batch["sha256"],
             "where": batch["where"],
             "caption": np.array(captions, dtype=object),
             "stage": np.array(stages, dtype=object),
