@@ -22,6 +22,8 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file  # noqa: E402
+from test_dreambooth import one_thread  # noqa: E402, F401  (autouse: one torch thread)
+from test_dreambooth import settings as dreambooth_settings  # noqa: E402
 
 from loracap.cli import main  # noqa: E402
 from loracap.dataset.buckets import BucketSettings, make_bucket_resolutions  # noqa: E402
@@ -52,15 +54,6 @@ BUCKETS = {"wide": (40, 24), "wide3x2": (40, 24), "wider": (40, 24), "tall": (24
 LATENT_LINE = re.compile(r"latent cache (.+): (\d+) of (\d+) entries there, (\d+) to encode")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is as fast as several, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def images(root: Path, sizes: dict[str, tuple[int, int]], *, noise: bool = False) -> Path:
     """NAME.png of each size (a colour of its own, or seeded noise), captioned "ohwx NAME"."""
     root.mkdir(parents=True)
@@ -76,21 +69,9 @@ def images(root: Path, sizes: dict[str, tuple[int, int]], *, noise: bool = False
 
 
 def settings(data: Path, base: Path, out: Path, **overrides) -> DreamBoothConfig:
-    values = {
-        "data": str(data),
-        "base": str(base),
-        "out": str(out),
-        "resolution": 32,
-        "min_bucket_reso": 16,
-        "bucket_reso_steps": 8,
-        "max_steps": 2,
-        "workers": 0,
-        "progress": False,
-        "checkpoint_every": 1000,
-        "class_inference_steps": 2,
-        "validation_inference_steps": 2,
-    }
-    return DreamBoothConfig(**{**values, **overrides})
+    """test_dreambooth's settings, with buckets down to 16 px (at 32 px the default minimum, 32, leaves
+    only the square bucket)."""
+    return dreambooth_settings(data, base, out, **{"min_bucket_reso": 16, **overrides})
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file  # noqa: E402
+from test_dreambooth import COLOURS, dataset, image_array, one_thread  # noqa: E402, F401  (autouse)
+from test_dreambooth import settings as dreambooth_settings  # noqa: E402
 
 from loracap.cli import main  # noqa: E402
 from loracap.dreambooth import families  # noqa: E402
@@ -28,45 +30,10 @@ from loracap.dreambooth.generate import GenerateConfig, apply_lora, generate  # 
 from loracap.dreambooth.loop import dreambooth  # noqa: E402
 from loracap.dreambooth.settings import DreamBoothConfig  # noqa: E402
 
-COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (250, 250, 250)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def dataset(root: Path, captions: dict[str, str], size: tuple[int, int] = (40, 36)) -> Path:
-    root.mkdir(parents=True)
-    for i, (name, caption) in enumerate(captions.items()):
-        Image.new("RGB", size, COLOURS[i % len(COLOURS)]).save(root / f"{name}.png")
-        (root / f"{name}.txt").write_text(caption, encoding="utf-8")
-    return root
-
 
 def settings(data: Path, base: Path, out: Path, **overrides) -> DreamBoothConfig:
-    values = {
-        "data": str(data),
-        "base": str(base),
-        "out": str(out),
-        "resolution": 32,
-        "bucket_reso_steps": 8,
-        "max_steps": 2,
-        "workers": 0,
-        "progress": False,
-        "checkpoint_every": 1000,
-        "class_inference_steps": 2,
-        "validation_inference_steps": 2,
-        "max_sequence_length": 32,
-    }
-    return DreamBoothConfig(**{**values, **overrides})
-
-
-def image_array(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    """test_dreambooth's settings, with a short T5 window (the tiny T5 reads 32 tokens as well as 512)."""
+    return dreambooth_settings(data, base, out, **{"max_sequence_length": 32, **overrides})
 
 
 def test_flux_loss_is_finite_and_falls_on_a_single_repeated_image(tmp_path, tiny_model):
