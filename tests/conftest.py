@@ -7,6 +7,7 @@ temporary folder, so a test that passes here passes on a machine with no network
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -57,3 +58,37 @@ def write_images(folder: Path, names: list[str], size: tuple[int, int] = (48, 40
         Image.new("RGB", size, ((40 * i) % 256, 120, 200)).save(path)
         paths.append(path)
     return paths
+
+
+# --- the browser tests (report.html, loracap edit): Debian's Chromium, driven headless through Playwright.
+# `.ci/run` installs Chromium and sets CI, and there a missing browser is a failure, not a skip: a browser
+# test that skips in CI checks nothing. On a developer machine without Chromium it skips.
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# The flags keep Chromium off the network this machine does not have (it retries many lookups otherwise).
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = "chromium" if CHROMIUM is None else None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing = "playwright"
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing} is not installed; .ci/run installs it (apt-get install chromium)")
+        pytest.skip(f"{missing} is not installed (apt-get install chromium; pip install playwright)")
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield instance
+        instance.close()

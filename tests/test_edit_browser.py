@@ -9,7 +9,6 @@ As in test_report_browser.py, a missing browser skips on a developer machine and
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import threading
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_report_browser import CHROMIUM, FLAGS
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -42,23 +40,6 @@ TAGS = {
 }
 # A function, not an expression: the page's CSP forbids eval, which Playwright uses for a bare expression.
 THUMBNAILS_DECODED = "() => Array.from(document.querySelectorAll('#grid img')).every(i => i.naturalWidth > 0)"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    missing = "chromium" if CHROMIUM is None else None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing = "playwright"
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"{missing} is not installed; .ci/run installs it (apt-get install chromium)")
-        pytest.skip(f"{missing} is not installed (apt-get install chromium; pip install playwright)")
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield instance
-        instance.close()
 
 
 def dataset(root: Path, captions: dict[str, str | None]) -> Path:

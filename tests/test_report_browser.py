@@ -6,44 +6,12 @@ browser test that skips in CI checks nothing. On a developer machine without Chr
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-import pytest
 from PIL import Image
 from test_report import TRIGGER, planted_dataset
 
 from loracap.cli import main
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# The flags keep Chromium off the network this machine does not have (it retries many lookups otherwise).
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    missing = "chromium" if CHROMIUM is None else None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing = "playwright"
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"{missing} is not installed; .ci/run installs it (apt-get install chromium)")
-        pytest.skip(f"{missing} is not installed (apt-get install chromium; pip install playwright)")
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield instance
-        instance.close()
 
 
 def test_report_page_renders_without_errors_and_its_tables_sort(tiny_model, tmp_path: Path, browser) -> None:
