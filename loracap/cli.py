@@ -381,6 +381,12 @@ def _add_report_parser(commands: argparse._SubParsersAction) -> None:
     clip = rep.add_argument_group("CLIP score")
     clip.add_argument("--clip-model", help="any CLIP or SigLIP checkpoint")
     clip.add_argument("--no-clip", dest="clip", action="store_false", help="skip CLIP scoring")
+    clip.add_argument(
+        "--itm-model",
+        metavar="ID_OR_FOLDER",
+        help="also score each pair with a BLIP image-text matching checkpoint, e.g. "
+        "Salesforce/blip-itm-base-coco: the probability that caption and image match (off by default)",
+    )
     clip.add_argument("--no-cache", dest="cache", action="store_false", help="rescore everything")
     clip.add_argument("--batch-size", type=int, help="pairs per model call (default: 64 on a GPU, 8 on CPU)")
     clip.add_argument("--workers", type=int, help="threads decoding images ahead of the model")

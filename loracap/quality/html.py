@@ -189,7 +189,14 @@ def _pair_rows(d: dict[str, Any]) -> list[list[Cell]]:
             flags.append(f"trigger {p['trigger']}")
         if p["clip_error"]:
             flags.append("not scored")
-        clip, tokens = p["clip"], p["tokens"]
+        elif p["itm_error"]:
+            flags.append("ITM not scored")
+        clip, tokens, itm = p["clip"], p["tokens"], p["itm"]
+        match = []  # the ITM column, there only when ITM scoring ran (the template names it then)
+        if d["itm"]:
+            low = d["itm"]["below"]["threshold"]
+            text = "–" if itm is None else f"{itm:.3f}"
+            match.append(Cell(text, sort=-1 if itm is None else itm, bad=itm is not None and itm < low))
         rows.append(
             [
                 Cell(p["path"]),
@@ -198,6 +205,7 @@ def _pair_rows(d: dict[str, Any]) -> list[list[Cell]]:
                     sort=-1 if clip is None else clip,
                     bad=clip is not None and clip < LOW_CLIP,
                 ),
+                *match,
                 Cell(_dash(tokens), sort=-1 if tokens is None else tokens, bad=bool(p["truncated"])),
                 Cell(", ".join(flags), bad=bool(flags)),
                 Cell(p["caption"], cls="cap"),

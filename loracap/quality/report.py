@@ -3,6 +3,7 @@
     rep = build_report("my_dataset", trigger="ohwx")      # read, score, check; writes nothing
     write_report(rep, "my_dataset/loracap-report")        # report.html + report.json
     rep = report("my_dataset", trigger="ohwx", fail_on=["truncated", "clip<20"])   # both, like the CLI
+    rep = report("my_dataset", itm_model="Salesforce/blip-itm-base-coco", fail_on=["itm<0.5"])  # + BLIP ITM
 
 `DatasetReport.data` is the JSON document: every number the HTML shows, with paths relative to the
 dataset folder, so a script can gate on it or diff two runs.
@@ -30,6 +31,7 @@ from loracap.hub import is_cached, resolve_model
 from loracap.quality.clipscore import DEFAULT_MODEL, ClipScoreRun, clip_scores
 from loracap.quality.gates import Rule, evaluate, parse_rules
 from loracap.quality.images import ImageReport, image_report, resolve_side
+from loracap.quality.itm import ItmRun, check_itm_model, itm_scores
 from loracap.quality.text import TextReport, analyze_text
 
 __all__ = [
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUT_DIR = "loracap-report"
 SCORE_BIN = 5  # CLIP score histogram bin width (scores are 0..100)
+ITM_BIN = 0.05  # ITM match probability histogram bin width (probabilities are 0..1)
+ITM_LOW = 0.5  # below it the ITM head says "no match": counted in the summary
 
 
 @dataclass
@@ -62,6 +66,8 @@ class DatasetReport:
     """One line per broken --fail-on rule; empty when the dataset passes."""
     html_path: Path | None = None
     json_path: Path | None = None
+    itm: ItmRun | None = None
+    """The image-text matching run, when `itm_model` was given."""
 
     @property
     def checks(self) -> dict[str, int | None]:
@@ -134,6 +140,9 @@ class ReportConfig:
     recursive: bool = True
     clip_model: str = DEFAULT_MODEL
     clip: bool = True
+    itm_model: str | None = None
+    """A BLIP image-text matching checkpoint (e.g. Salesforce/blip-itm-base-coco): each pair also gets its
+    match probability ("itm" in report.json). Off when None."""
     tokenizer: str | None = None
     t5_tokenizer: str | None = None
     t5_max_length: int = 512
@@ -160,9 +169,12 @@ class ReportConfig:
     batch_size: int | None = None
     workers: int = 2
     threads: int | None = None
-    """Torch threads for CLIP scoring (None: the CPUs this process may use less the decode threads)."""
+    """Torch threads for CLIP and ITM scoring (None: the CPUs this process may use less the decode
+    threads)."""
     cache: bool = True
     cache_path: str | Path | None = None
+    """The score cache (default: clipscore-cache.json and itm-cache.json in loracap's cache folder); when
+    given, CLIP and ITM scores share this one file."""
     fail_on: Sequence[str] = ()
     progress: bool = True
 
@@ -195,8 +207,14 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
         raise ValueError("no dataset folder: give DIR (or dir = ... in the --config file)")
     tok_name, skipped = _pick_tokenizer(config.tokenizer, config.clip_model, config.clip)
     rules = parse_rules(
-        config.fail_on, trigger=bool(config.trigger), clip=config.clip, tokens=tok_name is not None
+        config.fail_on,
+        trigger=bool(config.trigger),
+        clip=config.clip,
+        tokens=tok_name is not None,
+        itm=bool(config.itm_model),
     )
+    if config.itm_model:  # found (downloaded once) and checked now, not after an hour of CLIP scoring
+        check_itm_model(config.itm_model)
     if config.t5_tokenizer and tok_name is None:
         raise ValueError(
             f"--t5-tokenizer counts T5 tokens next to the CLIP window, which is skipped: {skipped}"
@@ -249,9 +267,11 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
     )
     image_seconds = time.perf_counter() - started
     run = None
+    # read_dataset strips every caption, so an empty one is "".
+    scorable = [(path, caption) for path, caption in ds.pairs if caption]
+    # The image checks hashed every decodable file already: the cache keys use the same digest.
+    digests = {i.path: i.sha256 for i in img.images} if img else None
     if config.clip:
-        # read_dataset strips every caption, so an empty one is "".
-        scorable = [(path, caption) for path, caption in ds.pairs if caption]
         run = clip_scores(
             scorable,
             model=config.clip_model,
@@ -263,13 +283,37 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
             cache=config.cache,
             cache_path=config.cache_path,
             progress=config.progress,
-            # The image checks hashed every decodable file already: the cache keys use the same digest.
-            digests={i.path: i.sha256 for i in img.images} if img else None,
+            digests=digests,
+        )
+    matched = None
+    if config.itm_model:
+        matched = itm_scores(
+            scorable,
+            model=config.itm_model,
+            device=config.device,
+            dtype=config.dtype,
+            batch_size=config.batch_size,
+            workers=config.workers,
+            threads=config.threads,
+            cache=config.cache,
+            cache_path=config.cache_path,
+            progress=config.progress,
+            digests=digests,
         )
     scores = [p.score for p in run.pairs if p.score is not None] if run else []
+    probabilities = [p.probability for p in matched.pairs if p.probability is not None] if matched else []
     started = time.perf_counter()
     data = _document(
-        ds, text, img, run, scores, tokenizer=tok_name, t5_tokenizer=config.t5_tokenizer, skipped=skipped
+        ds,
+        text,
+        img,
+        run,
+        scores,
+        tokenizer=tok_name,
+        t5_tokenizer=config.t5_tokenizer,
+        skipped=skipped,
+        itm=matched,
+        probabilities=probabilities,
     )
     data["timing"] = {
         "image_checks_s": round(image_seconds, 3),
@@ -282,9 +326,9 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
         "images": _rounded(img.timing) if img else None,
         "document_s": round(time.perf_counter() - started, 3),
     }
-    failures = evaluate(rules, data["checks"], scores)
+    failures = evaluate(rules, data["checks"], scores, probabilities)
     data["fail_on"] = {"rules": [str(r) for r in rules], "failed": failures}
-    return DatasetReport(root, ds, text, img, run, data, rules, failures)
+    return DatasetReport(root, ds, text, img, run, data, rules, failures, itm=matched)
 
 
 def write_report(rep: DatasetReport, out: str | Path | None = None, *, thumbnails: int = 24) -> Path:
@@ -327,10 +371,12 @@ def _document(
     tokenizer: str | None,
     t5_tokenizer: str | None,
     skipped: str | None = None,
+    itm: ItmRun | None = None,
+    probabilities: Sequence[float] = (),
 ) -> dict[str, Any]:
     """The report.json document; `scores`: the CLIP scores of the pairs that have one; `skipped`: why the
     token checks were skipped, if they were (their numbers are then None, never 0: "none truncated" would
-    be a claim)."""
+    be a claim); `itm` and `probabilities`: the ITM run and its match probabilities, when there is one."""
     from importlib.metadata import version
 
     root = ds.root
@@ -341,6 +387,7 @@ def _document(
     captions = ds.captions
     tokens = text.tokens
     by_path = {rel(p.path): p for p in run.pairs} if run else {}
+    itm_by_path = {rel(p.path): p for p in itm.pairs} if itm else {}
 
     pairs = []
     truncated = set(tokens.truncated) if tokens else set()
@@ -348,13 +395,15 @@ def _document(
     fused = set(text.trigger.fused) | set(text.trigger.glued) if text.trigger else set()
     without = set(text.trigger.without) if text.trigger else set()
     for i, (path, caption) in enumerate(zip(paths, captions, strict=True)):
-        scored = by_path.get(path)
+        scored, matched = by_path.get(path), itm_by_path.get(path)
         pairs.append(
             {
                 "path": path,
                 "caption": caption,
                 "clip": _round(scored.score) if scored else None,
                 "clip_error": scored.error if scored else None,
+                "itm": _round(matched.probability, 4) if matched else None,
+                "itm_error": matched.error if matched else None,
                 "tokens": tokens.counts[i] if tokens else None,
                 "t5_tokens": tokens.t5_counts[i] if tokens and tokens.t5_counts else None,
                 "truncated": i in truncated if tokens else None,
@@ -364,8 +413,9 @@ def _document(
                 else ("fused" if i in fused else "missing" if i in without else "ok"),
             }
         )
-    # Lowest CLIP score first (the captions to fix), unscored pairs last.
-    pairs.sort(key=lambda p: (p["clip"] is None, p["clip"] if p["clip"] is not None else 0.0, p["path"]))
+    # Lowest CLIP score first (the captions to fix), unscored pairs last; lowest ITM first without CLIP.
+    order = "clip" if run or not itm else "itm"
+    pairs.sort(key=lambda p: (p[order] is None, p[order] if p[order] is not None else 0.0, p["path"]))
 
     trig = text.trigger
     checks = {
@@ -386,6 +436,7 @@ def _document(
         "no-trigger": len(trig.without) if trig else 0,
         "fused-trigger": len(fused) if tokens else None,
         "clip-error": run.failed if run else 0,
+        "itm-error": itm.failed if itm else 0,
     }
     return {
         "loracap_version": version("loracap"),
@@ -402,6 +453,7 @@ def _document(
             "problems": [{"path": p.path, "reason": p.reason} for p in ds.problems],
         },
         "clip": _clip_section(run, scores, rel),
+        "itm": _itm_section(itm, probabilities, rel),
         "pairs": pairs,
         "tokens": _token_section(tokens, paths, tokenizer, t5_tokenizer) if tokens else {"skipped": skipped},
         "duplicates": {
@@ -451,18 +503,18 @@ def _round(value: float | None, digits: int = 2) -> float | None:
     return round(float(value), digits)
 
 
-def _stats(values: Sequence[float]) -> dict[str, float | None]:
+def _stats(values: Sequence[float], digits: int = 2) -> dict[str, float | None]:
     if not values:
         return {"mean": None, "median": None, "min": None, "max": None, "p05": None, "p95": None}
     ordered = sorted(values)
     q = lambda f: ordered[min(len(ordered) - 1, int(f * len(ordered)))]  # noqa: E731 - nearest-rank
     return {
-        "mean": _round(statistics.fmean(ordered)),
-        "median": _round(statistics.median(ordered)),
-        "min": _round(ordered[0]),
-        "max": _round(ordered[-1]),
-        "p05": _round(q(0.05)),
-        "p95": _round(q(0.95)),
+        "mean": _round(statistics.fmean(ordered), digits),
+        "median": _round(statistics.median(ordered), digits),
+        "min": _round(ordered[0], digits),
+        "max": _round(ordered[-1], digits),
+        "p05": _round(q(0.05), digits),
+        "p95": _round(q(0.95), digits),
     }
 
 
@@ -483,6 +535,28 @@ def _clip_section(run: ClipScoreRun | None, scores: list[float], rel) -> dict[st
         **_stats(scores),
         "histogram": {"bin_width": SCORE_BIN, "counts": histogram},
         "errors": [{"path": rel(e.path), "reason": e.error} for e in run.errors],
+    }
+
+
+def _itm_section(itm: ItmRun | None, probabilities: Sequence[float], rel) -> dict[str, Any] | None:
+    if itm is None:
+        return None
+    bins = round(1 / ITM_BIN)
+    histogram = [0] * bins
+    for p in probabilities:
+        histogram[min(int(p * bins), bins - 1)] += 1
+    return {
+        "model": itm.model,
+        "scored": len(probabilities),
+        "below": {"threshold": ITM_LOW, "count": sum(p < ITM_LOW for p in probabilities)},
+        "computed": itm.computed,
+        "cached": itm.cached,
+        "failed": itm.failed,
+        "truncated": itm.truncated,
+        "seconds": round(itm.seconds, 3),
+        **_stats(probabilities, 4),
+        "histogram": {"bin_width": ITM_BIN, "counts": histogram},
+        "errors": [{"path": rel(e.path), "reason": e.error} for e in itm.errors],
     }
 
 
@@ -607,6 +681,18 @@ def summary_lines(rep: DatasetReport) -> list[str]:
             )
         else:
             lines.append(f"CLIP score ({clip['model']}): nothing scored")
+    if d["itm"]:
+        itm = d["itm"]
+        if itm["scored"]:
+            worst = min((p for p in d["pairs"] if p["itm"] is not None), key=lambda p: (p["itm"], p["path"]))
+            below = itm["below"]
+            lines.append(
+                f"ITM match ({itm['model']}): mean {itm['mean']:.3f}, lowest {itm['min']:.3f} "
+                f"({worst['path']}), {below['count']} below {below['threshold']:g}; {itm['computed']} "
+                f"computed, {itm['cached']} cached in {itm['seconds']:.1f}s"
+            )
+        else:
+            lines.append(f"ITM match ({itm['model']}): nothing scored")
     t = d["tokens"]
     if "skipped" in t:
         lines.append(f"tokens: {c['empty-caption']} empty; token checks skipped: {t['skipped']}")

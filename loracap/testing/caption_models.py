@@ -1,7 +1,10 @@
-"""The two encoder-decoder captioners besides Florence-2: BLIP and ViT-GPT2, tiny or published size.
+"""The two encoder-decoder captioners besides Florence-2: BLIP and ViT-GPT2, tiny or published size, and
+BLIP's image-text matching model.
 
 `make_tiny_model("blip", out)` writes `BlipForConditionalGeneration` + `BlipProcessor` (a BERT WordPiece
-tokenizer trained here); `size="full"` is Salesforce/blip-image-captioning-large. `make_tiny_model("vit-gpt2",
+tokenizer trained here); `size="full"` is Salesforce/blip-image-captioning-large. `make_tiny_model("blip-itm",
+out)` writes `BlipForImageTextRetrieval` (the ITM head `loracap report --itm-model` scores with) with the same
+tokenizer and processor; `size="full"` is Salesforce/blip-itm-base-coco. `make_tiny_model("vit-gpt2",
 out)` writes a `VisionEncoderDecoderModel` (ViT encoder, GPT-2 decoder) with a ViT image processor and a GPT-2
 tokenizer side by side; `size="full"` is nlpconnect/vit-gpt2-image-captioning.
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loracap.testing.seeding import seeded_model, set_generation_ids
+from loracap.testing.seeding import SPREAD, seeded_model, set_generation_ids
 from loracap.testing.tokenizer import build_blip_tokenizer, build_gpt2_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -43,23 +46,38 @@ def write_vit_gpt2(out: Path, *, size: str, seed: int) -> None:
 
 def _build_blip(size: str, seed: int) -> tuple[PreTrainedModel, Any]:
     """`BlipForConditionalGeneration` + `BlipProcessor`; full = Salesforce/blip-image-captioning-large."""
+    from transformers import BlipForConditionalGeneration
+
+    tokenizer = build_blip_tokenizer()
+    config, processor = _blip_config(size, tokenizer, large=True)
+    model = seeded_model(seed, lambda: BlipForConditionalGeneration(config), spread=None)
+    set_generation_ids(
+        model, tokenizer, eos_token_id=tokenizer.sep_token_id, decoder_start_token_id=tokenizer.bos_token_id
+    )
+    return model, processor
+
+
+def _blip_config(
+    size: str, tokenizer: PreTrainedTokenizerBase, *, large: bool, **extra: Any
+) -> tuple[Any, Any]:
+    """`BlipConfig` (with `extra` settings) + `BlipProcessor` of `size` around `tokenizer`: full is
+    BLIP-large (ViT-L, as blip-image-captioning-large) when `large`, else BLIP-base (ViT-B, as
+    blip-itm-base-coco)."""
     from transformers import (
         BlipConfig,
-        BlipForConditionalGeneration,
         BlipImageProcessorPil,
         BlipProcessor,
         BlipTextConfig,
         BlipVisionConfig,
     )
 
-    tokenizer = build_blip_tokenizer()
     full = size == "full"
     image_size = 384 if full else 32
     vision_config = BlipVisionConfig(
-        hidden_size=1024 if full else 32,
-        intermediate_size=4096 if full else 64,
-        num_hidden_layers=24 if full else 1,
-        num_attention_heads=16 if full else 2,
+        hidden_size=(1024 if large else 768) if full else 32,
+        intermediate_size=(4096 if large else 3072) if full else 64,
+        num_hidden_layers=(24 if large else 12) if full else 1,
+        num_attention_heads=(16 if large else 12) if full else 2,
         image_size=image_size,
         patch_size=16 if full else 8,
         projection_dim=256 if full else 32,
@@ -85,13 +103,33 @@ def _build_blip(size: str, seed: int) -> tuple[PreTrainedModel, Any]:
         text_config=text_config.to_dict(),
         vision_config=vision_config.to_dict(),
         projection_dim=256 if full else 32,
-    )
-    model = seeded_model(seed, lambda: BlipForConditionalGeneration(config), spread=None)
-    set_generation_ids(
-        model, tokenizer, eos_token_id=tokenizer.sep_token_id, decoder_start_token_id=tokenizer.bos_token_id
+        **extra,
     )
     image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
-    return model, BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return config, BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ BLIP ITM
+
+
+def write_blip_itm(out: Path, *, size: str, seed: int) -> None:
+    """Build BLIP image-text matching of `size` with `seed` and save model and processor into `out`.
+
+    `BlipForImageTextRetrieval` (ViT + a BERT text encoder cross-attending to it, and the 2-way `itm_head`)
+    with the same tokenizer and `BlipProcessor` as "blip"; full = Salesforce/blip-itm-base-coco (ViT-B/16 at
+    384 px). The tiny one's matrices are drawn with the kit's wider spread so its match probabilities differ
+    from pair to pair rather than all sitting at 0.5; loads with `BlipForImageTextRetrieval.from_pretrained`.
+    """
+    from transformers import BlipForImageTextRetrieval
+
+    tokenizer = build_blip_tokenizer()
+    full = size == "full"
+    # image_text_hidden_size: the width of the contrastive projections next to the ITM head (256 published).
+    config, processor = _blip_config(size, tokenizer, large=False, image_text_hidden_size=256 if full else 16)
+    spread = None if full else SPREAD
+    model = seeded_model(seed, lambda: BlipForImageTextRetrieval(config), spread=spread)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
 
 
 # -------------------------------------------------------------------------------------------------- ViT-GPT2

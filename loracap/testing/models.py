@@ -7,11 +7,11 @@ checkpoint, with no network. Weights are random: a model's text is junk, only it
 
 The builders live with their family: `florence2` (native Florence-2), `florence2_original` (the original
 remote-code layout of microsoft/Florence-2-* and MiaoshouAI/Florence-2-*-PromptGen-*, the independent
-reference for loracap's converter), `caption_models` (BLIP, ViT-GPT2), `chat_models` (chat VLMs),
-`clip_models` (CLIP, SigLIP, and `siglip`, the vision tower `loracap train` assembles) and `text_models`
-(`llama`, a SmolLM2-shaped causal LM), and `diffusion_models` (`sd15`, `sdxl`, `flux`: diffusers pipeline
-folders for DreamBooth-LoRA training and generation), and `tagger_models` (`wd-tagger`, a WD14-style
-ONNX tagger). Only the first three also build the published size.
+reference for loracap's converter), `caption_models` (BLIP, ViT-GPT2, and `blip-itm`, BLIP's image-text
+matching model), `chat_models` (chat VLMs), `clip_models` (CLIP, SigLIP, and `siglip`, the vision tower
+`loracap train` assembles) and `text_models` (`llama`, a SmolLM2-shaped causal LM), and `diffusion_models`
+(`sd15`, `sdxl`, `flux`: diffusers pipeline folders for DreamBooth-LoRA training and generation), and
+`tagger_models` (`wd-tagger`, a WD14-style ONNX tagger). Only the first three also build the published size.
 
 torch, transformers and diffusers are imported inside the builders so `import loracap.testing` stays light.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from loracap.testing.caption_models import write_blip, write_vit_gpt2
+from loracap.testing.caption_models import write_blip, write_blip_itm, write_vit_gpt2
 from loracap.testing.chat_models import CHAT_ARCHS, build_chat_model
 from loracap.testing.clip_models import CLIP_ARCHS, VISION_ARCHS, build_clip_model
 from loracap.testing.diffusion_models import DIFFUSION_ARCHS, build_diffusion_model
@@ -37,6 +37,7 @@ _SIZED_BUILDERS: dict[str, Callable[..., None]] = {
     "florence2-original": write_florence2_original,
     "blip": write_blip,
     "vit-gpt2": write_vit_gpt2,
+    "blip-itm": write_blip_itm,
 }
 # The families built tiny only: build(arch, out, seed=...).
 _TINY_FAMILIES: tuple[tuple[tuple[str, ...], Callable[..., None]], ...] = (
@@ -71,10 +72,11 @@ def make_tiny_model(
     """Build a random-weight `arch` model with its tokenizer and processor and save it into `out_dir`.
 
     `size="tiny"` (the default) builds in well under a second and takes a few MB, for tests; `size="full"`
-    builds the published architecture (Florence-2-large, BLIP-large, ViT-GPT2) for benchmarks. The same `seed`
-    gives byte-identical weights; the global torch RNG state is left as it was. `weights_format="bin"` writes
-    `pytorch_model.bin` instead of `model.safetensors`; only `florence2-original` offers it, because only the
-    original Florence-2 checkpoints (microsoft/*) are published that way. Returns `out_dir` as a `Path`.
+    builds the published architecture (Florence-2-large, BLIP-large, ViT-GPT2, BLIP-ITM-base) for benchmarks.
+    The same `seed` gives byte-identical weights; the global torch RNG state is left as it was.
+    `weights_format="bin"` writes `pytorch_model.bin` instead of `model.safetensors`; only
+    `florence2-original` offers it, because only the original Florence-2 checkpoints (microsoft/*) are
+    published that way. Returns `out_dir` as a `Path`.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
