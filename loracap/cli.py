@@ -396,6 +396,13 @@ def _add_report_parser(commands: argparse._SubParsersAction) -> None:
     clip.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
     clip.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"))
     clip.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
+    bal = rep.add_argument_group("balance")
+    bal.add_argument("--rare-below", type=int, metavar="N", help="list the tags in fewer than N captions")
+    bal.add_argument(
+        "--balance-prompts",
+        metavar="FILE",
+        help="write a prompt per missing image of each rare tag (for loracap generate --prompts-file)",
+    )
     img = rep.add_argument_group("image checks")
     img.add_argument("--no-images", dest="images", action="store_false", help="skip the image checks")
     img.add_argument("--min-side", help="smallest shorter side in px, or sd15 / sdxl / flux")

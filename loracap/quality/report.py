@@ -28,6 +28,7 @@ from loracap.dataset import Dataset, read_dataset, store_file_label
 from loracap.dataset.buckets import BucketSettings
 from loracap.files import atomic_write_text
 from loracap.hub import is_cached, resolve_model
+from loracap.quality.balance import balance_prompts, rare_tags
 from loracap.quality.clipscore import DEFAULT_MODEL, ClipScoreRun, clip_scores
 from loracap.quality.gates import Rule, evaluate, parse_rules
 from loracap.quality.images import ImageReport, image_report, resolve_side
@@ -176,6 +177,10 @@ class ReportConfig:
     """The score cache (default: clipscore-cache.json and itm-cache.json in loracap's cache folder); when
     given, CLIP and ITM scores share this one file."""
     fail_on: Sequence[str] = ()
+    rare_below: int | None = None
+    """List the tags (words, for prose) in fewer than this many captions: under-represented."""
+    balance_prompts: str | Path | None = None
+    """Write prompts for the rare tags there, one per missing image (needs rare_below)."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -326,6 +331,9 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
         "images": _rounded(img.timing) if img else None,
         "document_s": round(time.perf_counter() - started, 3),
     }
+    if config.rare_below is not None:
+        rare = rare_tags(text.tags.counts, config.rare_below)
+        data["tags"]["rare"] = {"below": config.rare_below, "tags": [{"tag": t, "count": n} for t, n in rare]}
     failures = evaluate(rules, data["checks"], scores, probabilities)
     data["fail_on"] = {"rules": [str(r) for r in rules], "failed": failures}
     return DatasetReport(root, ds, text, img, run, data, rules, failures, itm=matched)
@@ -353,9 +361,32 @@ def report(config: ReportConfig | str | Path, **settings: Any) -> DatasetReport:
     """`build_report` then `write_report` (to `out`, with `thumbnails`): what `loracap report DIR` does,
     minus the terminal summary."""
     config = report_config(config, **settings)
+    if config.balance_prompts is not None and config.rare_below is None:
+        raise ValueError(
+            "--balance-prompts needs --rare-below N: prompts for the tags in fewer than N captions"
+        )
     rep = build_report(config)
+    if config.balance_prompts is not None:
+        write_balance_prompts(rep, config)
     write_report(rep, config.out, thumbnails=config.thumbnails)
     return rep
+
+
+def write_balance_prompts(rep: DatasetReport, config: ReportConfig) -> Path:
+    """The prompts for the report's rare tags, one a line, with the trigger where the dataset uses one (in
+    at least half of its captions)."""
+    trigger = config.trigger
+    section = rep.data.get("trigger") or {}
+    if trigger and section.get("captions") and section.get("with_trigger", 0) * 2 < section["captions"]:
+        trigger = None
+    rare = [(r["tag"], r["count"]) for r in rep.data["tags"]["rare"]["tags"]]
+    prompts = balance_prompts(
+        rare, config.rare_below, tags=rep.data["tags"]["mode"] == "tags", trigger=trigger
+    )
+    path = Path(config.balance_prompts)
+    atomic_write_text(path, "".join(f"{p}\n" for p in prompts))
+    rep.data["tags"]["rare"]["prompts"] = {"file": str(path), "count": len(prompts)}
+    return path
 
 
 # --- the JSON document ---------------------------------------------------------------------------------
@@ -722,6 +753,13 @@ def summary_lines(rep: DatasetReport) -> list[str]:
         f"{tags['mode']}: {tags['distinct']} distinct, {len(tags['singletons'])} seen once, "
         f"in ~every caption: {common}; gini {tags['gini']:.2f}"
     )
+    if "rare" in tags:
+        rare = tags["rare"]
+        names = ", ".join(f"{r['tag']} ({r['count']})" for r in rare["tags"][:8]) or "none"
+        more = f" and {len(rare['tags']) - 8} more" if len(rare["tags"]) > 8 else ""
+        lines.append(f"rare (in fewer than {rare['below']} captions): {names}{more}")
+        if "prompts" in rare:
+            lines.append(f"balance prompts: {rare['prompts']['count']} written to {rare['prompts']['file']}")
     if d["images"]:
         im = d["images"]
         lines.append(
