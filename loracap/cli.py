@@ -30,6 +30,7 @@ TRAIN_SETTINGS = "loracap.train.settings:TrainSettings"
 GENERATE_CONFIG = "loracap.dreambooth.generate:GenerateConfig"
 DREAMBOOTH_CONFIG = "loracap.dreambooth.settings:DreamBoothConfig"
 EXPORT_CONFIG = "loracap.scale.export:ExportConfig"
+MERGE_CONFIG = "loracap.merge:MergeConfig"
 EDIT_CONFIG = "loracap.edit.app:EditConfig"
 EXPORT_ONNX_CONFIG = "loracap.onnx_export:ExportOnnxConfig"
 # Where a flag's default differs from the settings class's (the Python API's), the flag's wins here.
@@ -242,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(commands)
     _add_dreambooth_parser(commands)
     _add_export_parser(commands)
+    _add_merge_parser(commands)
     _add_edit_parser(commands)
     _add_export_onnx_parser(commands)
     return parser
@@ -541,6 +543,63 @@ def _edit(args: argparse.Namespace) -> int:
     from .edit.app import edit
 
     edit(_settings(EDIT_CONFIG, args))
+    return 0
+
+
+def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
+    mrg = _command_parser(
+        commands,
+        "merge",
+        MERGE_CONFIG,
+        help="merge captioned datasets (any layout loracap reads, saved HF datasets) into one folder",
+        description="Copy the images of every DATASET, with their captions, into --out in one caption "
+        "format, dropping byte-identical and near-duplicate images; every image is listed with its source "
+        "in OUT/merge-manifest.jsonl. Needs `pip install loracap[report]` ([train] too for saved Hugging "
+        "Face datasets and --to-hub).",
+    )
+    mrg.add_argument(
+        "sources",
+        nargs="*",
+        metavar="DATASET",
+        help="a dataset folder (sidecar .txt/.caption, metadata.jsonl, kohya meta_cap.json) or a Hugging "
+        "Face dataset saved with save_to_disk; the first given keeps its file names when names clash",
+    )
+    mrg.add_argument("--out", help="the merged dataset folder to write")
+    mrg.add_argument("--format", choices=("sidecar", "jsonl", "kohya-json"), help="how captions are written")
+    mrg.add_argument("--ext", help="sidecar extension (default .txt)")
+    mrg.add_argument(
+        "--link", action="store_true", help="hard-link the images instead of copying (copied across disks)"
+    )
+    mrg.add_argument(
+        "--keep-dupes", action="store_true", help="keep byte-identical and near-duplicate images"
+    )
+    mrg.add_argument("--hash-threshold", type=int, help="phash bits apart that still count as duplicates (6)")
+    mrg.add_argument("--sample", type=int, metavar="N", help="at most N images of each dataset, at random")
+    mrg.add_argument("--seed", type=int, help="seeds --sample and --split (default: 0)")
+    mrg.add_argument(
+        "--split",
+        metavar="TRAIN,VAL,TEST",
+        help="shares for the train/, validation/ and test/ folders, e.g. 0.9,0.05,0.05",
+    )
+    mrg.add_argument("--to-hub", metavar="ORG/NAME", help="push the merged dataset to the Hugging Face hub")
+    mrg.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier merge in --out (nothing else is deleted)"
+    )
+    src = mrg.add_argument_group("reading the datasets")
+    src.add_argument("--layout", choices=("auto", "sidecar", "jsonl", "kohya-json"))
+    src.add_argument("--image-column", help="saved Hugging Face datasets: the image column")
+    src.add_argument(
+        "--caption-column",
+        help="saved Hugging Face datasets: the caption column (default: text, else caption)",
+    )
+    mrg.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    summary = merge(_settings(MERGE_CONFIG, args))
+    print(f"loracap: {summary.describe()}", file=sys.stderr)
     return 0
 
 
@@ -972,6 +1031,13 @@ class _Command:
 
 
 _COMMANDS = {
+    "merge": _Command(
+        _merge,
+        extra="report",
+        interrupted="interrupted; --out is as it was (the merge is written beside it and moved into place "
+        "at the end).",
+        what="merging",
+    ),
     "export-onnx": _Command(_export_onnx, extra="onnx", what="ONNX export"),
     "edit": _Command(
         _edit, extra="serve", interrupted="stopped; every saved caption is on disk.", what="editing"

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("loracap.pipeline", "loracap.captioner"),
     ("loracap.quality",),
     ("loracap.data",),
-    ("loracap.train", "loracap.dreambooth", "loracap.scale", "loracap.onnx_export"),
+    ("loracap.train", "loracap.dreambooth", "loracap.scale", "loracap.onnx_export", "loracap.merge"),
     ("loracap.serve", "loracap.edit", "loracap.cli", "loracap.__main__", "loracap.testing", "loracap"),
 ]
 
