@@ -164,7 +164,10 @@ def _imagehash():
     try:
         import imagehash
     except ImportError as e:
-        raise ImportError('image checks need imagehash: pip install "loracap[report]"') from e
+        # ModuleNotFoundError naming the module: the CLI turns it into its one-line "pip install" hint.
+        raise ModuleNotFoundError(
+            'image checks need imagehash: pip install "loracap[report]"', name="imagehash"
+        ) from e
     return imagehash
 
 
