@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -133,22 +134,56 @@ def load_backend(
 
 def processor_side(model: str | None, *, offline: bool | None = None) -> int:
     """The side `model`'s backend decodes images at (`Backend.image_side`), from its processor files alone,
-    without loading weights: for an engine that decodes on other workers than the model's (Ray). 0 when
-    the processor names no size."""
+    without loading weights: for an engine that decodes on other workers than the model's (Ray). Read from
+    the processor's JSON where it says (no transformers import: seconds on an engine's critical path),
+    else through transformers; 0 when the processor names no size."""
+    folder = resolve_model(model or DEFAULT_MODEL, offline=offline)
+    settings = _image_processor_settings(folder)
+    if settings is not None:
+        return _side_from_settings(settings)
     import importlib
 
     from transformers import AutoImageProcessor
 
     from .device import image_side
 
-    folder = resolve_model(model or DEFAULT_MODEL, offline=offline)
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     family = _backend_for(model_type)
     if family == _CHAT:
         chat = importlib.import_module(".chat_vlm", __name__)
         return chat.chat_input_side(chat.load_processor(folder, model_type).image_processor)
-    if family is not None and family[0] == "prefix_captioner":
-        from .prefix_captioner import input_side
-
-        return input_side(AutoImageProcessor.from_pretrained(folder))
     return image_side(AutoImageProcessor.from_pretrained(folder))
+
+
+def _image_processor_settings(folder: Any) -> dict[str, Any] | None:
+    """The image processor's saved settings: preprocessor_config.json, or processor_config.json's
+    "image_processor" part (how newer processors save it); None when neither names a size."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data = data.get("image_processor", data)
+            if isinstance(data, dict) and ("size" in data or "crop_size" in data):
+                return data
+    return None
+
+
+def _side_from_settings(settings: dict[str, Any]) -> int:
+    """`device.image_side` (and `chat_vlm.chat_input_side` for Qwen) on the saved settings."""
+    if "merge_size" in settings:  # Qwen-VL: native resolution, bounds in pixels (area), capped
+        from .chat_vlm import QWEN_MAX_PIXELS
+
+        size = settings.get("size") or {}
+        longest = size.get("longest_edge") or settings.get("max_pixels") or QWEN_MAX_PIXELS
+        return math.isqrt(min(longest, QWEN_MAX_PIXELS))
+    for key in ("size", "crop_size"):
+        size = settings.get(key)
+        if isinstance(size, int):
+            return size
+        size = size or {}
+        if "height" in size:
+            return max(size["height"], size.get("width", 0))
+        side = size.get("longest_edge", size.get("shortest_edge", 0))
+        if side:
+            return side
+    return 0
