@@ -22,7 +22,8 @@
 #   bash benchmarks/gpu.sh --results FILE         # append somewhere else
 #   bash benchmarks/gpu.sh --steps a,b            # only those steps (names as printed: florence2,
 #                                                 # qwen2.5-vl, clipscore, train, dreambooth-sd15,
-#                                                 # dreambooth-sdxl, florence2-static, dreambooth-flux)
+#                                                 # dreambooth-sdxl, scale-ray, vllm-parity, scale-vllm,
+#                                                 # florence2-static, dreambooth-flux)
 #
 # Environment: the active virtual environment, else ./.venv (made with --system-site-packages so a
 # preinstalled CUDA torch is used). loracap is installed into it (`pip install -e ".[train,report]"`)
@@ -148,6 +149,19 @@ step dreambooth-sd15 90 python $B/dreambooth_throughput.py --arch sd15 $DREAMBOO
 # shellcheck disable=SC2086
 step dreambooth-sdxl 180 python $B/dreambooth_throughput.py --arch sdxl $DREAMBOOTH_SDXL $DB_SDXL_BASELINE
 # Last, as the step most likely to run out of time: compiling the decoder for each batch shape.
+# The Ray engine against the local one on this machine (issue 17); on CUDA the actor holds the GPU.
+if [ "$SIZE" = full ]; then SCALE="--images 5000 --device cuda --batch-size 64"; else SCALE="--images 200"; fi
+# shellcheck disable=SC2086
+step scale-ray 240 python $B/scale_out.py $SCALE
+# vLLM (issue 17) only where it is installed: it brings its own CUDA build of torch, so this script does
+# not install it (pip install "loracap[vllm]" on the GPU machine first).
+if [ "$SIZE" = full ] && python -c "import vllm" 2>/dev/null; then
+  step vllm-parity 180 python -m pytest -q tests/test_vllm_engine.py
+  step scale-vllm 300 python $B/scale_out.py --compare vllm --images 256 --tokens 50 --batch-size 64
+else
+  echo "[scale-vllm] not measured: needs a CUDA GPU and vLLM installed"
+  echo "not measured: needs a CUDA GPU and vLLM installed" >"$OUT/scale-vllm.status"
+fi
 # shellcheck disable=SC2086
 step florence2-static 120 python $B/caption_throughput.py --arch florence2 --size "$SIZE" --tokens 50 $DEVICE $FLORENCE --sides loracap --static-cache --json "$OUT/florence2-static.json"
 # Flux after everything: building and loading a 12B pipeline takes minutes (see the top).
@@ -230,6 +244,13 @@ for name, label in (("dreambooth-sd15", "SD 1.5"), ("dreambooth-sdxl", "SDXL"), 
     if ratios:
         found += "; " + ", ".join(f"{kind} / diffusers **{ratio}x**" for kind, ratio in ratios)
     lines.append(f"- `loracap dreambooth`, {label} size: {found}")
+for name, label in (("scale-ray", "`--engine ray` vs local"), ("scale-vllm", "vLLM vs transformers (Qwen2.5-VL-3B size)")):
+    path = out / f"{name}.log"
+    text = path.read_text() if path.exists() else ""
+    rates = re.findall(r"^(local|ray|loracap --engine \w+|loop): ([\d.]+) images/s", text, re.M)
+    ratio = re.findall(r"^ratio ([\d.]+)", text, re.M)
+    found = ", ".join(f"{kind} {rate} images/s" for kind, rate in rates) or status(name)
+    lines.append(f"- {label}: {found}" + (f"; ratio **{ratio[-1]}**" if ratio else ""))
 lines.append("")
 for name in ("florence2", "florence2-static", "qwen2.5-vl"):
     path = out / f"{name}.json"
