@@ -206,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     scale = cap.add_argument_group("scale out (--engine ray / vllm)")
     scale.add_argument(
         "--engine",
-        choices=("local", "ray", "vllm"),
+        choices=("local", "ray", "vllm", "ray-vllm"),
         help="local: this process; ray: Ray Data on every local GPU/core or the cluster at RAY_ADDRESS; "
-        "vllm: a chat model in vLLM (CUDA)",
+        "vllm: a chat model in vLLM (CUDA); ray-vllm: Ray Data with a vLLM actor per GPU",
     )
     scale.add_argument("--out", help="--engine ray on shards or tables: the folder for caption shards")
     scale.add_argument("--image-column", metavar="NAME", help="shards/tables: the image column or suffix")
@@ -956,7 +956,7 @@ def _caption(args: argparse.Namespace) -> int:
     if "replace_tags" in given:
         given = {**given, "replace_tags": parse_replace_tags(given["replace_tags"])}
     config = _settings(CAPTION_CONFIG, args, given)
-    if config.engine == "ray":
+    if config.engine in ("ray", "ray-vllm"):
         from .scale.ray_engine import caption_with_ray
 
         summary = caption_with_ray(config)

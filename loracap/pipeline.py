@@ -44,7 +44,7 @@ EXISTING_POLICIES = ("skip", "overwrite", "prepend", "append")
 # Write errors that no other file in the folder would escape: the run stops at the first one.
 _NOTHING_MORE_FITS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 FORMATS = ("sidecar", "jsonl", "kohya-json")
-ENGINES = ("local", "ray", "vllm")
+ENGINES = ("local", "ray", "vllm", "ray-vllm")
 
 
 @dataclass
@@ -149,8 +149,8 @@ class CaptionConfig:
     timeout: float = 120.0
     max_retries: int = 4
     engine: str = "local"
-    """local (this process), ray (Ray Data: all local GPUs/cores, or the cluster at RAY_ADDRESS) or vllm
-    (the chat model in vLLM, one CUDA GPU)."""
+    """local (this process), ray (Ray Data: all local GPUs/cores, or the cluster at RAY_ADDRESS), vllm
+    (the chat model in vLLM, one CUDA GPU) or ray-vllm (Ray Data with a vLLM actor per GPU)."""
     out: str | Path | None = None
     """engine "ray" on shards or tables: the folder of caption shards (parquet) and errors.jsonl."""
     image_column: str | None = None
@@ -200,7 +200,7 @@ class CaptionConfig:
             model, quant = choice.model, quant or choice.quant
             at = f" at {quant}" if quant else ""
             log.info("no --model given (%s): using %s%s", choice.reason, model, at)
-        engine = "vllm" if self.engine == "vllm" else "local"
+        engine = "vllm" if self.engine in ("vllm", "ray-vllm") else "local"
         return load_backend(model, device=self.device, dtype=self.dtype, quant=quant, engine=engine)
 
 

@@ -566,6 +566,21 @@ def test_a_style_the_model_cannot_write_is_one_line_not_a_ray_traceback(
     assert not list(tmp_path.glob("*.txt"))
 
 
+def test_ray_vllm_on_a_cluster_without_gpus_is_one_line(ray_local, settings, tmp_path, capsys):
+    """vLLM actors need GPUs: a CPU-only Ray cluster is refused before any actor starts."""
+    write_images(tmp_path, ["a.jpg"])
+    capsys.readouterr()
+    assert (
+        main(["caption", str(tmp_path), "--engine", "ray-vllm", "--model", settings["model"], "--quiet"]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "loracap: error: --engine ray-vllm runs a vLLM actor per GPU, and this Ray cluster has no GPU; use "
+        "--engine ray"
+    )
+    assert not list(tmp_path.glob("*.txt"))
+
+
 # --- a two-node cluster (last: it replaces the module's local Ray) -------------------------------------
 
 

@@ -184,6 +184,10 @@ def _captions(config: CaptionConfig, dataset: Any, *, folder: bool, done: set[st
 
     side = decode_side(config)
     gpus = int(ray.cluster_resources().get("GPU", 0)) if _use_gpu(config) else 0
+    if config.engine == "ray-vllm" and not gpus:
+        raise ValueError(
+            "--engine ray-vllm runs a vLLM actor per GPU, and this Ray cluster has no GPU; use --engine ray"
+        )
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = config.ray_actors or gpus or 1  # one actor per GPU, or one CPU actor
     # CPU actors leave CPUs to the decode tasks: each takes what its share of the rest allows.
