@@ -24,6 +24,8 @@ __all__ = [
     "BucketAssignment",
     "BucketSettings",
     "assign_buckets",
+    "cover_size",
+    "crop_top_left",
     "fit_to_bucket",
     "make_bucket_resolutions",
     "select_bucket",
@@ -201,6 +203,18 @@ def cover_size(width: int, height: int, bucket: tuple[int, int]) -> tuple[int, i
     return max(bucket[0], round(width * scale)), max(bucket[1], round(height * scale))
 
 
+def crop_top_left(
+    bucket: tuple[int, int], resized: tuple[int, int], where: float | None = None
+) -> tuple[int, int]:
+    """(top, left) of the `bucket` crop in an image resized to `resized`: centred (`where` None) or at
+    `where` (0..1) along the sides with room to spare. What SDXL is conditioned on, and part of a cached
+    latent's key: the one place the crop is placed."""
+    spare_x, spare_y = max(0, resized[0] - bucket[0]), max(0, resized[1] - bucket[1])
+    if where is None:
+        return spare_y // 2, spare_x // 2
+    return round(spare_y * where), round(spare_x * where)
+
+
 def fit_to_bucket(
     image: Image.Image, bucket: tuple[int, int], resized: tuple[int, int], where: float | None
 ) -> tuple[Image.Image, tuple[int, int]]:
@@ -210,9 +224,5 @@ def fit_to_bucket(
     resized = (max(resized[0], bucket[0]), max(resized[1], bucket[1]))
     if resized != image.size:
         image = image.resize(resized, Image.Resampling.BICUBIC)
-    spare_x, spare_y = resized[0] - bucket[0], resized[1] - bucket[1]
-    if where is None:
-        left, top = spare_x // 2, spare_y // 2
-    else:
-        left, top = round(spare_x * where), round(spare_y * where)
+    top, left = crop_top_left(bucket, resized, where)
     return image.crop((left, top, left + bucket[0], top + bucket[1])), (top, left)

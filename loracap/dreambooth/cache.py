@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from loracap.dataset.buckets import crop_top_left
 from loracap.files import atomic_write_bytes
 from loracap.inputs import ImageDecodeError, file_sha256, load_image
 
@@ -141,7 +142,7 @@ def fill_latent_cache(
                 digests[item.path] = ""
         if not digests[item.path]:
             continue
-        top_left = ((item.resized[1] - item.bucket[1]) // 2, (item.resized[0] - item.bucket[0]) // 2)
+        top_left = crop_top_left(item.bucket, item.resized)
         key = LatentKey(digests[item.path], vae_id, item.bucket, item.resized, top_left, item.flip)
         keys[(item.path, item.bucket, item.flip)] = key
         if cache.load(key) is None:

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from loracap.dataset.buckets import BucketSettings, assign_buckets, cover_size, fit_to_bucket
+from loracap.dataset.buckets import BucketSettings, assign_buckets, cover_size, crop_top_left, fit_to_bucket
 from loracap.dreambooth.captions import Instance, training_caption
 from loracap.inputs import ImageDecodeError, load_image, read_size
 
@@ -261,7 +261,7 @@ class DreamBoothDataset(Dataset):
                 placement = Placement(placement, cover_size(width, height, placement))
             bucket, resized = placement.bucket, placement.resized
             if self.latents is not None:
-                top_left = ((resized[1] - bucket[1]) // 2, (resized[0] - bucket[0]) // 2)
+                top_left = crop_top_left(bucket, resized)
                 parameters = self.latents.get(path, bucket, flip_it)
                 return Sample(None, parameters, caption, (height, width), top_left, (bucket[1], bucket[0]))
             image = load_image(path, min_side=min(resized))
