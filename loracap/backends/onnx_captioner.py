@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .base import BackendError, Generation, GenerationSettings, check_mode
-from .resources import cpu_threads
+from .onnxrt import onnx_session
 
 DEFAULT_MAX_NEW_TOKENS = 32
 GRAPHS = ("encoder_model", "decoder_model", "decoder_with_past_model")
@@ -35,12 +35,6 @@ class OnnxCaptionerBackend:
     def __init__(
         self, folder: Path, name: str, *, quantized: bool = False, device: str | None = None
     ) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise BackendError(
-                'an ONNX captioner runs on onnxruntime: pip install "loracap[tagger]"'
-            ) from None
         from transformers import AutoImageProcessor, AutoTokenizer
 
         from .device import image_side
@@ -57,13 +51,10 @@ class OnnxCaptionerBackend:
         missing = [n for n in GRAPHS if not (folder / "onnx" / f"{n}{suffix}.onnx").is_file()]
         if missing:
             raise BackendError(f"{name} has no {', '.join(f'onnx/{n}{suffix}.onnx' for n in missing)}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = cpu_threads()
-        providers = ["CPUExecutionProvider"]
-        if device not in (None, "auto", "cpu") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
         self.sessions = {
-            n: ort.InferenceSession(str(folder / "onnx" / f"{n}{suffix}.onnx"), options, providers=providers)
+            n: onnx_session(
+                folder / "onnx" / f"{n}{suffix}.onnx", device, what="an ONNX captioner", extra="onnx"
+            )
             for n in GRAPHS
         }
         self.cache_inputs = [i.name for i in self.sessions["decoder_with_past_model"].get_inputs()][2:]

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .base import BackendError, GenerationSettings, check_mode
-from .resources import cpu_threads
+from .onnxrt import onnx_session
 
 RATING, GENERAL, CHARACTER = 9, 0, 4
 DEFAULT_BATCH = 8
@@ -32,18 +32,9 @@ class WDTaggerBackend:
     instructions = False
 
     def __init__(self, folder: Path, name: str, *, device: str | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise BackendError('taggers run on onnxruntime: pip install "loracap[tagger]"') from None
         self.name = name
         self.tags, self.categories = _read_tags(Path(folder) / "selected_tags.csv")
-        providers = ["CPUExecutionProvider"]
-        if device not in (None, "auto", "cpu") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = cpu_threads()
-        self.session = ort.InferenceSession(str(Path(folder) / "model.onnx"), options, providers=providers)
+        self.session = onnx_session(Path(folder) / "model.onnx", device, what="a tagger", extra="tagger")
         graph_input = self.session.get_inputs()[0]
         self.input_name = graph_input.name
         self.image_side = int(graph_input.shape[1])
