@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from loracap.dreambooth.lora import load_lora_state, lora_state
 from loracap.dreambooth.settings import FIXED_ON_RESUME, DreamBoothConfig, setting_values
 from loracap.files import atomic_write_text
+from loracap.train.checkpoints import STATE_FILE, checkpoint_folders, resume_state
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,7 @@ __all__ = [
 ]
 
 RUN_FILE = "loracap-dreambooth.json"
-STATE_FILE = "trainer_state.json"
 LORA_WEIGHTS = "lora.safetensors"
-_STEP = re.compile(r"step-(\d+)")
-
-
-def checkpoint_folders(out: Path) -> list[Path]:
-    """OUT/checkpoints/step-N folders, lowest N first (complete ones only)."""
-    found = [p for p in (out / "checkpoints").glob("step-*") if _STEP.fullmatch(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def read_run(out: Path) -> dict[str, Any] | None:
@@ -151,17 +143,3 @@ def save_checkpoint(
         log.debug("checkpoint %s", folder)
     accelerator.wait_for_everyone()
     return folder
-
-
-def resume_state(accelerator: Any, out: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """Load the newest checkpoint into the accelerator's objects; `state` updated with the saved one
-    (as it is, with a warning, when there is none)."""
-    checkpoints = checkpoint_folders(out)
-    if not checkpoints:
-        log.warning("--resume: no checkpoint in %s; starting from step 0", out / "checkpoints")
-        return state
-    latest = checkpoints[-1]
-    accelerator.load_state(str(latest))
-    saved = json.loads((latest / STATE_FILE).read_text(encoding="utf-8"))
-    log.info("resuming from %s (step %s)", latest, saved["step"])
-    return {**state, **saved}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 STATE_FILE = "trainer_state.json"
+_STEP = re.compile(r"step-(\d+)")
 BEST_FILE = "best-trainable.safetensors"  # the best validation step's trainable weights, during training
 
 
@@ -54,8 +56,10 @@ def save_checkpoint(accelerator: Any, out: Path, state: dict[str, Any], keep: in
 
 
 def checkpoint_folders(out: Path) -> list[Path]:
-    """OUT/checkpoints/step-N folders, lowest N first (by number: as text step-1000 sorts before step-200)."""
-    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    """OUT/checkpoints/step-N folders, lowest N first (by number: as text step-1000 sorts before step-200);
+    complete ones only (a `step-N.partial` being written, or a stray file, is not a checkpoint)."""
+    found = [p for p in (out / "checkpoints").glob("step-*") if _STEP.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def resume_state(accelerator: Any, out: Path, state: dict[str, Any]) -> dict[str, Any]:
