@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from loracap.backends.base import BackendError
 from loracap.backends.resources import use_threads
@@ -57,10 +57,12 @@ class ScoredPair:
 
 
 @dataclass
-class ClipScoreRun:
-    """The pairs in input order plus what the run did: how many were computed, cached, failed, truncated."""
+class PairRun:
+    """The pairs of a scoring run (CLIPScore, ITM) in input order plus what the run did: how many were
+    computed, cached, failed, truncated. `value` names the pairs' score attribute."""
 
-    pairs: list[ScoredPair]
+    value: ClassVar[str] = "score"
+    pairs: list[Any]
     model: str
     computed: int = 0  # pairs sent through the model in this run
     seconds: float = 0.0
@@ -68,7 +70,7 @@ class ClipScoreRun:
 
     @property
     def cached(self) -> int:
-        """Scores taken from the cache (cached decode failures count in `failed`)."""
+        """Values taken from the cache (cached decode failures count in `failed`)."""
         return sum(p.cached and p.error is None for p in self.pairs)
 
     @property
@@ -80,17 +82,24 @@ class ClipScoreRun:
         return sum(p.truncated for p in self.pairs)
 
     @property
-    def errors(self) -> list[ScoredPair]:
+    def errors(self) -> list[Any]:
         """The pairs that could not be scored, in input order."""
         return [p for p in self.pairs if p.error is not None]
 
-    def lowest_first(self) -> list[ScoredPair]:
-        return lowest_first(self.pairs)
+    def lowest_first(self) -> list[Any]:
+        return lowest_first(self.pairs, self.value)
 
 
-def lowest_first(pairs: Iterable[ScoredPair]) -> list[ScoredPair]:
-    """Scored pairs, lowest score first (the captions to look at first); ties by path. Errors are left out."""
-    return sorted((p for p in pairs if p.score is not None), key=lambda p: (p.score, str(p.path), p.caption))
+@dataclass
+class ClipScoreRun(PairRun):
+    """A CLIPScore run: `ScoredPair`s."""
+
+
+def lowest_first(pairs: Iterable[Any], value: str = "score") -> list[Any]:
+    """Scored pairs, lowest `value` first (the captions to look at first); ties by path. Errors are left
+    out."""
+    scored = (p for p in pairs if getattr(p, value) is not None)
+    return sorted(scored, key=lambda p: (getattr(p, value), str(p.path), p.caption))
 
 
 def default_cache_path() -> Path:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from loracap.backends.base import BackendError
 from loracap.backends.resources import use_threads
@@ -28,6 +28,7 @@ from loracap.hub import loracap_cache_dir, resolve_model
 from loracap.inputs import ImageDecodeError, prefetch_batches
 from loracap.quality.clipscore import (
     _DECODE_MARGIN,
+    PairRun,
     _cache_key,
     _fingerprint,
     _hashes,
@@ -67,42 +68,10 @@ class MatchedPair:
 
 
 @dataclass
-class ItmRun:
-    """The pairs in input order plus what the run did: how many were computed, cached, failed, truncated."""
+class ItmRun(PairRun):
+    """An ITM run: `MatchedPair`s, lowest match probability first."""
 
-    pairs: list[MatchedPair]
-    model: str
-    computed: int = 0  # pairs sent through the model in this run
-    seconds: float = 0.0
-    cache_path: Path | None = None
-
-    @property
-    def cached(self) -> int:
-        """Probabilities taken from the cache (cached decode failures count in `failed`)."""
-        return sum(p.cached and p.error is None for p in self.pairs)
-
-    @property
-    def failed(self) -> int:
-        return len(self.errors)
-
-    @property
-    def truncated(self) -> int:
-        return sum(p.truncated for p in self.pairs)
-
-    @property
-    def errors(self) -> list[MatchedPair]:
-        """The pairs that could not be scored, in input order."""
-        return [p for p in self.pairs if p.error is not None]
-
-    def lowest_first(self) -> list[MatchedPair]:
-        return lowest_first(self.pairs)
-
-
-def lowest_first(pairs: Iterable[MatchedPair]) -> list[MatchedPair]:
-    """Scored pairs, lowest match probability first; ties by path. Errors are left out."""
-    return sorted(
-        (p for p in pairs if p.probability is not None), key=lambda p: (p.probability, str(p.path), p.caption)
-    )
+    value: ClassVar[str] = "probability"
 
 
 def default_cache_path() -> Path:
