@@ -249,3 +249,12 @@ def test_a_prose_dataset_lists_no_tags_and_items_carry_their_flags(tmp_path):
     flags = {i["path"]: i["flags"] for i in c.get("/api/images").json()["items"]}
     assert flags == {"a.png": [], "b.png": ["duplicate"], "c.png": ["duplicate"]}
     assert c.get("/api/images", params={"flag": "duplicate"}).json()["total"] == 2
+
+
+def test_a_caption_file_that_cannot_be_read_is_never_written_over(tmp_path):
+    root = dataset(tmp_path / "data")
+    c = client(root)
+    (root / "d.txt").mkdir()  # a folder where d.png's caption file belongs
+    reply = c.put(f"/api/image/{ids(c)['d.png']}/caption", json={"base": None, "text": "mine"})
+    assert reply.status_code == 409 and "cannot be read" in reply.json()["detail"]
+    assert (root / "d.txt").is_dir()

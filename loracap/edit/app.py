@@ -246,7 +246,12 @@ def create_app(config: EditConfig) -> FastAPI:
         row = index.get(image_id)
         if row is None:
             raise HTTPException(404, f"no image {image_id}")
-        disk = index.caption_on_disk(image_id)
+        store = index.store()  # reads the caption as it is on disk now; the same store writes the new one
+        try:
+            disk = store.existing(index.root / row["path"])
+        except OSError as exc:  # never written over from bytes that could not be read
+            detail = f"the caption file cannot be read ({exc.strerror or exc}); it is left as it is"
+            return JSONResponse({"detail": detail, "disk": None, "yours": body.text}, status_code=409)
         if (disk or None) != (body.base or None):
             return JSONResponse(
                 {
@@ -256,7 +261,7 @@ def create_app(config: EditConfig) -> FastAPI:
                 },
                 status_code=409,
             )
-        _write(index, [(image_id, row["path"], body.text)])
+        _write(index, [(image_id, row["path"], body.text)], store)
         tokens = _tokens(tokens_of["tokenizer"], body.text)
         if tokens is not None:
             index.set_tokens([(image_id, tokens)])
@@ -482,9 +487,9 @@ def _changes(index: Index, body: BulkBody) -> list[dict[str, Any]]:
     return changes
 
 
-def _write(index: Index, items: list[tuple[int, str, str]]) -> None:
-    """Write captions (id, path, text) in the dataset's layout, then record them in the index."""
-    store = index.store()
+def _write(index: Index, items: list[tuple[int, str, str]], store: Any) -> None:
+    """Write captions (id, path, text) in the dataset's layout through `store` (the one that read what
+    was on disk, closed here), then record them in the index."""
     try:
         for _, path, text in items:
             store.write(index.root / path, text)
@@ -506,7 +511,7 @@ def _write_checked(index: Index, changes: list[dict[str, Any]]) -> tuple[list[di
             conflicts.append(change["path"])
         else:
             ok.append(change)
-    _write(index, [(c["id"], c["path"], c["after"]) for c in ok])
+    _write(index, [(c["id"], c["path"], c["after"]) for c in ok], store)
     return [{"path": c["path"], "before": c["before"], "after": c["after"]} for c in ok], conflicts
 
 

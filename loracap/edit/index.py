@@ -11,7 +11,7 @@ while a big dataset is still being indexed. Ids are stable while a path stays in
 
 Captions are read and written through loracap's dataset stores (`loracap.dataset.open_store`), in the
 dataset's own layout; the index is a cache of them and is never the source of truth: a save compares
-with what is on disk now (`Index.caption_on_disk`).
+with what is on disk now, through a fresh store (`Index.store`).
 """
 
 from __future__ import annotations
@@ -268,11 +268,6 @@ class Index:
         return self._all("SELECT COUNT(*) FROM images")[0][0]
 
     # --- writing
-
-    def caption_on_disk(self, image_id: int) -> str | None:
-        """The image's caption as the dataset's files hold it now."""
-        row = self.get(image_id)
-        return _read(self.store(), self.root / row["path"]) if row else None
 
     def set_captions(self, changes: Iterable[tuple[int, str]]) -> None:
         """Record captions just written to disk (their files' new mtimes too) in the index."""
