@@ -34,7 +34,7 @@ import numpy as np
 
 from loracap.pipeline import CaptionConfig, RunSummary, caption_config, folder_run
 from loracap.scale.shards import ShardWriter, done_ids, write_source
-from loracap.scale.sources import Source, open_source, ray_dataset, row_id
+from loracap.scale.sources import Source, id_from_digest, open_source, ray_dataset
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,8 @@ class _Decode:
                 ident, digest = key, ""
             else:
                 data = bytes(batch["image"][i])
-                ident, digest = row_id(key, data), hashlib.sha256(data).hexdigest()
+                digest = hashlib.sha256(data).hexdigest()  # once: the id and the shards' sha256 column
+                ident = id_from_digest(key, digest)
             if ident in self.done:
                 stage = "done"
             else:

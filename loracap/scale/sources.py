@@ -31,7 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KINDS", "Source", "expand_braces", "iter_rows", "open_source", "ray_dataset", "row_id"]
+__all__ = [
+    "KINDS",
+    "Source",
+    "expand_braces",
+    "id_from_digest",
+    "iter_rows",
+    "open_source",
+    "ray_dataset",
+    "row_id",
+]
 
 KINDS = ("folder", "webdataset", "parquet", "hf")
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -57,8 +66,12 @@ class Source:
 
 def row_id(key: str | None, data: bytes) -> str:
     """The row's stable id: its key and the first 16 hex digits of its bytes' SHA-256."""
-    digest = hashlib.sha256(data).hexdigest()[:16]
-    return f"{key}#{digest}" if key else digest
+    return id_from_digest(key, hashlib.sha256(data).hexdigest())
+
+
+def id_from_digest(key: str | None, digest: str) -> str:
+    """`row_id` from the bytes' SHA-256 (hex) already computed."""
+    return f"{key}#{digest[:16]}" if key else digest[:16]
 
 
 def expand_braces(pattern: str) -> list[str]:
