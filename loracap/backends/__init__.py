@@ -176,14 +176,6 @@ def _side_from_settings(settings: dict[str, Any]) -> int:
         size = settings.get("size") or {}
         longest = size.get("longest_edge") or settings.get("max_pixels") or QWEN_MAX_PIXELS
         return math.isqrt(min(longest, QWEN_MAX_PIXELS))
-    for key in ("size", "crop_size"):
-        size = settings.get(key)
-        if isinstance(size, int):
-            return size
-        size = size or {}
-        if "height" in size:
-            return max(size["height"], size.get("width", 0))
-        side = size.get("longest_edge", size.get("shortest_edge", 0))
-        if side:
-            return side
-    return 0
+    from .sizes import image_side
+
+    return image_side(settings)

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .sizes import image_side  # noqa: F401  (the backends import it from here)
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -44,23 +46,6 @@ def choose_placement(device: str | None = None, dtype: str | None = None) -> Pla
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return Placement(dev, DTYPES[dtype])
-
-
-def image_side(image_processor: Any) -> int:
-    """The side an image processor resizes to (0 when it does not say), so that the pipeline decodes
-    images no larger than needed for it.
-
-    Reads `size`, else `crop_size`: a dict or a transformers SizeDict, with height / width (the exact
-    size: its longer side) or a longest_edge / shortest_edge bound.
-    """
-    for attribute in ("size", "crop_size"):
-        size = dict(getattr(image_processor, attribute, None) or {})  # a SizeDict lists only its set keys
-        if "height" in size:
-            return max(size["height"], size.get("width", 0))
-        side = size.get("longest_edge", size.get("shortest_edge", 0))
-        if side:
-            return side
-    return 0
 
 
 def default_batch_size(placement: Placement, gpu_batch: int, cpu_batch: int = 4) -> int:
