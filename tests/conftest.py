@@ -34,6 +34,19 @@ def _loracap_messages_on_stderr():
 GEN_ARGS = ["--min-new-tokens", "2", "--max-new-tokens", "6", "--quiet"]
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (and torch's count back after): tiny models run as fast on one as on
+    several, and far faster on a busy machine. Modules that run torch throughout use it for every test
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model("florence2") -> folder of a saved tiny model, built on first use."""

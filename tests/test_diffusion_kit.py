@@ -48,16 +48,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {arch: make_tiny_model(arch, root / arch) for arch in DIFFUSION_ARCHS}
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _load(path: Path, arch: str):
     import diffusers
 

@@ -36,13 +36,7 @@ COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (250, 250, 250)]
 WIDE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_in", "conv_out")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is as fast as several, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per test
 
 
 def dataset(root: Path, captions: dict[str, str | None], size: tuple[int, int] = (40, 36)) -> Path:

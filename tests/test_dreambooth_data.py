@@ -22,7 +22,6 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file  # noqa: E402
-from test_dreambooth import one_thread  # noqa: E402, F401  (autouse: one torch thread)
 from test_dreambooth import settings as dreambooth_settings  # noqa: E402
 
 from loracap.cli import main  # noqa: E402
@@ -37,6 +36,9 @@ from loracap.testing import make_tiny_model  # noqa: E402
 
 # Distinct, saturated colours: a uniform image keeps its colour through any resize and crop, so a batch's
 # pixels say which image they are.
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per test
+
+
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (250, 250, 250), (20, 20, 20), (230, 200, 20)]
 
 # At 32 px, buckets from 16 to 64 px in steps of 8: 16x48 ... 24x40, 32x32, 40x24 ... 64x16;

@@ -21,7 +21,7 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file  # noqa: E402
-from test_dreambooth import COLOURS, dataset, image_array, one_thread  # noqa: E402, F401  (autouse)
+from test_dreambooth import COLOURS, dataset, image_array  # noqa: E402
 from test_dreambooth import settings as dreambooth_settings  # noqa: E402
 
 from loracap.cli import main  # noqa: E402
@@ -29,6 +29,8 @@ from loracap.dreambooth import families  # noqa: E402
 from loracap.dreambooth.generate import GenerateConfig, apply_lora, generate  # noqa: E402
 from loracap.dreambooth.loop import dreambooth  # noqa: E402
 from loracap.dreambooth.settings import DreamBoothConfig  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per test
 
 
 def settings(data: Path, base: Path, out: Path, **overrides) -> DreamBoothConfig:

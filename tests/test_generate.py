@@ -31,14 +31,7 @@ PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeli
 FAST = {"steps": 2, "width": 64, "height": 64, "progress": False, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per test
 
 
 def run(base: Path, out: Path, prompts: list[str], **settings) -> list[Path]:

@@ -25,12 +25,7 @@ SAMPLED = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=0.7, 
 _loaded: dict[str, object] = {}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per test
 
 
 def _florence(tiny_model) -> Florence2Backend:

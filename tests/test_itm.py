@@ -24,14 +24,7 @@ LONG = " ".join(["a red car parked next to a wooden house"] * 60)  # > 512 BERT 
 CAPTIONS = ["a photo of a cat", "a dog running on the beach", "1girl, solo, smile", "a robot", LONG]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per test
 
 
 @pytest.fixture(scope="module")
