@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 from .backends import DEFAULT_MODEL, Backend, caption_images, load_backend
+from .backends.base import check_mode, per_image
 from .backends.batch_size import parse_batch_size
 from .inputs import to_rgb
-from .pipeline import CaptionConfig, caption_config
+from .pipeline import CaptionConfig, caption_config, clean_captions
 from .postprocess import postprocess
 from .request import resolve_request
 from .styles import Style
@@ -28,7 +29,8 @@ class Captioner:
     Takes a `CaptionConfig` (its folder and output settings are not used here), or the model with the
     keyword settings `caption_folder` takes (`style`, `trigger`, `max_new_tokens`, `options=PostProcess`,
     `generation=GenerationSettings`, `batch_size`, `device`, ...). `backend`: an already loaded model.
-    `{tags}` and `{folder}` render empty here, as in-memory images have neither.
+    `{tags}` and `{folder}` render empty here, as in-memory images have neither. With `captions_per_image`
+    N above 1 an image's caption is N captions, a line each.
     """
 
     def __init__(
@@ -65,6 +67,12 @@ class Captioner:
         captions = []
         for start in range(0, len(batch), self.batch_size):
             chunk = batch[start : start + self.batch_size]
+            if self.generation.captions_per_image > 1:  # each caption cleaned up alone, a line each
+                check_mode(self.backend, request.mode)
+                inputs = self.backend.prepare(chunk, request.mode, request.prompt_for())
+                raws = per_image(self.backend.generate(inputs, self.generation), len(chunk))
+                captions.extend(clean_captions(r, self.options, tags=request.tags) or "" for r in raws)
+                continue
             raw = caption_images(self.backend, chunk, request.mode, self.generation, request.prompt_for())
             captions.extend(postprocess(text, self.options, tags=request.tags) for text in raw)
         return captions[0] if single else captions

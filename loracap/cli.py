@@ -32,7 +32,9 @@ DREAMBOOTH_CONFIG = "loracap.dreambooth.settings:DreamBoothConfig"
 EXPORT_CONFIG = "loracap.scale.export:ExportConfig"
 MERGE_CONFIG = "loracap.merge:MergeConfig"
 EDIT_CONFIG = "loracap.edit.app:EditConfig"
+WEB_CONFIG = "loracap.browser:WebConfig"
 EXPORT_ONNX_CONFIG = "loracap.onnx_export:ExportOnnxConfig"
+EXPLAIN_CONFIG = "loracap.quality.explain:ExplainConfig"
 # Where a flag's default differs from the settings class's (the Python API's), the flag's wins here.
 _CLI_DEFAULTS = {TRAIN_SETTINGS: {"mixed_precision": "auto"}}
 # Given on the command line but not settings of a command: how to run, not what to do.
@@ -147,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EXT",
         help="fill {tags} from each image's <stem>EXT file, e.g. .tags (default: its existing caption)",
     )
+    style.add_argument(
+        "--tagger",
+        metavar="MODEL",
+        help="fill {tags} with a WD tagger's tags, tagged first in the same run (wd-vit-tagger-v3 or another "
+        "SmilingWolf name, a hub id or a folder); a prompt without {tags} gets --extra existing-tags",
+    )
 
     remote = cap.add_argument_group("remote model (--model openai:MODEL)")
     remote.add_argument(
@@ -198,17 +206,31 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="keep openers like 'The image shows'",
     )
-    post.add_argument("--remove-tags", action="append", metavar="TAGS", help="tags to drop, comma-separated")
+    post.add_argument(
+        "--remove-tags",
+        "--undesired-tags",  # sd-scripts' name (its tagger's --undesired_tags)
+        dest="remove_tags",
+        action="append",
+        metavar="TAGS",
+        help="tags to drop, comma-separated",
+    )
     post.add_argument("--replace-tags", action="append", metavar="A=B", help="rename tags: 'a=b,c=d'")
     post.add_argument("--max-tags", type=int, help="keep at most this many tags")
-    post.add_argument("--underscores-to-spaces", action="store_true", help="'long_hair' -> 'long hair'")
+    post.add_argument(
+        "--underscores-to-spaces",
+        "--remove-underscore",  # sd-scripts' name (its tagger's --remove_underscore)
+        dest="underscores_to_spaces",
+        action="store_true",
+        help="'long_hair' -> 'long hair'; kaomoji such as '^_^' keep theirs",
+    )
 
     scale = cap.add_argument_group("scale out (--engine ray / vllm)")
     scale.add_argument(
         "--engine",
-        choices=("local", "ray", "vllm", "ray-vllm"),
+        choices=("local", "ray", "vllm", "ray-vllm", "onnx"),
         help="local: this process; ray: Ray Data on every local GPU/core or the cluster at RAY_ADDRESS; "
-        "vllm: a chat model in vLLM (CUDA); ray-vllm: Ray Data with a vLLM actor per GPU",
+        "vllm: a chat model in vLLM (CUDA); ray-vllm: Ray Data with a vLLM actor per GPU; onnx: export the "
+        "captioner to ONNX once (cached) and run it on onnxruntime",
     )
     scale.add_argument("--out", help="--engine ray on shards or tables: the folder for caption shards")
     scale.add_argument("--image-column", metavar="NAME", help="shards/tables: the image column or suffix")
@@ -234,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--quiet", dest="progress", action="store_false", help="no progress bars; only warnings and errors"
     )
+    _add_decoding_arguments(cap)
 
     commands.add_parser("models", help="list the models loracap knows and which are downloaded")
     commands.add_parser("styles", help="list the caption styles and --extra options")
@@ -245,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(commands)
     _add_merge_parser(commands)
     _add_edit_parser(commands)
+    _add_web_parser(commands)
     _add_export_onnx_parser(commands)
+    _add_explain_parser(commands)
     return parser
 
 
@@ -283,12 +308,19 @@ def _add_model_arguments(group: argparse._ActionsContainer) -> None:
     group.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), help="(default: auto)")
     group.add_argument(
         "--quant",
-        choices=("4bit", "8bit", "int8"),
-        help="4bit/8bit: load through bitsandbytes (CUDA only); int8: an ONNX captioner's quantized graphs",
+        choices=("4bit", "8bit", "int8", "fp16"),
+        help="4bit/8bit: load through bitsandbytes (CUDA only); int8/fp16: an exported ONNX captioner's "
+        "quantized graphs",
     )
     group.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default per mode)")
     group.add_argument("--min-new-tokens", type=int, help="shortest caption in tokens")
     group.add_argument("--num-beams", type=int, help="beam search width (3 is a little better, slower)")
+    group.add_argument(
+        "--length-penalty",
+        type=float,
+        metavar="P",
+        help="beam search: above 1 favours longer captions, below 1 shorter ones (default 1)",
+    )
     group.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
     group.add_argument(
         "--general-threshold", type=float, metavar="P", help="taggers: keep general tags at P or more (0.35)"
@@ -301,6 +333,30 @@ def _add_model_arguments(group: argparse._ActionsContainer) -> None:
     )
     group.add_argument("--character-tags-first", action="store_true", help="taggers: character tags first")
     group.add_argument("--rating-tags", action="store_true", help="taggers: the most likely rating tag first")
+
+
+def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "sampling and several captions (greedy decoding unless one of these is given; see also --num-beams)"
+    )
+    group.add_argument(
+        "--temperature", type=float, help="sample at this temperature (above 0; 1 is the model's)"
+    )
+    group.add_argument(
+        "--top-p", type=float, metavar="P", help="sample from the tokens holding P of the mass"
+    )
+    group.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens")
+    group.add_argument(
+        "--seed",
+        type=int,
+        help="make sampled captions repeatable: each image's own draws, whatever its batch",
+    )
+    group.add_argument(
+        "--captions-per-image",
+        type=int,
+        metavar="N",
+        help="write N captions per image, a line each (sampled, or the N best beams with --num-beams N+)",
+    )
 
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
@@ -390,6 +446,12 @@ def _add_report_parser(commands: argparse._SubParsersAction) -> None:
         "Salesforce/blip-itm-base-coco: the probability that caption and image match (off by default)",
     )
     clip.add_argument("--no-cache", dest="cache", action="store_false", help="rescore everything")
+    clip.add_argument(
+        "--explain-model",
+        metavar="ID_OR_FOLDER",
+        help="a BLIP, ViT-GPT2 or Florence-2 captioner: write where it looked for each word of its caption "
+        "(OUT/explain/*.png, see loracap explain) for the captions to check first, linked from the page",
+    )
     clip.add_argument("--batch-size", type=int, help="pairs per model call (default: 64 on a GPU, 8 on CPU)")
     clip.add_argument("--workers", type=int, help="threads decoding images ahead of the model")
     clip.add_argument(
@@ -490,16 +552,21 @@ def _add_export_onnx_parser(commands: argparse._SubParsersAction) -> None:
         commands,
         "export-onnx",
         EXPORT_ONNX_CONFIG,
-        help="export a ViT-GPT2-style captioner to ONNX (onnxruntime, no PyTorch)",
-        description="Write MODEL as ONNX graphs (encoder, decoder, decoder with past) with its config, image "
-        "processor and tokenizer into OUT, after checking that onnxruntime's greedy tokens equal PyTorch's. "
-        "`loracap caption --model OUT` then runs it on onnxruntime. Needs `pip install loracap[onnx]`.",
+        help="export a captioner (ViT-GPT2-style or `loracap train`'s) to ONNX (onnxruntime, no PyTorch)",
+        description="Write MODEL as ONNX graphs in the layout transformers.js reads, with its config, image "
+        "processor and tokenizer, into OUT, after checking that onnxruntime's greedy tokens equal PyTorch's. "
+        "`loracap caption --model OUT` then runs it on onnxruntime, and `loracap web OUT` in a browser. "
+        "Needs `pip install loracap[onnx]`.",
     )
     onx.add_argument("model", nargs="?", help="hub id or folder of the captioner")
     onx.add_argument("out", nargs="?", help="the folder to write")
-    onx.add_argument("--quantize", choices=("int8",), help="also write int8 *_quantized.onnx graphs")
+    onx.add_argument(
+        "--quantize",
+        metavar="KINDS",
+        help="also write int8 (*_quantized.onnx) and/or fp16 (*_fp16.onnx) graphs: int8, fp16 or int8,fp16",
+    )
     onx.add_argument("--opset", type=int)
-    onx.add_argument("--check-images", type=int, metavar="N", help="probe images of the parity check (4)")
+    onx.add_argument("--check-images", type=int, metavar="N", help="probe images of the parity check (20)")
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
@@ -509,9 +576,46 @@ def _export_onnx(args: argparse.Namespace) -> int:
     sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in result["files"].items())
     parity = result["parity"]
     line = f"first-step logits within {parity['first_step_max_logit_difference']:.1e}, greedy tokens equal"
-    if "int8" in parity:
-        line += f"; int8 agrees on {100 * parity['int8']['token_agreement']:.0f}% of tokens"
+    for kind in ("int8", "fp16"):
+        if kind in parity:
+            line += f"; {kind} agrees on {100 * parity[kind]['token_agreement']:.0f}% of tokens"
     print(f"loracap: exported ({sizes}); {line}", file=sys.stderr)
+    return 0
+
+
+def _add_explain_parser(commands: argparse._SubParsersAction) -> None:
+    exp = _command_parser(
+        commands,
+        "explain",
+        EXPLAIN_CONFIG,
+        help="show where a captioner looked for each word of its caption (BLIP, ViT-GPT2, Florence-2)",
+        description="Caption IMAGE with an encoder-decoder captioner and write a PNG: the caption, and for "
+        "each word a heatmap of the decoder's cross-attention over the image patches (mean of the heads and "
+        "of --layers).",
+    )
+    exp.add_argument("image", nargs="?", help="the image file")
+    exp.add_argument("--model", help="a BLIP, ViT-GPT2 or Florence-2 hub id, local folder, or cached id")
+    exp.add_argument("--out", help="the PNG to write (default: IMAGE's name + .explain.png, here)")
+    exp.add_argument(
+        "--layers", help="decoder layers to average, e.g. 0,-1 (negative: from the last; default: all)"
+    )
+    exp.add_argument("--mode", help="caption, or a Florence-2 mode such as detailed or tags")
+    exp.add_argument("--tile", type=int, metavar="PX", help="side of each word's heatmap")
+    exp.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+    exp.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), help="(default: auto)")
+    exp.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default per mode)")
+    exp.add_argument("--min-new-tokens", type=int, help="shortest caption in tokens")
+    exp.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
+    exp.add_argument("--quiet", dest="progress", action="store_false", help="only warnings and errors")
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .quality.explain import explain
+
+    out, shown = explain(_settings(EXPLAIN_CONFIG, args))
+    words = len(shown.words)
+    rows, cols = shown.grid
+    print(f"loracap: {shown.caption!r}: {words} word(s) over {rows}x{cols} patches -> {out}", file=sys.stderr)
     return 0
 
 
@@ -537,6 +641,12 @@ def _add_edit_parser(commands: argparse._SubParsersAction) -> None:
     ed.add_argument("--metadata-file", help="metadata.jsonl / kohya JSON elsewhere than in DIR")
     ed.add_argument("--token", help="the access token to require (default: made when --host is not local)")
     ed.add_argument("--device", help="where re-captioning runs")
+    ed.add_argument(
+        "--explain-model",
+        metavar="ID_OR_FOLDER",
+        help="a BLIP, ViT-GPT2 or Florence-2 captioner: the page shows where it looked for each word of its "
+        "caption of the focused image (see loracap explain)",
+    )
 
 
 def _edit(args: argparse.Namespace) -> int:
@@ -544,6 +654,35 @@ def _edit(args: argparse.Namespace) -> int:
 
     edit(_settings(EDIT_CONFIG, args))
     return 0
+
+
+def _add_web_parser(commands: argparse._SubParsersAction) -> None:
+    web = _command_parser(
+        commands,
+        "web",
+        WEB_CONFIG,
+        help="a page that captions dropped images in the browser (onnxruntime-web), from an ONNX export",
+        description="Serve one static page that captions the images dropped on it in the browser, with the "
+        "captioner `loracap export-onnx` wrote to OUT; no image is uploaded. --export DIR writes the page's "
+        "files to host anywhere instead. The page's JavaScript runtime (onnxruntime-web) comes from npm at a "
+        "pinned version, fetched once with --fetch-runtime. Needs `pip install loracap[onnx]`.",
+    )
+    web.add_argument("model", nargs="?", help="the folder `loracap export-onnx` wrote")
+    web.add_argument("--export", metavar="DIR", help="write the page's files into DIR instead of serving")
+    web.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    web.add_argument("--port", type=int, help="default 8766")
+    web.add_argument(
+        "--fetch-runtime",
+        action="store_true",
+        default=None,
+        help="fetch onnxruntime-web from npm (once) and stop",
+    )
+
+
+def _web(args: argparse.Namespace) -> int:
+    from .browser import run
+
+    return run(_settings(WEB_CONFIG, args))
 
 
 def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
@@ -1039,6 +1178,8 @@ _COMMANDS = {
         what="merging",
     ),
     "export-onnx": _Command(_export_onnx, extra="onnx", what="ONNX export"),
+    "explain": _Command(_explain),
+    "web": _Command(_web, extra="onnx", what="the caption page"),
     "edit": _Command(
         _edit, extra="serve", interrupted="stopped; every saved caption is on disk.", what="editing"
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -51,6 +52,17 @@ def loracap_cache_dir() -> Path:
     Read at call time, so tests and users can point it elsewhere per run.
     """
     return Path(os.environ.get("LORACAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loracap"))
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Identifies this exact checkpoint (for caches of what is made from it): its resolved path plus the
+    size and mtime of its files."""
+    digest = hashlib.sha256(str(folder.resolve()).encode())
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return digest.hexdigest()[:16]
 
 
 def is_cached(repo_id: str) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .backends.base import Backend, BackendError, GenerationSettings
+from .backends.base import Backend, BackendError, GenerationSettings, join_alternatives, per_image
 from .backends.batch_size import BatchSize, is_out_of_memory, parse_batch_size
 from .backends.resources import parse_threads, use_threads
 from .config import parts, settings_for
@@ -44,7 +44,7 @@ EXISTING_POLICIES = ("skip", "overwrite", "prepend", "append")
 # Write errors that no other file in the folder would escape: the run stops at the first one.
 _NOTHING_MORE_FITS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 FORMATS = ("sidecar", "jsonl", "kohya-json")
-ENGINES = ("local", "ray", "vllm", "ray-vllm")
+ENGINES = ("local", "ray", "vllm", "ray-vllm", "onnx")
 
 
 @dataclass
@@ -150,7 +150,8 @@ class CaptionConfig:
     max_retries: int = 4
     engine: str = "local"
     """local (this process), ray (Ray Data: all local GPUs/cores, or the cluster at RAY_ADDRESS), vllm
-    (the chat model in vLLM, one CUDA GPU) or ray-vllm (Ray Data with a vLLM actor per GPU)."""
+    (the chat model in vLLM, one CUDA GPU), ray-vllm (Ray Data with a vLLM actor per GPU) or onnx (the
+    model exported to ONNX once, into loracap's cache, and run on onnxruntime in this process)."""
     out: str | Path | None = None
     """engine "ray" on shards or tables: the folder of caption shards (parquet) and errors.jsonl."""
     image_column: str | None = None
@@ -177,6 +178,13 @@ class CaptionConfig:
             raise ValueError("--shard-rows and --ray-actors must be at least 1")
         parse_batch_size(self.batch_size)
         parse_threads(self.threads)
+        if self.generation.captions_per_image > 1 and self.existing in ("prepend", "append"):
+            raise ValueError(
+                f"--existing {self.existing} joins one new caption to the old one; with --captions-per-image "
+                "use --existing overwrite (or skip)"
+            )
+        if self.style_choice.tagger and self.engine in ("ray", "ray-vllm"):
+            raise ValueError("--tagger runs with --engine local or vllm; the Ray engine has no tagger pass")
         return self.style_choice.check()
 
     def load_backend(self) -> Backend:
@@ -200,6 +208,10 @@ class CaptionConfig:
             model, quant = choice.model, quant or choice.quant
             at = f" at {quant}" if quant else ""
             log.info("no --model given (%s): using %s%s", choice.reason, model, at)
+        if self.engine == "onnx":
+            from .onnx_export import exported_folder
+
+            model = str(exported_folder(model, quant=quant))
         engine = "vllm" if self.engine in ("vllm", "ray-vllm") else "local"
         return load_backend(model, device=self.device, dtype=self.dtype, quant=quant, engine=engine)
 
@@ -237,15 +249,16 @@ def caption_folder(
     try:
         with folder_run(config, config.model or getattr(backend, "name", "")) as run:
             if run.todo:
+                # --tagger's model first: a missing one is said before minutes of chat model loading.
+                tagger = _load_tagger(config)
                 if backend is None:
                     backend = own_backend = config.load_backend()
                     run.summary.model = backend.name
-                _run(
-                    run,
-                    backend,
-                    resolve_request(config.style_choice, backend, trigger=config.postprocess.trigger),
-                    config,
-                )
+                request = resolve_request(config.style_choice, backend, trigger=config.postprocess.trigger)
+                if tagger is not None:  # tagged once the model took the request: a refusal costs no tagging
+                    request = replace(request, hints=_tag_hints(run, config, tagger))
+                    tagger = None  # its memory back before the chat model runs
+                _run(run, backend, request, config)
     finally:
         if own_backend is not None and hasattr(own_backend, "close"):
             own_backend.close()
@@ -289,6 +302,12 @@ def folder_run(config: CaptionConfig, model: str) -> Iterator[FolderRun]:
     name clashes and files that failed last time sorted out), and on the way out close the store, save
     elsewhere what could not be written, time the run and write the error list."""
     chosen_style = config.check()  # before anything is scanned or loaded
+    if config.generation.captions_per_image > 1 and config.format == "kohya-json":
+        log.warning(
+            "sd-scripts reads the lines of a meta_cap.json caption as alternatives (one drawn per step) only "
+            "with --enable_wildcard; without it, it trains on all %d lines as one caption",
+            config.generation.captions_per_image,
+        )
     root = Path(config.dir).expanduser().resolve()
     started = time.perf_counter()
     register_optional_formats()
@@ -442,6 +461,45 @@ def _run(run: FolderRun, backend: Backend, request: CaptionRequest, config: Capt
         bar.close()
 
 
+def _load_tagger(config: CaptionConfig) -> Backend | None:
+    from .backends.wd_tagger import load_tagger
+
+    tagger = config.style_choice.tagger
+    return load_tagger(tagger, device=config.device) if tagger else None
+
+
+def _tag_hints(run: FolderRun, config: CaptionConfig, tagger: Backend) -> dict[Path, str]:
+    """`--tagger`: each image still to caption through the WD tagger first, its tags cleaned up as a tag
+    caption is (underscores, removed and replaced tags; the trigger, prefix and suffix belong to the
+    caption, not the hints). They become the image's {tags}. An image the tagger cannot read or tag fails
+    here and leaves `run.todo`, so it is reported once; one with no tag above the thresholds gets none."""
+    from tqdm.auto import tqdm
+
+    request = resolve_request(StyleChoice("tags"), tagger)
+    sizer = BatchSize(parse_batch_size(config.batch_size), tagger, workers=config.workers)
+    watch = _BrokenModelWatch(len(run.todo), sizer.size)
+    bare = replace(config.postprocess, trigger=None, prefix="", suffix="")
+    one_tag_list = replace(config.generation, captions_per_image=1)  # a tagger writes no alternatives
+    hints: dict[Path, str] = {}
+    bar = tqdm(total=len(run.todo), unit="img", desc="tagging", disable=not config.progress, file=sys.stderr)
+    with bar:
+        for batch in _decoded_batches(run.todo, sizer, tagger, request, config.workers):
+            for item, reason in batch.errors:
+                run.fail(item.path, "decode", reason)
+            steps = _generate(tagger, batch.items, batch.inputs, request, one_tag_list, sizer)
+            for item, raws, error in steps:
+                if error is None:
+                    hints[item.path] = postprocess((raws or [""])[0], bare, tags=True)
+                failures = watch.captioned() if error is None else watch.failed(item, f"tagger: {error}")
+                for failed, reason in failures:
+                    run.fail(failed.path, "caption", reason)
+            bar.update(len(batch.items) + len(batch.errors))
+    for failed, reason in watch.captioned():  # the pass ended before the tagger was judged broken
+        run.fail(failed.path, "caption", reason)
+    run.todo = [item for item in run.todo if item.path in hints]
+    return hints
+
+
 def _decoded_batches(
     todo: list[_Item], sizer: BatchSize, backend: Backend, request: CaptionRequest, workers: int
 ) -> Iterator[DecodedBatch[_Item]]:
@@ -485,12 +543,22 @@ def caption_batch(
     clean-up. `items` have `.path` and `.old` (what the per-image prompt and the retry need); `load(item)`
     gives an item's image again for a retry (default: decoded from `item.path`).
 
-    Yields (item, caption, None), or (item, None, reason) for an image the model failed on or left empty."""
-    bare = replace(options, trigger=None, prefix="", suffix="")
-    for item, raw, error in _generate(backend, items, inputs, request, generation, sizer, load):
-        if error is None and not postprocess(raw, bare, tags=request.tags):  # nothing left but what we add
+    Yields (item, caption, None), or (item, None, reason) for an image the model failed on or left empty.
+    With `generation.captions_per_image` above 1 a caption is several, a line each (`clean_captions`)."""
+    for item, raws, error in _generate(backend, items, inputs, request, generation, sizer, load):
+        caption = None if error else clean_captions(raws or [], options, tags=request.tags)
+        if error is None and caption is None:  # nothing left but what the clean-up adds
             error = "the model returned an empty caption"
-        yield item, None if error else postprocess(raw, options, tags=request.tags), error
+        yield item, caption, error
+
+
+def clean_captions(raws: list[str], options: PostProcess, *, tags: bool) -> str | None:
+    """An image's raw captions cleaned up, each on its own line (the trigger, prefix and suffix in every
+    line), in the model's order; captions the clean-up empties or makes a copy of an earlier line are left
+    out, since a line twice only makes it drawn more often. None when nothing is left."""
+    bare = replace(options, trigger=None, prefix="", suffix="")
+    lines = [postprocess(raw, options, tags=tags) for raw in raws if postprocess(raw, bare, tags=tags)]
+    return join_alternatives(list(dict.fromkeys(lines))) if lines else None
 
 
 def _generate(
@@ -501,18 +569,20 @@ def _generate(
     generation: GenerationSettings,
     sizer: BatchSize,
     load: Callable[[Any], Any] | None = None,
-) -> Iterator[tuple[_Item, str | None, str | None]]:
+) -> Iterator[tuple[_Item, list[str] | None, str | None]]:
     """Caption a prepared batch. If it runs out of memory, the batch size halves for the rest of the run
     and these images are captioned at the new size; if it fails otherwise (a bad image), they are retried
     one by one, so that only the image that breaks the model fails.
 
-    Yields (item, caption, None), or (item, None, reason) for an image the model failed on."""
+    Yields (item, its raw captions, None): `generation.captions_per_image` of them; or (item, None, reason)
+    for an image the model failed on."""
     if not items:
         return
     size = sizer.size  # a batch prepared before the size was halved is captioned in smaller pieces
     if len(items) <= size:
         try:
-            captions = sizer.run(lambda: backend.generate(inputs, generation), inputs, len(items))
+            raws = sizer.run(lambda: backend.generate(inputs, generation), inputs, len(items))
+            captions = per_image(raws, len(items))
         except (KeyboardInterrupt, BackendError):
             raise
         except Exception as exc:  # noqa: BLE001 - isolate the image that breaks the model, keep the run going
@@ -535,7 +605,7 @@ def _generate_again(
     generation: GenerationSettings,
     sizer: BatchSize,
     load: Callable[[Any], Any] | None,
-) -> Iterator[tuple[_Item, str | None, str | None]]:
+) -> Iterator[tuple[_Item, list[str] | None, str | None]]:
     """`_generate` on images decoded (or given by `load`) and prepared once more, as a batch of their own."""
     try:
         if load is None:

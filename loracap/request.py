@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .backends.base import ANY_MODE, Backend, BackendError, accepts
@@ -51,6 +51,9 @@ class StyleChoice:
     prompt_file: str | Path | None = None
     tags_ext: str | None = None
     """Read {tags} from the image's `<stem><tags_ext>` file (default: its existing caption)."""
+    tagger: str | None = None
+    """Fill {tags} with what this WD tagger (a folder, hub id or short name) finds in each image, tagged in a
+    pass before the chat model's; a prompt without {tags} gets the `existing-tags` extra."""
 
     def __post_init__(self) -> None:
         # A bare string is one extra, not a sequence of one-letter extras; a tuple keeps the choice hashable.
@@ -81,6 +84,8 @@ class StyleChoice:
         # parse the style's TOML and read the prompt file again. (cached_property writes the instance's
         # __dict__ directly, so it works on a frozen dataclass; a failure is not cached.)
         style = self.load()
+        if self.tagger and self.tags_ext:
+            raise ValueError("--tagger and --tags-from both fill {tags}: give one of them")
         own_prompt = self.user_style(style.tags)
         chat_style = own_prompt or style
         if chat_style.prompt is not None:
@@ -109,13 +114,17 @@ class CaptionRequest:
     per_image: bool = False
     choice: StyleChoice = StyleChoice()
     trigger: str | None = None
+    hints: Mapping[Path, str] | None = None
+    """{tags} by image, from the `--tagger` pass; an image missing here gets none."""
 
     def prompt_for(self, image: Path | None = None, existing: str | None = None) -> str | None:
         """The prompt for one image; `existing` is its current caption (the default source of {tags})."""
         if not self.per_image:
             return self.prompt
         tags = existing
-        if self.choice.tags_ext and image is not None:
+        if self.hints is not None:
+            tags = self.hints.get(image) if image is not None else None
+        elif self.choice.tags_ext and image is not None:
             tags = _read_text(image.with_suffix(self.choice.tags_ext))
         return render_prompt(
             self.style,
@@ -147,6 +156,11 @@ def _instruction_request(
             f"Florence-2 writes it (mode {style.florence_task!r}). Pick another style or give --prompt."
         )
     fields = used_placeholders(chat_style, choice.extras)
+    if choice.tagger and "tags" not in fields:
+        # The tagger's tags are what the user asked for: without a {tags} slot they would go nowhere.
+        log.info("--tagger: the prompt has no {tags}, so the existing-tags extra adds the tags as hints")
+        choice = replace(choice, extras=(*choice.extras, "existing-tags"))
+        fields = used_placeholders(chat_style, choice.extras)
     for field, value, flag in (("name", choice.name, "--name"), ("trigger", trigger, "--trigger")):
         if field in fields and not value:
             log.warning("warning: the prompt uses {%s} but no %s was given", field, flag)
@@ -163,7 +177,12 @@ def _instruction_request(
 def _mode_request(choice: StyleChoice, style: Style, backend: Backend, trigger: str | None) -> CaptionRequest:
     given = [
         flag
-        for flag, value in (("--length", choice.length), ("--extra", choice.extras), ("--name", choice.name))
+        for flag, value in (
+            ("--length", choice.length),
+            ("--extra", choice.extras),
+            ("--name", choice.name),
+            ("--tagger", choice.tagger),
+        )
         if value
     ]
     if given:

@@ -4,6 +4,7 @@ gets a 4xx, never a 5xx."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -16,6 +17,7 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from loracap.backends import BackendError  # noqa: E402
 from loracap.edit.app import EditConfig, create_app  # noqa: E402
 
 CAPTIONS = {"a": "ohwx, red, hat", "b": "ohwx, red, coat", "c": "ohwx, blue", "d": None}
@@ -188,6 +190,7 @@ def test_another_address_needs_the_token(tmp_path):
         ("post", "/api/proposals/accept", {}),
         ("post", "/api/undo", None),
         ("post", "/api/images", None),
+        ("get", "/api/explain/1", None),  # no --explain-model
     ],
 )
 def test_bad_requests_get_a_4xx_never_a_5xx(tmp_path, method, path, body):
@@ -216,6 +219,46 @@ def test_recaption_proposes_and_accepting_writes(tmp_path, tiny_model):
     written = {p["path"]: p["proposal"] for p in proposals}["d.png"]
     assert (root / "d.txt").read_text(encoding="utf-8") == written.strip()
     assert (root / "a.txt").read_text() == "ohwx, red, hat" and c.get("/api/proposals").json()["items"] == []
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_explain_draws_where_the_model_looked_at_the_chosen_image(tmp_path, tiny_model):
+    root = dataset(tmp_path / "data")
+    (root / "e.png").write_bytes(b"not an image")  # listed, but cannot be decoded
+    c = client(root, explain_model=str(tiny_model("vit-gpt2")), device="cpu")
+    assert c.get("/api/info").json()["explain"] is True
+    assert 'data-testid="explain-start"' in c.get("/").text  # the page's button
+
+    image = ids(c)["a.png"]
+    reply = c.get(f"/api/explain/{image}")
+    assert reply.status_code == 200 and reply.headers["content-type"] == "image/png"
+    picture = Image.open(io.BytesIO(reply.content))
+    assert picture.format == "PNG" and picture.width > 2 * 100  # the image and at least one word's map
+    # Drawn once and kept; an image changed on disk is drawn again.
+    Image.new("RGB", (40, 30), (250, 20, 20)).save(root / "a.png")
+    os.utime(root / "a.png", ns=(time.time_ns() + 10**9,) * 2)
+    assert c.get(f"/api/explain/{image}").content != reply.content
+
+    # Bad requests are a 4xx with the reason, never a 5xx.
+    for path, params, status in [
+        ("/api/explain/999", {}, 404),
+        ("/api/explain/x", {}, 422),
+        (f"/api/explain/{image}", {"layers": "last"}, 422),
+        (f"/api/explain/{image}", {"layers": "5"}, 422),  # the tiny decoder has one layer
+        (f"/api/explain/{ids(c)['e.png']}", {}, 422),
+    ]:
+        bad = c.get(path, params=params)
+        assert bad.status_code == status and bad.json()["detail"], (path, params, bad.text)
+
+
+def test_explain_needs_a_model_it_can_read(tmp_path, tiny_model):
+    root = dataset(tmp_path / "data")
+    c = client(root)
+    assert c.get("/api/info").json()["explain"] is False
+    reply = c.get(f"/api/explain/{ids(c)['a.png']}")
+    assert reply.status_code == 404 and "--explain-model" in reply.json()["detail"]
+    with pytest.raises(BackendError, match="cross-attention"):  # said at start, not on the first click
+        create_app(EditConfig(dir=root, explain_model=str(tiny_model("clip"))))
 
 
 def test_clip_scores_on_request_sort_the_grid_lowest_first(tmp_path, tiny_model):

@@ -14,13 +14,22 @@ LAYERS: list[tuple[str, ...]] = [
     ("loracap.inputs",),
     ("loracap.prefix",),
     ("loracap.backends",),
+    ("loracap.onnx_export",),
     ("loracap.postprocess", "loracap.request"),
     ("loracap.dataset",),
     ("loracap.pipeline", "loracap.captioner"),
     ("loracap.quality",),
     ("loracap.data",),
-    ("loracap.train", "loracap.dreambooth", "loracap.scale", "loracap.onnx_export", "loracap.merge"),
-    ("loracap.serve", "loracap.edit", "loracap.cli", "loracap.__main__", "loracap.testing", "loracap"),
+    ("loracap.train", "loracap.dreambooth", "loracap.scale", "loracap.merge"),
+    (
+        "loracap.serve",
+        "loracap.edit",
+        "loracap.browser",
+        "loracap.cli",
+        "loracap.__main__",
+        "loracap.testing",
+        "loracap",
+    ),
 ]
 
 

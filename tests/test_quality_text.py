@@ -211,7 +211,10 @@ def test_tag_trigger_position_is_last_only_before_nothing_but_separators(caption
     report = audit_trigger([caption], None, "ohwx", tags=True)
 
     for hit in report.hits:  # by definition: end when no tag follows the one holding the trigger
-        before, after = caption[: hit.start], caption[hit.end :]
+        # In its own line: the lines of a caption are alternatives, each a caption of its own.
+        start = caption.rfind("\n", 0, hit.start) + 1
+        end = caption.find("\n", hit.end)
+        before, after = caption[start : hit.start], caption[hit.end : len(caption) if end < 0 else end]
         cut = max(before.rfind(","), before.rfind("\n"))
         index = len(split_tags(before[: cut + 1])) if cut >= 0 else 0
         seps = [p for p in (after.find(","), after.find("\n")) if p >= 0]

@@ -255,6 +255,33 @@ def test_rule_parsing_and_evaluation() -> None:
         evaluate([Rule("small-image", 0)], {"missing-caption": 0}, [])
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_explain_model_draws_the_captions_to_check_first(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    """--explain-model: a PNG of where the captioner looked, for each image of the first tiles, linked."""
+    monkeypatch.setenv("LORACAP_CACHE", str(tmp_path / "cache"))  # to see whether CLIP scoring ran
+    root = planted_dataset(tmp_path / "ds")
+    # A model explain cannot read is refused before any work: nothing scored, nothing written.
+    refused = ["--explain-model", str(tiny_model("clip"))]
+    rc, _ = run_report(root, tmp_path / "refused", tiny_model("clip"), *refused)
+    assert rc == 2 and not (tmp_path / "refused").exists() and not (tmp_path / "cache").exists()
+
+    out = tmp_path / "out"
+    explainer = str(tiny_model("vit-gpt2"))
+    rc, data = run_report(root, out, tiny_model("clip"), "--explain-model", explainer, "--thumbnails", "3")
+    assert rc == 0
+    lowest = [p["path"] for p in data["pairs"] if p["clip"] is not None][:3]
+    explained = data["explain"]
+    assert explained["model"] == explainer and explained["errors"] == []
+    assert [x["path"] for x in explained["images"]] == lowest
+    page = (out / "report.html").read_text(encoding="utf-8")
+    for x in explained["images"]:
+        assert Image.open(out / x["file"]).format == "PNG"
+        assert f'href="{x["file"]}"' in page and f'src="{x["file"]}"' in page
+
+    run_report(root, tmp_path / "plain", tiny_model("clip"), "--thumbnails", "3")  # without: no links
+    assert "explain/" not in (tmp_path / "plain" / "report.html").read_text(encoding="utf-8")
+
+
 def test_missing_clip_model_offline_gives_the_one_line_fix(tmp_path: Path, capsys) -> None:
     root = planted_dataset(tmp_path / "ds")
     rc = main(["report", str(root), "--out", str(tmp_path / "out"), "--quiet"])  # the default CLIP model

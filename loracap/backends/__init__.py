@@ -39,6 +39,14 @@ _FAMILIES = {
     "idefics3": _CHAT,
     "smolvlm": _CHAT,
     "paligemma": _CHAT,
+    "mllama": _CHAT,
+    "gemma3": _CHAT,
+    "internvl": _CHAT,
+    "minicpmv4_6": _CHAT,
+    "molmo2": _CHAT,
+    "blip-2": _CHAT,
+    "instructblip": _CHAT,
+    "git": _CHAT,
     "loracap_prefix_captioner": ("prefix_captioner", "PrefixCaptionerBackend"),  # `loracap train` output
 }
 
@@ -109,11 +117,9 @@ def load_backend(
     from .onnx_captioner import is_onnx_captioner
 
     if is_onnx_captioner(folder):
-        from .onnx_captioner import OnnxCaptionerBackend
+        from .onnx_captioner import load_onnx_captioner
 
-        if quant not in (None, "int8"):
-            raise ValueError("an ONNX captioner takes --quant int8 (its *_quantized.onnx graphs) or none")
-        return OnnxCaptionerBackend(folder, model, quantized=quant == "int8", device=device)
+        return load_onnx_captioner(folder, model, quant=quant, device=device)
     if is_tagger_folder(folder):
         from .wd_tagger import WDTaggerBackend
 

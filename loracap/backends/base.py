@@ -25,16 +25,31 @@ class BackendError(Exception):
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Decoding settings shared by all backends. None means the mode's default."""
+    """Decoding settings shared by all backends. None means the mode's (or the checkpoint's) default.
+
+    Greedy unless asked otherwise: `num_beams` above 1 is beam search; `do_sample`, or any of
+    `temperature`, `top_p`, `top_k`, samples. `captions_per_image` above 1 needs one of the two, since
+    greedy decoding writes the same caption every time (ValueError says so)."""
 
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
     num_beams: int = 1
+    length_penalty: float | None = None
+    """Beam search: above 1 favours longer captions, below 1 shorter ones (transformers' default is 1)."""
     repetition_penalty: float | None = None
     do_sample: bool = False
-    """Sample (with `temperature` and `top_p`) instead of decoding greedily."""
-    temperature: float = 1.0
-    top_p: float = 1.0
+    """Sample instead of decoding greedily; set by itself when `temperature`, `top_p` or `top_k` is given."""
+    temperature: float | None = None
+    """Sampling: above 0; lower is closer to greedy (default 1)."""
+    top_p: float | None = None
+    """Sampling: draw from the smallest set of tokens whose probabilities add up to this (default 1: all)."""
+    top_k: int | None = None
+    """Sampling: draw from the k most likely tokens only (default 0: no cut)."""
+    seed: int | None = None
+    """Sampling: makes the captions repeatable. Each image draws from its own generator, seeded from this
+    and the image's content, so an image gets the same captions whatever batch it is in."""
+    captions_per_image: int = 1
+    """Captions to write for each image: sampled (different draws) or, with beam search, the best beams."""
     general_threshold: float = 0.35
     """Taggers (WD14 / WD v3): the lowest probability a general tag is kept at (sd-scripts' default)."""
     character_threshold: float = 0.85
@@ -44,20 +59,61 @@ class GenerationSettings:
     rating_tags: bool = False
     """Taggers: put the most likely rating tag (general, sensitive, questionable, explicit) first."""
 
+    def __post_init__(self) -> None:
+        # Naming a sampling knob is asking for sampling, as OpenAI's API and most captioning tools take it.
+        if (self.temperature, self.top_p, self.top_k) != (None, None, None):
+            object.__setattr__(self, "do_sample", True)
+        self._check()
+
+    def _check(self) -> None:
+        """ValueError, in the flags' words, for settings no decoder can follow."""
+        if self.num_beams < 1 or self.captions_per_image < 1:
+            raise ValueError("--num-beams and --captions-per-image must be at least 1")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError("--temperature must be above 0 (leave it out for greedy decoding)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be above 0 and at most 1, not {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"--top-k must be 0 (no cut) or more, not {self.top_k}")
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError(
+                "sampling (--temperature, --top-p, --top-k) and beam search (--num-beams) do not mix: "
+                "choose one"
+            )
+        if self.length_penalty is not None and self.num_beams == 1:
+            raise ValueError("--length-penalty applies to beam search only: add --num-beams 2 or more")
+        n = self.captions_per_image
+        if n > 1 and not self.do_sample and self.num_beams < n:
+            raise ValueError(
+                f"--captions-per-image {n} needs {n} different captions, and greedy decoding writes the same "
+                f"one every time: sample them (e.g. --temperature 0.8, with --seed to repeat them) or keep "
+                f"the best beams (--num-beams {n} or more)"
+            )
+
     def generate_kwargs(
-        self, default_max_new_tokens: int, *, interrupt: Callable[[], bool] | None = None
+        self,
+        default_max_new_tokens: int,
+        *,
+        interrupt: Callable[[], bool] | None = None,
+        inputs: Any = None,
     ) -> dict[str, Any]:
         """transformers `generate` kwargs. `interrupt`: checked after every decoding step; once it returns
-        True generation stops (a server whose clients have gone, or that is shutting down)."""
+        True generation stops (a server whose clients have gone, or that is shutting down). `inputs`: the
+        prepared batch, whose images seed each row's sampling when `seed` is set (see `.sampling`).
+
+        With `captions_per_image` N, `generate` returns N rows per image, image by image. A backend that
+        merges these kwargs with its own logits processors must keep the ones here after its own."""
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens or default_max_new_tokens,
             "num_beams": self.num_beams,
             "do_sample": self.do_sample,
         }
+        if self.captions_per_image > 1:
+            kwargs["num_return_sequences"] = self.captions_per_image
+        if self.length_penalty is not None:
+            kwargs["length_penalty"] = self.length_penalty
         if self.do_sample:
-            # OpenAI's temperature / top_p have no top_k: sample from the whole distribution, whatever
-            # top_k the checkpoint's generation config suggests (0 turns it off).
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
+            kwargs.update(self._sampling_kwargs(inputs))
         if self.min_new_tokens:
             kwargs["min_new_tokens"] = self.min_new_tokens
         if self.repetition_penalty:
@@ -65,6 +121,23 @@ class GenerationSettings:
         if interrupt is not None:
             kwargs["stopping_criteria"] = [_Interrupt(interrupt)]
         return kwargs
+
+    def _sampling_kwargs(self, inputs: Any) -> dict[str, Any]:
+        # top_k 0 unless asked: sample from the whole distribution (OpenAI's temperature / top_p have no
+        # top_k), whatever top_k the checkpoint's generation config suggests.
+        temperature, top_p, top_k = self.temperature or 1.0, self.top_p or 1.0, self.top_k or 0
+        if self.seed is None:
+            return {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+        from .sampling import SeededSampling, row_seeds
+
+        # transformers samples every row from one global generator, so a row's draws would depend on the
+        # rows beside it: each row draws from its own generator instead, and generate's own sampling only
+        # takes the one token left standing (its warpers stay off).
+        seeds = row_seeds(inputs, self.seed, self.captions_per_image)
+        sampler = SeededSampling(
+            seeds, temperature=temperature, top_p=top_p, top_k=top_k, fallback_seed=self.seed
+        )
+        return {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "logits_processor": [sampler]}
 
 
 def decoder_positions(model: Any) -> int | None:
@@ -178,7 +251,11 @@ def generations(
 ) -> list[Generation]:
     """Generations from `generate`'s output past the prompt (`new_tokens`, one row per caption; rows that
     ended early are padded): a row counts up to and with its first end-of-sequence token, and a row
-    without one ran into the length limit."""
+    without one ran into the length limit. `prompt_tokens` may be one per image where `generate` wrote
+    several captions per image (`captions_per_image`, image by image)."""
+    if texts and len(prompt_tokens) != len(texts):
+        copies = len(texts) // max(1, len(prompt_tokens))
+        prompt_tokens = [count for count in prompt_tokens for _ in range(copies)]
     eos = generation_config.eos_token_id
     eos_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     # BART-style decoders (Florence-2) are made to write the end token at the limit: one there is no sign
@@ -213,7 +290,8 @@ class Backend(Protocol):
         (`instructions = True`) take one prompt for the batch or one per image."""
 
     def generate(self, inputs: Any, settings: GenerationSettings) -> list[str]:
-        """Run the model on prepared inputs; one raw caption per image."""
+        """Run the model on prepared inputs; one raw caption per image, or `settings.captions_per_image`
+        per image, image by image. A backend that cannot write several raises BackendError for N > 1."""
 
     # Optional (the local transformers backends have it; `loracap serve` uses it when present):
     # def generate_detailed(self, inputs, settings, interrupt=None) -> list[Generation]:
@@ -243,11 +321,31 @@ def caption_images(
     settings: GenerationSettings | None = None,
     prompt: str | list[str] | None = None,
 ) -> list[str]:
-    """Caption decoded RGB images with a loaded backend: a plain function of its inputs.
+    """Caption decoded RGB images with a loaded backend: a plain function of its inputs. One text per
+    image; with `settings.captions_per_image` N above 1, its N captions a line each.
 
     `prompt`: one for every image, or (instruction-following backends) one per image."""
     if not images:
         return []
     check_mode(backend, mode)
+    settings = settings or GenerationSettings()
     inputs = backend.prepare(images, mode, prompt)
-    return backend.generate(inputs, settings or GenerationSettings())
+    return [join_alternatives(group) for group in per_image(backend.generate(inputs, settings), len(images))]
+
+
+def per_image(captions: Sequence[str], images: int) -> list[list[str]]:
+    """`generate`'s captions grouped by image (it writes `captions_per_image` per image, image by image).
+    ValueError when they do not divide evenly: the backend broke its contract."""
+    if images == 0 or len(captions) % images:
+        raise ValueError(f"the model returned {len(captions)} captions for {images} images")
+    n = len(captions) // images
+    return [list(captions[i * n : (i + 1) * n]) for i in range(images)]
+
+
+def join_alternatives(captions: Sequence[str]) -> str:
+    """Several captions of one image as one text, a caption a line: how every layout loracap writes
+    holds alternatives (OneTrainer and sd-scripts with --enable_wildcard pick one line at random). A line
+    break inside one of several captions becomes a space, so that each line stays one caption."""
+    if len(captions) == 1:
+        return captions[0]
+    return "\n".join(" ".join(caption.splitlines()) for caption in captions)

@@ -51,7 +51,8 @@ class BlipBackend:
         # The decoder continues from its start token, or from the prompt ("a photo of"), whose trailing
         # [SEP] BLIP's generate drops.
         start = inputs["input_ids"].shape[1] - 1 if "input_ids" in inputs else 1
-        kwargs = fit_decoder(settings.generate_kwargs(40, interrupt=interrupt), self.model, start, self.name)
+        kwargs = settings.generate_kwargs(40, interrupt=interrupt, inputs=inputs)
+        kwargs = fit_decoder(kwargs, self.model, start, self.name)
         out = self.model.generate(**{k: v.to(device, non_blocking=True) for k, v in inputs.items()}, **kwargs)
         texts = [text.strip() for text in self.processor.batch_decode(out, skip_special_tokens=True)]
         config, limit = self.model.generation_config, kwargs["max_new_tokens"]

@@ -130,7 +130,7 @@ class Florence2Backend:
     ) -> list[Generation]:
         device = self.placement.device
         kwargs = settings.generate_kwargs(
-            DEFAULT_MAX_NEW_TOKENS.get(inputs["mode"], 256), interrupt=interrupt
+            DEFAULT_MAX_NEW_TOKENS.get(inputs["mode"], 256), interrupt=interrupt, inputs=inputs
         )
         input_ids = inputs["input_ids"].to(device, non_blocking=True)
         start = 1  # the decoder starts from its decoder_start_token
@@ -138,7 +138,10 @@ class Florence2Backend:
             start = len(self.decoder_prefix)
             prefix = self.prefix_ids.expand(len(input_ids), -1)
             kwargs.update(
-                logits_processor=[self.suppress], decoder_input_ids=prefix, forced_bos_token_id=None
+                # Before seeded sampling's processor (if any), which must see the suppressed scores.
+                logits_processor=[self.suppress, *kwargs.get("logits_processor", [])],
+                decoder_input_ids=prefix,
+                forced_bos_token_id=None,
             )
         kwargs = fit_decoder(kwargs, self.model, start, self.name)
         if self.static_cache:

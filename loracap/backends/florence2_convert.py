@@ -9,7 +9,6 @@ and the processor, and cache the result: the conversion runs once per checkpoint
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from loracap.hub import loracap_cache_dir
+from loracap.hub import folder_fingerprint, loracap_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +115,6 @@ def converted_cache_root() -> Path:
     return loracap_cache_dir() / "converted"
 
 
-def _fingerprint(folder: Path) -> str:
-    """Identifies this exact checkpoint: its resolved path plus the size and mtime of its files."""
-    digest = hashlib.sha256(str(folder.resolve()).encode())
-    for path in sorted(folder.iterdir()):
-        if path.is_file():
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
-    return digest.hexdigest()[:16]
-
-
 def native_folder(folder: Path) -> Path:
     """The folder to load natively: the checkpoint itself, or its cached conversion."""
     if not is_original_layout(folder):
@@ -133,7 +122,7 @@ def native_folder(folder: Path) -> Path:
     name = re.sub(r"[^\w.-]+", "-", folder.name if folder.name != "snapshots" else folder.parent.name)
     if folder.parent.name == "snapshots":  # HF cache: models--org--name/snapshots/<commit>
         name = folder.parent.parent.name.removeprefix("models--")
-    target = converted_cache_root() / f"{name}-{_fingerprint(folder)}"
+    target = converted_cache_root() / f"{name}-{folder_fingerprint(folder)}"
     if not (target / "config.json").is_file():
         log.info("converting %s to the native Florence-2 layout (once) -> %s", folder, target)
         convert_florence2(folder, target)

@@ -1,16 +1,21 @@
-"""A ViT-GPT2-style captioner exported by `loracap export-onnx`, on onnxruntime (no PyTorch at run time).
+"""Captioners exported by `loracap export-onnx`, on onnxruntime (no PyTorch at run time).
 
-The folder holds config.json, the image processor and tokenizer files, and onnx/encoder_model.onnx,
-decoder_model.onnx and decoder_with_past_model.onnx (`_quantized` variants with `--quant int8`). A batch
-is encoded once; the first decoder step reads the start token and computes every layer's cross-attention
-cache; each later step feeds one token per row and the caches back (greedy, as loracap's PyTorch backend
-decodes by default), until every row has written its end token or `max_new_tokens` are spent. Rows that
-ended keep getting the end token, as transformers pads them. Sampling and beam search are refused.
+Two layouts, both as transformers.js reads them (see loracap/onnx_export):
+- ViT-GPT2 (`encoder_model` + `decoder_model_merged`): the batch is encoded once; the first decoder step
+  reads the start token with empty caches and computes every layer's cross-attention cache; each later
+  step feeds one token per row and the caches back.
+- loracap's own captioners (`vision_encoder` + `embed_tokens` + `decoder_model_merged`): the first step
+  reads [prefix][prompt] as embeddings with empty caches; each later step one token's embedding.
+
+Decoding is greedy, as loracap's PyTorch backends decode by default, until every row has written its end
+token or `max_new_tokens` are spent; rows that ended keep getting the end token, as transformers pads
+them. Sampling and beam search are refused.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,45 +25,110 @@ from .base import BackendError, Generation, GenerationSettings, check_mode
 from .onnxrt import onnx_session
 
 DEFAULT_MAX_NEW_TOKENS = 32
-GRAPHS = ("encoder_model", "decoder_model", "decoder_with_past_model")
+LAYOUTS = {
+    "vision-encoder-decoder": ("encoder_model", "decoder_model_merged"),
+    "prefix": ("vision_encoder", "embed_tokens", "decoder_model_merged"),
+}
+SUFFIXES = {None: "", "int8": "_quantized", "fp16": "_fp16"}
+
+
+def onnx_layout(folder: Path) -> str | None:
+    """Which exported layout `folder` holds, or None when it is not an exported captioner."""
+    for layout, graphs in LAYOUTS.items():
+        if all((Path(folder) / "onnx" / f"{name}.onnx").is_file() for name in graphs):
+            return layout
+    return None
 
 
 def is_onnx_captioner(folder: Path) -> bool:
-    return all((Path(folder) / "onnx" / f"{name}.onnx").is_file() for name in GRAPHS)
+    return onnx_layout(folder) is not None
 
 
-class OnnxCaptionerBackend:
+def load_onnx_captioner(
+    folder: Path, name: str, *, quant: str | None = None, device: str | None = None
+) -> Any:
+    if quant not in SUFFIXES:
+        raise ValueError(f"an ONNX captioner takes --quant {' or '.join(filter(None, SUFFIXES))} or none")
+    backend = PrefixOnnxBackend if onnx_layout(folder) == "prefix" else EncoderDecoderOnnxBackend
+    return backend(Path(folder), name, quant=quant, device=device)
+
+
+def empty_caches(session: Any, batch: int, skip: int) -> dict[str, np.ndarray]:
+    """Length-0 caches for every cache input of `session` after its first `skip` inputs (the first step)."""
+    feeds = {}
+    for spec in session.get_inputs()[skip:]:
+        if spec.name.startswith("past_key_values"):
+            heads, width = spec.shape[1], spec.shape[3]
+            feeds[spec.name] = np.zeros((batch, heads, 0, width), dtype=np.float32)
+    return feeds
+
+
+Step = Callable[[np.ndarray, list[np.ndarray], int], list[np.ndarray]]
+
+
+def greedy(
+    first: list[np.ndarray],
+    step: Step,
+    *,
+    limit: int,
+    least: int,
+    eos: int | None,
+) -> list[list[int]]:
+    """Greedy token ids per row, up to and with the end token. `first` is the first step's outputs
+    (logits, then the caches); `step(chosen, outputs, position)` runs the next step on the tokens chosen
+    last (B,) and the last step's outputs."""
+    outputs = first
+    batch = len(outputs[0])
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    done = np.zeros(batch, dtype=bool)
+    for position in range(limit):
+        logits = outputs[0][:, -1].astype(np.float32)
+        if position < least and eos is not None:
+            logits[:, eos] = -np.inf
+        chosen = logits.argmax(axis=-1)
+        if eos is not None:
+            chosen = np.where(done, eos, chosen)
+            for i, token in enumerate(chosen):
+                if not done[i]:
+                    rows[i].append(int(token))
+            done |= chosen == eos
+        else:
+            for i, token in enumerate(chosen):
+                rows[i].append(int(token))
+        if done.all() or position == limit - 1:
+            break
+        outputs = step(chosen.astype(np.int64), outputs, position)
+    return rows
+
+
+class _OnnxBackend:
     modes = ("caption",)
     tag_modes: frozenset[str] = frozenset()
     instructions = False
+    graphs: tuple[str, ...] = ()
 
-    def __init__(
-        self, folder: Path, name: str, *, quantized: bool = False, device: str | None = None
-    ) -> None:
+    def __init__(self, folder: Path, name: str, *, quant: str | None = None, device: str | None = None):
         from transformers import AutoImageProcessor, AutoTokenizer
 
         from .device import image_side
 
         self.name = name
-        folder = Path(folder)
-        config = json.loads((folder / "config.json").read_text())
-        self.start = config.get("decoder_start_token_id") or 0
-        self.eos = config.get("eos_token_id", config.get("decoder", {}).get("eos_token_id"))
+        self.config = json.loads((folder / "config.json").read_text())
         self.image_processor = AutoImageProcessor.from_pretrained(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.image_side = image_side(self.image_processor)
-        suffix = "_quantized" if quantized else ""
-        missing = [n for n in GRAPHS if not (folder / "onnx" / f"{n}{suffix}.onnx").is_file()]
+        suffix = SUFFIXES[quant]
+        missing = [n for n in self.graphs if not (folder / "onnx" / f"{n}{suffix}.onnx").is_file()]
         if missing:
             raise BackendError(f"{name} has no {', '.join(f'onnx/{n}{suffix}.onnx' for n in missing)}")
         self.sessions = {
             n: onnx_session(
                 folder / "onnx" / f"{n}{suffix}.onnx", device, what="an ONNX captioner", extra="onnx"
             )
-            for n in GRAPHS
+            for n in self.graphs
         }
-        self.cache_inputs = [i.name for i in self.sessions["decoder_with_past_model"].get_inputs()][2:]
         self.default_batch_size = 16
+        self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
 
     def prepare(self, images: list, mode: str, prompt: str | None = None) -> np.ndarray:
         check_mode(self, mode)
@@ -66,13 +136,14 @@ class OnnxCaptionerBackend:
             raise BackendError(f"{self.name} takes no prompt: it only captions from the image")
         return self.image_processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
 
+    def start(self, pixels: np.ndarray) -> tuple[list[np.ndarray], Step]:
+        """The first decoding step's outputs (logits, then the caches) and the function that runs each
+        next one for this batch."""
+        raise NotImplementedError
+
     def first_logits(self, pixels: np.ndarray) -> np.ndarray:
         """The first decoding step's logits (what the parity check compares first)."""
-        states = self.sessions["encoder_model"].run(None, {"pixel_values": pixels})[0]
-        ids = np.full((len(pixels), 1), self.start, dtype=np.int64)
-        return self.sessions["decoder_model"].run(None, {"input_ids": ids, "encoder_hidden_states": states})[
-            0
-        ][:, -1]
+        return self.start(pixels)[0][0][:, -1]
 
     def token_ids(self, pixels: np.ndarray, settings: GenerationSettings) -> list[list[int]]:
         """Greedy token ids per image, up to and with the end token."""
@@ -80,34 +151,11 @@ class OnnxCaptionerBackend:
             raise BackendError(
                 f"{self.name} (onnxruntime) decodes greedily: leave out --num-beams and sampling"
             )
-        limit = settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        least = settings.min_new_tokens or 0
-        states = self.sessions["encoder_model"].run(None, {"pixel_values": pixels})[0]
-        batch = len(pixels)
-        ids = np.full((batch, 1), self.start, dtype=np.int64)
-        outputs = self.sessions["decoder_model"].run(
-            None, {"input_ids": ids, "encoder_hidden_states": states}
-        )
-        rows: list[list[int]] = [[] for _ in range(batch)]
-        done = np.zeros(batch, dtype=bool)
-        for step in range(limit):
-            logits = outputs[0][:, -1].copy()
-            if step < least and self.eos is not None:
-                logits[:, self.eos] = -np.inf
-            chosen = logits.argmax(axis=-1)
-            if self.eos is not None:
-                chosen = np.where(done, self.eos, chosen)
-            for i, token in enumerate(chosen):
-                if not done[i]:
-                    rows[i].append(int(token))
-            if self.eos is not None:
-                done |= chosen == self.eos
-            if done.all() or step == limit - 1:
-                break
-            feed = {"input_ids": chosen[:, None].astype(np.int64), "encoder_hidden_states": states}
-            feed.update(zip(self.cache_inputs, outputs[1:], strict=True))
-            outputs = self.sessions["decoder_with_past_model"].run(None, feed)
-        return rows
+        first, step = self.start(pixels)
+        return greedy(
+            first, step, limit=settings.max_new_tokens or self.max_new_tokens,
+            least=settings.min_new_tokens or 0, eos=self.eos,
+        )  # fmt: skip
 
     def generate(self, inputs: np.ndarray, settings: GenerationSettings) -> list[str]:
         return [g.text for g in self.generate_detailed(inputs, settings)]
@@ -116,9 +164,87 @@ class OnnxCaptionerBackend:
         self, inputs: np.ndarray, settings: GenerationSettings, interrupt: Any = None
     ) -> list[Generation]:
         rows = self.token_ids(inputs, settings)
-        limit = settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        limit = settings.max_new_tokens or self.max_new_tokens
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [
             Generation(text.strip(), 1, len(row), bool(row) and row[-1] != self.eos and len(row) >= limit)
             for text, row in zip(texts, rows, strict=True)
         ]
+
+
+class EncoderDecoderOnnxBackend(_OnnxBackend):
+    graphs = LAYOUTS["vision-encoder-decoder"]
+
+    def __init__(self, folder: Path, name: str, *, quant: str | None = None, device: str | None = None):
+        super().__init__(folder, name, quant=quant, device=device)
+        config = self.config
+        self.start_id = config.get("decoder_start_token_id") or 0
+        self.eos = config.get("eos_token_id", config.get("decoder", {}).get("eos_token_id"))
+        self.decoder = self.sessions["decoder_model_merged"]
+        self.cache_inputs = [
+            i.name for i in self.decoder.get_inputs() if i.name.startswith("past_key_values")
+        ]
+
+    def start(self, pixels: np.ndarray) -> tuple[list[np.ndarray], Step]:
+        states = self.sessions["encoder_model"].run(None, {"pixel_values": pixels})[0]
+        feed = {
+            "input_ids": np.full((len(pixels), 1), self.start_id, dtype=np.int64),
+            "encoder_hidden_states": states,
+            "use_cache_branch": np.array([False]),
+            **empty_caches(self.decoder, len(pixels), 2),
+        }
+
+        def step(chosen: np.ndarray, outputs: list[np.ndarray], position: int) -> list[np.ndarray]:
+            feed = {"input_ids": chosen[:, None], "encoder_hidden_states": states,
+                    "use_cache_branch": np.array([True])}  # fmt: skip
+            feed.update(zip(self.cache_inputs, outputs[1:], strict=True))
+            return self.decoder.run(None, feed)
+
+        return self.decoder.run(None, feed), step
+
+
+class PrefixOnnxBackend(_OnnxBackend):
+    graphs = LAYOUTS["prefix"]
+
+    def __init__(self, folder: Path, name: str, *, quant: str | None = None, device: str | None = None):
+        super().__init__(folder, name, quant=quant, device=device)
+        prompt = self.config.get("prompt") or ""
+        self.prompt_ids = (
+            list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
+        )
+        self.eos = self.tokenizer.eos_token_id
+        self.max_new_tokens = self.config.get("max_caption_tokens") or DEFAULT_MAX_NEW_TOKENS
+        if self.config.get("caption_format") == "tags":
+            self.tag_modes = frozenset({"caption"})
+        self.decoder = self.sessions["decoder_model_merged"]
+        self.cache_inputs = [
+            i.name for i in self.decoder.get_inputs() if i.name.startswith("past_key_values")
+        ]
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.sessions["embed_tokens"].run(None, {"input_ids": ids})[0]
+
+    def start(self, pixels: np.ndarray) -> tuple[list[np.ndarray], Step]:
+        embeds = self.sessions["vision_encoder"].run(None, {"pixel_values": pixels})[0]
+        if self.prompt_ids:
+            prompt = self.embed(np.array([self.prompt_ids] * len(pixels), dtype=np.int64))
+            embeds = np.concatenate([embeds, prompt], axis=1)
+        batch, length = embeds.shape[:2]
+        feed = {
+            "inputs_embeds": embeds,
+            "attention_mask": np.ones((batch, length), dtype=np.int64),
+            "position_ids": np.tile(np.arange(length, dtype=np.int64), (batch, 1)),
+            **empty_caches(self.decoder, batch, 3),
+        }
+
+        def step(chosen: np.ndarray, outputs: list[np.ndarray], position: int) -> list[np.ndarray]:
+            at = length + position  # the chosen token's position: after the prefix, prompt and earlier ones
+            feed = {
+                "inputs_embeds": self.embed(chosen[:, None]),
+                "attention_mask": np.ones((batch, at + 1), dtype=np.int64),
+                "position_ids": np.full((batch, 1), at, dtype=np.int64),
+            }
+            feed.update(zip(self.cache_inputs, outputs[1:], strict=True))
+            return self.decoder.run(None, feed)
+
+        return self.decoder.run(None, feed), step

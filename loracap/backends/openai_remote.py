@@ -154,8 +154,18 @@ class OpenAIRemoteBackend:
         return RemoteInputs([self._data_url(image) for image in images], texts)
 
     def generate(self, inputs: RemoteInputs, settings: GenerationSettings) -> list[str]:
+        n = settings.captions_per_image
+        if n > 1 and not settings.do_sample:  # the chat-completions API has no beam search
+            raise BackendError(
+                f"{self.name}: a remote model writes several captions by sampling; use --temperature "
+                "(and --seed) instead of --num-beams"
+            )
+        # One request per caption, each with its own seed: `n` is not served everywhere (loracap serve,
+        # Ollama), a seed is; image by image, as the local backends return them.
         bodies = [
-            self._body(url, text, settings) for url, text in zip(inputs.urls, inputs.texts, strict=True)
+            self._body(url, text, settings, copy)
+            for url, text in zip(inputs.urls, inputs.texts, strict=True)
+            for copy in range(n)
         ]
         if len(bodies) <= 1:
             return [self._post(body) for body in bodies]
@@ -195,7 +205,9 @@ class OpenAIRemoteBackend:
             image.save(buffer, format="JPEG", quality=95)
         return f"data:image/{self.image_format};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
 
-    def _body(self, url: str, text: str | None, settings: GenerationSettings) -> dict[str, Any]:
+    def _body(
+        self, url: str, text: str | None, settings: GenerationSettings, copy: int = 0
+    ) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
         if text:
             content.append({"type": "text", "text": text})
@@ -207,6 +219,8 @@ class OpenAIRemoteBackend:
         }
         if settings.max_new_tokens:
             body["max_tokens"] = settings.max_new_tokens
+        if settings.do_sample:
+            body.update(_sampling_fields(settings, url, copy))
         return body
 
     def _client_or_new(self) -> Any:
@@ -294,3 +308,20 @@ def _retry_after(response: Any) -> float:
         return max(0.0, float(value))
     except ValueError:
         return 0.0  # an HTTP date: rare, and the back-off covers it
+
+
+def _sampling_fields(settings: GenerationSettings, url: str, copy: int) -> dict[str, Any]:
+    """The request fields that sample: OpenAI's temperature, top_p and seed (per image and caption, from
+    the run's seed and the image, so a re-run asks for the same captions); top_k only when given, since
+    OpenAI's API has none (vLLM and llama.cpp take it; a strict server refuses it by name)."""
+    from .sampling import copy_seed
+
+    fields: dict[str, Any] = {"temperature": settings.temperature or 1.0}
+    if settings.top_p is not None:
+        fields["top_p"] = settings.top_p
+    if settings.top_k is not None:
+        fields["top_k"] = settings.top_k
+    if settings.seed is not None:
+        # OpenAI-style servers take seeds that fit a signed 32-bit integer or so.
+        fields["seed"] = copy_seed(settings.seed, url.encode(), copy) % (2**31)
+    return fields

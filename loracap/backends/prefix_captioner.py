@@ -80,7 +80,7 @@ class PrefixCaptionerBackend:
             self.prompt_ids,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=pad_id(self.tokenizer),
-            **settings.generate_kwargs(self.max_new_tokens),
+            **settings.generate_kwargs(self.max_new_tokens, inputs=inputs),
         )
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 

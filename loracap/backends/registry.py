@@ -12,7 +12,11 @@ _PROMPTGEN_MODES = ("tags", "caption", "detailed", "more_detailed", "mixed")
 _PROMPTGEN2_MODES = (*_PROMPTGEN_MODES, "mixed_plus", "analyze")
 _FLORENCE_MODES = ("caption", "detailed", "more_detailed")
 ANY_STYLE = ("any style",)  # instruction-following chat models caption in every prompt style
-_REMOTE_CODE = "needs trust_remote_code, and loracap runs no model's remote code; use SmolVLM or Qwen2.5-VL"
+
+
+def _remote_code(successor: str) -> str:
+    """Why a remote-code checkpoint is refused, and the native model to use instead."""
+    return f"needs trust_remote_code, and loracap runs no model's remote code; use {successor}"
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,42 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
         "SmilingWolf/wd-eva02-large-tagger-v3", "wd-tagger", ("tags",), 315, "the most accurate WD tagger"
     ),
     KnownModel("SmilingWolf/wd-v1-4-moat-tagger-v2", "wd-tagger", ("tags",), 80, "WD14 (v2 tags)"),
-    KnownModel("vikhyatk/moondream2", "moondream", ANY_STYLE, 1930, unsupported=_REMOTE_CODE),
-    KnownModel("openbmb/MiniCPM-V-2_6", "minicpmv", ANY_STYLE, 8100, unsupported=_REMOTE_CODE),
+    # Parameters below: counted from each checkpoint's architecture (its config built on the meta device),
+    # except MiniCPM-V 4.6, whose model card gives ~1.3B (SigLIP2-400M + Qwen3.5-0.8B).
+    KnownModel(
+        "meta-llama/Llama-3.2-11B-Vision-Instruct", "mllama", ANY_STYLE, 10640, "gated: accept the licence"
+    ),
+    KnownModel("google/gemma-3-4b-it", "gemma3", ANY_STYLE, 4320, "gated: accept the licence"),
+    KnownModel("google/gemma-3-12b-it", "gemma3", ANY_STYLE, 12200, "gated: accept the licence"),
+    KnownModel("OpenGVLab/InternVL3-1B-hf", "internvl", ANY_STYLE, 940, "small, fast"),
+    KnownModel("OpenGVLab/InternVL3-2B-hf", "internvl", ANY_STYLE, 2090),
+    KnownModel("OpenGVLab/InternVL3-8B-hf", "internvl", ANY_STYLE, 7940),
+    KnownModel("openbmb/MiniCPM-V-4.6", "minicpmv4_6", ANY_STYLE, 1300),
+    KnownModel("allenai/Molmo2-8B", "molmo2", ANY_STYLE, 8690, "needs torchvision"),
+    KnownModel("Salesforce/blip2-opt-2.7b", "blip-2", ("caption",), 3740, "--prompt 'a photo of'"),
+    KnownModel("Salesforce/instructblip-flan-t5-xl", "instructblip", ANY_STYLE, 3960),
+    KnownModel("Salesforce/instructblip-vicuna-7b", "instructblip", ANY_STYLE, 7910),
+    KnownModel("microsoft/git-large-textcaps", "git", ("caption",), 390, "sd-scripts' GIT captioner"),
+    KnownModel("microsoft/git-large-coco", "git", ("caption",), 390),
+    KnownModel(
+        "vikhyatk/moondream2",
+        "moondream",
+        ANY_STYLE,
+        1930,
+        unsupported=_remote_code("OpenGVLab/InternVL3-2B-hf, as small and native"),
+    ),
+    KnownModel(
+        "openbmb/MiniCPM-V-2_6",
+        "minicpmv",
+        ANY_STYLE,
+        8100,
+        unsupported=_remote_code("its native successor openbmb/MiniCPM-V-4.6"),
+    ),
+    KnownModel(
+        "allenai/Molmo-7B-D-0924",
+        "molmo",
+        ANY_STYLE,
+        8020,
+        unsupported=_remote_code("its native successor allenai/Molmo2-8B"),
+    ),
 )

@@ -45,7 +45,8 @@ class VisionEncoderDecoderBackend:
         self, inputs: Any, settings: GenerationSettings, interrupt: Callable[[], bool] | None = None
     ) -> list[Generation]:
         # The decoder starts from one start token.
-        kwargs = fit_decoder(settings.generate_kwargs(32, interrupt=interrupt), self.model, 1, self.name)
+        kwargs = settings.generate_kwargs(32, interrupt=interrupt, inputs=inputs)
+        kwargs = fit_decoder(kwargs, self.model, 1, self.name)
         out = self.model.generate(pixel_values=inputs.to(self.placement.device, non_blocking=True), **kwargs)
         texts = [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         # No text input: the decoder continues from its one start token.

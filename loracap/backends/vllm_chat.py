@@ -80,12 +80,33 @@ class VLLMChatBackend:
     def generate(self, inputs: list[dict[str, Any]], settings: GenerationSettings) -> list[str]:
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            max_tokens=settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-            min_tokens=settings.min_new_tokens or 0,
-            temperature=settings.temperature if settings.do_sample else 0.0,  # 0: greedy
-            top_p=settings.top_p if settings.do_sample else 1.0,
-            repetition_penalty=settings.repetition_penalty or 1.0,
-        )
+        if settings.num_beams > 1:  # vLLM's generate does not search beams
+            raise BackendError(f"{self.name} on vLLM decodes greedily or samples: leave out --num-beams")
+        sample = settings.do_sample
+        params = [
+            SamplingParams(
+                n=settings.captions_per_image,
+                max_tokens=settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                min_tokens=settings.min_new_tokens or 0,
+                temperature=(settings.temperature or 1.0) if sample else 0.0,  # 0: greedy
+                top_p=(settings.top_p or 1.0) if sample else 1.0,
+                top_k=(settings.top_k or -1) if sample else -1,  # -1: no cut
+                seed=_image_seed(settings.seed, one["multi_modal_data"]["image"]) if sample else None,
+                repetition_penalty=settings.repetition_penalty or 1.0,
+            )
+            for one in inputs
+        ]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
-        return [output.outputs[0].text.strip() for output in outputs]
+        return [choice.text.strip() for output in outputs for choice in output.outputs]
+
+
+def _image_seed(seed: int | None, image: Any) -> int | None:
+    """A request's seed from the run's and the image's pixels, so an image samples the same captions in
+    any batch (as the transformers backends seed each image)."""
+    import hashlib
+
+    from .sampling import copy_seed
+
+    if seed is None:
+        return None
+    return copy_seed(seed, hashlib.blake2b(image.tobytes(), digest_size=16).digest(), 0) % (2**31)

@@ -8,7 +8,10 @@ what a tag is: 9 rating, 0 general, 4 character. A general tag is kept at `gener
 more, a character tag at `character_threshold` (0.85), most likely first; `character_tags_first` puts the
 characters first, `rating_tags` the most likely rating before everything. Tags keep their underscores
 (the csv's spelling); `--underscores-to-spaces`, `--remove-tags` and the rest of loracap's tag clean-up
-run after, as for any tag model.
+run after, as for any tag model (`--remove-underscore` and `--undesired-tags`, sd-scripts' names, are the
+same flags; kaomoji such as `^_^` keep their underscores there too).
+
+`load_tagger` is `--tagger`: a tagger run before a chat model, whose tags fill the chat prompt's {tags}.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..hub import ModelUnavailable, is_tagger_folder, resolve_model
 from .base import BackendError, GenerationSettings, check_mode
 from .onnxrt import onnx_session
+from .registry import KNOWN_MODELS
 
 RATING, GENERAL, CHARACTER = 9, 0, 4
 DEFAULT_BATCH = 8
@@ -52,6 +57,8 @@ class WDTaggerBackend:
         return np.stack([_preprocess(image, self.image_side) for image in images])
 
     def generate(self, inputs: np.ndarray, settings: GenerationSettings) -> list[str]:
+        if settings.captions_per_image > 1:  # its tags are one set of probabilities: nothing to vary
+            raise BackendError(f"{self.name} is a tagger: it writes one tag list per image, not several")
         probabilities = self.session.run(None, {self.input_name: inputs})[0]
         return [self.tag_line(row, settings) for row in probabilities]
 
@@ -71,6 +78,30 @@ class WDTaggerBackend:
         if settings.rating_tags and ratings:
             tags.insert(0, ratings[0])  # the most likely rating
         return ", ".join(tags)
+
+
+def tagger_id(name: str) -> str:
+    """`--tagger`'s model: a short name of a known tagger ("wd-vit-tagger-v3") as its hub id
+    ("SmilingWolf/wd-vit-tagger-v3"); a folder, a full id or an unknown name as given."""
+    if "/" in name or Path(name).expanduser().exists():
+        return name
+    known = [
+        m.id for m in KNOWN_MODELS if m.family == "wd-tagger" and m.id.split("/")[1].lower() == name.lower()
+    ]
+    return known[0] if known else name
+
+
+def load_tagger(name: str, *, device: str | None = None) -> WDTaggerBackend:
+    """The tagger `--tagger NAME` names (see `tagger_id`). ModelUnavailable when it is not a WD tagger:
+    a chat model or Florence-2 there would be loaded only to be refused."""
+    model = tagger_id(name)
+    folder = resolve_model(model)
+    if not is_tagger_folder(folder):
+        raise ModelUnavailable(
+            f"--tagger {name}: {folder} is not a WD tagger (a folder with model.onnx and selected_tags.csv, "
+            f"e.g. SmilingWolf/wd-vit-tagger-v3)"
+        )
+    return WDTaggerBackend(folder, model, device=device)
 
 
 def _read_tags(path: Path) -> tuple[list[str], list[int]]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from loracap.dataset.jsonl import JsonlStore, store_file_label
 from loracap.dataset.kohya import KohyaJsonStore, kohya_key
 from loracap.dataset.read import LAYOUTS, Dataset, detect_layout, read_dataset
-from loracap.dataset.record import CaptionProblem, CaptionRecord
+from loracap.dataset.record import CaptionProblem, CaptionRecord, caption_lines
 from loracap.dataset.sidecar import SidecarStore, UnreadableCaption, caption_path, normalize_ext
 from loracap.dataset.stores import FORMATS, CaptionStore, open_store, sidecar_collisions
 
@@ -36,6 +36,7 @@ __all__ = [
     "KohyaJsonStore",
     "SidecarStore",
     "UnreadableCaption",
+    "caption_lines",
     "caption_path",
     "detect_layout",
     "kohya_key",

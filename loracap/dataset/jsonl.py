@@ -5,6 +5,14 @@ file is in. Each file is kept in memory and rewritten atomically, at most every 
 and on close: appending line by line would be cheaper, but a crash mid-append leaves a partial line that
 breaks `load_dataset`.
 
+A caption of several lines (alternatives: `loracap caption --captions-per-image`) is one record per line,
+each with the image's file_name: imagefolder makes an example of every record (datasets 5.x reads the
+metadata row by row and never looks for a file_name seen before), so each caption trains once an epoch
+and `text` stays a string column. A list under `text` would have to be a list in every record of every
+metadata file (pyarrow fails on a column that changes type, imagefolder on files whose features differ),
+and diffusers' DreamBooth scripts take a caption as one string; files that already hold lists are read as
+alternatives and written as lists.
+
 A dataset with split folders (train/, test/, ...) gets one file per split folder: imagefolder reads a split
 only from the metadata files inside that split's folders, and a root file next to them is dropped together
 with its "text" column, without a word. An explicit `metadata_file` is always the one file written.
@@ -95,6 +103,13 @@ def store_file_label(path: Path, root: Path) -> str:
         return str(path)
 
 
+def text_lines(text: Any) -> list[str]:
+    """The caption lines a record's `text` holds: a string's lines, or a list's strings (diffusers'
+    text-to-image scripts draw one of a list); [] for anything else."""
+    items = text if isinstance(text, list) else [text]
+    return [line for item in items if isinstance(item, str) for line in item.split("\n")]
+
+
 def jsonl_key(file_name: str) -> str:
     # datasets normalises file_name the same way, so "./a.jpg" and "a.jpg" are one image.
     return posixpath.normpath(file_name.replace("\\", "/"))
@@ -110,7 +125,9 @@ class JsonlFile:
         self.corrupt_lines: list[tuple[int, str]] = []
         """(line number, text) of lines that were not JSON objects; they are not written back."""
         self.dirty = False
-        self._index: dict[str, int] = {}
+        self._index: dict[str, list[int]] = {}
+        self._gone: set[int] = set()
+        """ids of records a write dropped, still in `records` until the next flush."""
         self._original: bytes | None = None
         self._load()
 
@@ -144,27 +161,65 @@ class JsonlFile:
             )
 
     def _reindex(self) -> None:
-        # The first record of an image is the one read and updated; a duplicate stays as it is.
+        # Every record of an image, in file order: the first is the one updated, and all of them are its
+        # alternative captions (imagefolder trains each row).
         self._index = {}
         for i, record in enumerate(self.records):
             file_name = record.get("file_name")
             if isinstance(file_name, str):
-                self._index.setdefault(jsonl_key(file_name), i)
+                self._index.setdefault(jsonl_key(file_name), []).append(i)
 
     def record(self, file_name: str) -> dict[str, Any] | None:
-        index = self._index.get(jsonl_key(file_name))
-        return self.records[index] if index is not None else None
+        """The image's first record, None when it has none."""
+        indices = self._index.get(jsonl_key(file_name))
+        return self.records[indices[0]] if indices else None
 
-    def set_text(self, file_name: str, text: str) -> None:
-        record = self.record(file_name)
-        if record is None:
-            self.add({"file_name": file_name, "text": text})
-        else:
-            record["text"] = text  # other fields and their order stay
-            self.dirty = True
+    def records_of(self, file_name: str) -> list[dict[str, Any]]:
+        """Every record of the image, in file order."""
+        return [self.records[i] for i in self._index.get(jsonl_key(file_name), [])]
+
+    def text(self, file_name: str) -> str | None:
+        """The image's caption: its records' texts (a list's items too), a line each; None without one."""
+        lines = [line for record in self.records_of(file_name) for line in text_lines(record.get("text"))]
+        return "\n".join(lines) if lines else None
+
+    @property
+    def list_texts(self) -> bool:
+        """Whether this file's `text` column holds lists, which then every record it writes must too."""
+        return any(isinstance(record.get("text"), list) for record in self.records)
+
+    def set_text(self, file_name: str, text: str, *, as_list: bool = False) -> None:
+        """The image's caption: one record per line (`as_list`: one record, its lines as a list). Its records
+        are rewritten in place (the first keeps its other fields and their order, and the others copy them),
+        more go at the end of the file and fewer leave it: no write moves the rest of the file."""
+        lines = text.split("\n") if text else [text]
+        values: list[Any] = [lines] if as_list else lines
+        mine = self.records_of(file_name)
+        if not mine:
+            for value in values:
+                self.add({"file_name": file_name, "text": value})
+            return
+        first = mine[0]
+        first["text"] = values[0]
+        for record, value in zip(mine[1:], values[1:], strict=False):
+            record.clear()
+            record.update({**first, "text": value})  # the same fields: the same features
+        for value in values[len(mine) :]:
+            self.add({**first, "text": value})
+        self._drop(file_name, mine[len(values) :])
+        self.dirty = True
+
+    def _drop(self, file_name: str, records: list[dict[str, Any]]) -> None:
+        # Left out of the index and the content now, out of `records` at the next flush: removing them from
+        # the list at every write would make rewriting a large file's captions quadratic.
+        if not records:
+            return
+        self._gone.update(id(r) for r in records)
+        key = jsonl_key(file_name)
+        self._index[key] = [i for i in self._index[key] if id(self.records[i]) not in self._gone]
 
     def add(self, record: dict[str, Any]) -> None:
-        self._index.setdefault(jsonl_key(record["file_name"]), len(self.records))
+        self._index.setdefault(jsonl_key(record["file_name"]), []).append(len(self.records))
         self.records.append(record)
         self.dirty = True
 
@@ -175,9 +230,13 @@ class JsonlFile:
         self.dirty = True
 
     def content(self) -> str:
-        return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in self.records)
+        kept = (record for record in self.records if id(record) not in self._gone)
+        return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in kept)
 
     def flush(self) -> None:
+        if self._gone:
+            self.remove([r for r in self.records if id(r) in self._gone])
+            self._gone.clear()
         if not self.dirty:
             return
         if self._original is not None:
@@ -209,6 +268,9 @@ class JsonlStore:
                 if path.parent != self.root:
                     self._file(relative_posix(path.parent, self.root))
             self._move_split_records(main)
+        # Read once: scanning every record at every write would make a large dataset's run quadratic.
+        self.list_texts = any(f.list_texts for f in self.files.values())
+        """Whether the dataset's files hold lists under `text` (then new captions are lists too)."""
 
     def _file(self, split: str) -> JsonlFile:
         if split not in self.files:
@@ -221,12 +283,15 @@ class JsonlStore:
         # imagefolder then never reads: their records move to the split's file. The split file's own
         # record of an image, if any, is the one trainers read, so it wins.
         moved = []
+        arrived: set[tuple[str, str]] = set()  # images whose records this move brought (all of them come)
         for record in main.records:
             file_name = record.get("file_name")
             split, inner = split_of(file_name) if isinstance(file_name, str) else ("", "")
             if split:
                 moved.append(record)
-                if self._file(split).record(inner) is None:
+                image = (split, jsonl_key(inner))
+                if image in arrived or self._file(split).record(inner) is None:
+                    arrived.add(image)
                     self._file(split).add({**record, "file_name": inner})
         if moved:
             main.remove(moved)
@@ -238,15 +303,16 @@ class JsonlStore:
 
     def existing(self, image: Path) -> str | None:
         file, file_name = self._locate(image)
-        record = file.record(file_name)
-        text = record.get("text") if record is not None else None
-        return text.strip() if isinstance(text, str) and text.strip() else None
+        text = file.text(file_name)
+        return text.strip() if text and text.strip() else None
 
     def write(self, image: Path, text: str) -> None:
+        """A caption of several lines becomes a record per line (see the module docstring), or one record
+        with a list where the dataset's files already hold lists (imagefolder needs one type throughout)."""
         if self._closed:
             raise ValueError(f"{self.path}: the caption store is closed")
         file, file_name = self._locate(image)
-        file.set_text(file_name, text.strip())
+        file.set_text(file_name, text.strip(), as_list=self.list_texts)
         if self._clock.due():
             self.flush()
 

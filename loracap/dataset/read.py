@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loracap.dataset.jsonl import METADATA_FILE as JSONL_FILE
-from loracap.dataset.jsonl import JsonlStore, jsonl_key, metadata_files, relative_posix, store_file_label
+from loracap.dataset.jsonl import (
+    JsonlStore,
+    jsonl_key,
+    metadata_files,
+    relative_posix,
+    store_file_label,
+    text_lines,
+)
 from loracap.dataset.kohya import METADATA_FILE as KOHYA_FILE
 from loracap.dataset.kohya import KohyaJsonStore, kohya_key
 from loracap.dataset.record import CaptionProblem, CaptionRecord
@@ -165,9 +172,10 @@ def _read_jsonl(root: Path, images: list[Path], metadata_file: Path | None) -> D
         return ds
     if not path.is_file() and len(store.files) > 1:
         ds.source = list(store.files.values())[1].path
-    # First record of an image wins, as in JsonlStore; later ones are reported, not read. Keys and names
-    # are relative to root, whichever file a record is in.
-    texts: dict[str, object] = {}
+    # Every record of an image is one of its captions, as imagefolder trains every row (JsonlStore writes
+    # alternatives so): they become the caption's lines. Keys and names are relative to root, whichever
+    # file a record is in.
+    texts: dict[str, list[object]] = {}
     names: dict[str, str] = {}
     sources: dict[str, Path] = {}
     for split, file in store.files.items():
@@ -180,14 +188,9 @@ def _read_jsonl(root: Path, images: list[Path], metadata_file: Path | None) -> D
                 ds.problems.append(CaptionProblem(label, f"record without a file_name: {_short(record)}"))
                 continue
             key = jsonl_key(posixpath.join(split, file_name))
-            if key in texts:
-                ds.problems.append(
-                    CaptionProblem(label, f"duplicate entry for {file_name!r}: the first is used")
-                )
-                continue
-            texts[key] = record.get("text")
-            names[key] = key if split else file_name
-            sources[key] = file.path
+            texts.setdefault(key, []).append(record.get("text"))
+            names.setdefault(key, key if split else file_name)
+            sources.setdefault(key, file.path)
     seen: set[str] = set()
     for image in images:
         key = jsonl_key(relative_posix(image, root))
@@ -195,16 +198,25 @@ def _read_jsonl(root: Path, images: list[Path], metadata_file: Path | None) -> D
         if key not in texts:
             ds.missing.append(image)
             continue
-        text = texts[key]
-        if text is None or isinstance(text, str):
-            ds.records.append(CaptionRecord(image, (text or "").strip(), ds.layout, key, sources[key]))
-        else:
-            ds.problems.append(CaptionProblem(names[key], f"text is {type(text).__name__}, not a string"))
+        odd = [t for t in texts[key] if not _is_text(t)]
+        if odd:
+            kind = type(odd[0]).__name__
+            ds.problems.append(CaptionProblem(names[key], f"text is {kind}, not a string or a list of them"))
+            continue
+        lines = [line for t in texts[key] for line in text_lines(t)]
+        ds.records.append(CaptionRecord(image, "\n".join(lines).strip(), ds.layout, key, sources[key]))
     for key, file_name in names.items():
         # Not discovered (hidden, non-recursive run) is not the same as not there: check the disk.
         if key not in seen and not (root / key).is_file():
             ds.orphans.append(file_name)
     return ds
+
+
+def _is_text(value: object) -> bool:
+    """A `text` a trainer can read: null (no caption), a string, or a list of strings (alternatives)."""
+    if isinstance(value, list):
+        return all(isinstance(item, str) for item in value)
+    return value is None or isinstance(value, str)
 
 
 # --- kohya meta_cap.json ------------------------------------------------------------------------------
@@ -254,10 +266,13 @@ def _kohya_text(entry: object, field_name: str) -> str | None:
         return caption
     if field_name == "tags":
         return tags
-    # sd-scripts' FineTuningDataset: the caption, then ", " and the tags when both are there.
+    # sd-scripts' FineTuningDataset: the caption, then ", " and the tags when both are there; a caption of
+    # several lines (alternatives, read with --enable_wildcard) gets the tags on each line.
     if caption is None:
         return tags
-    return f"{caption}, {tags}" if tags else caption
+    if not tags:
+        return caption
+    return "\n".join(f"{line}, {tags}" for line in caption.split("\n") if line.strip())
 
 
 def _short(value: object, limit: int = 80) -> str:

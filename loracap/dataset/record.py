@@ -7,7 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CaptionProblem", "CaptionRecord"]
+__all__ = ["CaptionProblem", "CaptionRecord", "caption_lines"]
+
+
+def caption_lines(text: str) -> list[str]:
+    """A caption's alternatives: its non-blank lines, stripped ([] for an empty caption). A caption of
+    several lines is several captions of one image, of which a trainer draws one (OneTrainer at every
+    epoch, sd-scripts with --enable_wildcard at every step); `loracap caption --captions-per-image`
+    writes them so."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 @dataclass(frozen=True)
@@ -17,7 +25,8 @@ class CaptionRecord:
     image: Path
     """The image file, as `loracap.inputs.find_images` found it (absolute)."""
     text: str
-    """The caption, stripped. "" when the file or entry is there but empty or only whitespace: a trainer
+    """The caption, stripped; alternatives one a line (see `caption_lines`; metadata.jsonl's rows of one
+    image become its lines). "" when the file or entry is there but empty or only whitespace: a trainer
     trains that image unconditioned, which the text checks flag."""
     layout: str
     """The layout it was read from: "sidecar", "jsonl" or "kohya-json"."""
@@ -32,9 +41,9 @@ class CaptionRecord:
 
     @property
     def lines(self) -> list[str]:
-        """The caption's lines (sd-scripts reads only the first line of a sidecar file; most trainers read
-        them all)."""
-        return self.text.splitlines()
+        """The caption's alternatives, its non-blank lines (sd-scripts reads only the first line of a sidecar
+        file unless --enable_wildcard; OneTrainer draws one line per epoch)."""
+        return caption_lines(self.text)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from loracap.dataset.buckets import crop_top_left
+from loracap.dreambooth.captions import alternatives
 from loracap.files import atomic_write_bytes
 from loracap.inputs import ImageDecodeError, file_sha256, load_image
 
@@ -186,7 +187,8 @@ def text_cache_plan(config: Any, captions: Iterable[str]) -> tuple[list[str] | N
         return None, "text cache off: the text encoders train, so their output changes every step"
     if config.shuffle_tags:
         return None, "text cache off: --shuffle-tags makes a new caption text nearly every step"
-    texts = set(captions)
+    # A step trains with one line of a caption of several (`training_caption`): each line is a text.
+    texts = {line for caption in captions for line in alternatives(caption) or [""]}
     if config.caption_dropout:
         texts.add("")
     if config.class_prompt is not None:

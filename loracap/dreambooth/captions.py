@@ -4,7 +4,12 @@
                         images without one taking --instance-prompt, the trigger rule applied
     dataset_warnings    the `loracap report` checks that matter before training: missing captions,
                         captions longer than the base's text window, a trigger fused with its neighbours
-    training_caption    what one step sees: caption dropout, tag shuffling after --keep-tokens
+    training_caption    what one step sees: one of the caption's lines, caption dropout, tag shuffling
+                        after --keep-tokens
+
+A caption of several lines holds alternatives (`loracap caption --captions-per-image`): each step draws one
+line, as OneTrainer draws one per epoch and sd-scripts with --enable_wildcard one per step; the trigger
+rule and the checks apply to each line on its own.
 
 The trigger rule is ai-toolkit's as loracap's captioner already writes it (`loracap.postprocess`):
 "[trigger]" becomes the trigger, and a caption that does not name it gets it first ("ohwx, a woman ..."),
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loracap.dataset import read_dataset
+from loracap.dataset import caption_lines, read_dataset
 from loracap.inputs import ImageDecodeError, load_image, read_size
 from loracap.postprocess import PostProcess, looks_like_tags, postprocess, split_tags
 from loracap.quality.text import audit_trigger, token_lengths
@@ -31,6 +36,7 @@ __all__ = [
     "TRIGGER_PLACEHOLDER",
     "Instance",
     "Instances",
+    "alternatives",
     "apply_trigger",
     "dataset_warnings",
     "read_instances",
@@ -47,6 +53,7 @@ class Instance:
 
     image: Path
     caption: str
+    """Its caption, trigger applied; alternatives a line each (a step trains with one of them)."""
     name: str
     """How messages name it: the path relative to the dataset folder."""
     size: tuple[int, int] = (0, 0)
@@ -71,9 +78,13 @@ def apply_trigger(caption: str, trigger: str | None, *, tags: bool) -> str:
     it (see the module docstring). Without a trigger the caption is returned as it is."""
     if not trigger:
         return caption
-    text = caption.replace(TRIGGER_PLACEHOLDER, trigger)
     # Only the trigger rule of loracap's clean-up: boilerplate stripping would rewrite the user's prose.
-    return postprocess(text, PostProcess(trigger=trigger, strip_boilerplate=False), tags=tags)
+    rule = PostProcess(trigger=trigger, strip_boilerplate=False)
+    # Each line of several is a caption of its own (clean-up would join lines into one).
+    lines = alternatives(caption)
+    return "\n".join(
+        postprocess(line.replace(TRIGGER_PLACEHOLDER, trigger), rule, tags=tags) for line in lines
+    )
 
 
 def read_instances(
@@ -107,7 +118,7 @@ def read_instances(
             f"{len(dataset.missing)} of {dataset.image_count} images have no caption (e.g. "
             f"{_name(dataset.missing[0], root)}): give --instance-prompt (or --trigger) to train them with"
         )
-    tags = looks_like_tags(r.text for r in dataset.records)
+    tags = looks_like_tags(line for r in dataset.records for line in r.lines)
     pairs = [(r.image, r.text) for r in dataset.records]
     pairs += [(image, instance_prompt or "") for image in dataset.missing]
     pairs.sort(key=lambda pair: str(pair[0]))  # find_images order, whatever had a caption
@@ -192,21 +203,32 @@ def dataset_warnings(
     return warnings
 
 
+def alternatives(caption: str) -> list[str]:
+    """The captions a step may train with: the non-blank lines of a caption of several, else the caption
+    as it is (a one-line caption is not touched, so it stays the text the text cache holds)."""
+    return caption_lines(caption) if "\n" in caption else [caption]
+
+
 def training_caption(
     caption: str, rng: random.Random, *, tags: bool, dropout: float, shuffle: bool, keep_tokens: int
 ) -> str:
     """The caption one step trains with: "" with probability `dropout` (the image trains unconditioned,
-    which keeps the LoRA usable without its exact caption), else, for tag captions with `shuffle`, the tags
-    after the first `keep_tokens` in a random order (kohya's --shuffle_caption / --keep_tokens), so no tag
-    position is learnt as part of the subject. `rng` is the item's own, so a resumed run draws the same."""
-    # Both draws are always made: how many numbers an item takes must not depend on its caption.
+    which keeps the LoRA usable without its exact caption), else one of its lines drawn at random when it
+    has several (alternatives), and for tag captions with `shuffle` its tags after the first `keep_tokens`
+    in a random order (kohya's --shuffle_caption / --keep_tokens), so no tag position is learnt as part of
+    the subject. `rng` is the item's own, so a resumed run draws the same."""
+    # Both draws are always made: how many numbers an item takes must not depend on its caption. The line
+    # and the tag order come from the second, so a one-line caption shuffles as it always did.
     drop = rng.random() < dropout
-    order_seed = rng.getrandbits(32)
+    order = random.Random(rng.getrandbits(32))
     if drop:
         return ""
+    if "\n" in caption:
+        lines = alternatives(caption)
+        caption = lines[order.randrange(len(lines))] if lines else ""
     if not (tags and shuffle):
         return caption
     parts = split_tags(caption)
     head, tail = parts[:keep_tokens], parts[keep_tokens:]
-    random.Random(order_seed).shuffle(tail)
+    order.shuffle(tail)
     return ", ".join(head + tail)

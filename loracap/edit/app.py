@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 from loracap.edit.bulk import BulkOp, UndoLog, apply_op
 from loracap.edit.index import FLAGS, LOW_CLIP, Index
 from loracap.edit.index import Query as Selection
+from loracap.quality.explain import check_explain_model, parse_layers
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ class EditConfig:
     clip_model: str | None = None
     """The CLIP model scores are computed with on request (default: `loracap report`'s)."""
     styles: list[str] = field(default_factory=lambda: ["caption", "detailed", "tags", "booru-tags"])
+    explain_model: str | None = None
+    """A BLIP, ViT-GPT2 or Florence-2 captioner: GET /api/explain/{id} is a PNG of where it looked for each
+    word of its caption of that image (`loracap explain`), and the page offers it for the focused image.
+    Loaded on the first request."""
 
 
 # --- request bodies -----------------------------------------------------------------------------------
@@ -159,6 +164,8 @@ def create_app(config: EditConfig) -> FastAPI:
     root = Path(config.dir).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"no dataset folder at {root}")
+    if config.explain_model:  # a model explain cannot read is said at start, not on the first click
+        check_explain_model(config.explain_model)
     metadata = Path(config.metadata_file) if config.metadata_file else None
     index = Index(root, layout=config.layout, ext=config.ext, metadata_file=metadata)
     undo_log = UndoLog(index.folder)
@@ -213,6 +220,7 @@ def create_app(config: EditConfig) -> FastAPI:
             "low_clip": LOW_CLIP,
             "models": [m for m in [config.model] if m],
             "styles": config.styles,
+            "explain": bool(config.explain_model),
         }
 
     @app.get("/api/images")
@@ -240,6 +248,18 @@ def create_app(config: EditConfig) -> FastAPI:
     @app.get("/api/image/{image_id}/thumb")
     def thumb(image_id: int) -> FileResponse:
         return FileResponse(_thumbnail(index, image_id), media_type="image/webp")
+
+    explaining = _Explaining(config)
+
+    @app.get("/api/explain/{image_id}")
+    def explain_image(image_id: int, layers: str = Query("", max_length=200)) -> FileResponse:
+        if not config.explain_model:
+            raise HTTPException(404, "no explain model: start loracap edit with --explain-model ID_OR_FOLDER")
+        try:
+            chosen = parse_layers(layers)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return FileResponse(explaining.png(index, _file(index, image_id), chosen), media_type="image/png")
 
     @app.put("/api/image/{image_id}/caption")
     def save_caption(image_id: int, body: CaptionEdit) -> Any:
@@ -458,6 +478,41 @@ def _thumbnail(index: Index, image_id: int) -> Path:
         thumb.parent.mkdir(exist_ok=True)
         atomic_write_bytes(thumb, buffer.getvalue())
     return thumb
+
+
+class _Explaining:
+    """The explain model of `loracap edit --explain-model`, loaded on first use, and its PNGs in
+    DIR/.loracap/explain (named by image path and mtime, model and layers, so an edited image gets a new
+    one). One image at a time: requests come in on several threads, the model runs one batch at a time."""
+
+    def __init__(self, config: EditConfig) -> None:
+        self.config = config
+        self.explainer: Any = None
+        self.lock = threading.Lock()
+
+    def png(self, index: Index, path: Path, layers: tuple[int, ...] | None) -> Path:
+        import hashlib
+
+        from loracap.backends import BackendError
+        from loracap.inputs import ImageDecodeError, load_image
+        from loracap.quality.explain import Explainer, draw_explanation, write_png
+
+        stamp = f"{path}:{path.stat().st_mtime_ns}:{self.config.explain_model}:{layers}".encode()
+        out = index.folder / "explain" / f"{hashlib.sha256(stamp).hexdigest()[:24]}.png"
+        if out.is_file():
+            return out
+        with self.lock:
+            if self.explainer is None:
+                self.explainer = Explainer(self.config.explain_model, device=self.config.device)
+            try:
+                image = load_image(path, min_side=self.explainer.image_side or None)
+                shown = self.explainer.explain(image, layers=layers)
+            except ImageDecodeError as exc:
+                raise HTTPException(422, f"{path.name} cannot be decoded: {exc.reason}") from None
+            except (BackendError, ValueError) as exc:  # layers the decoder does not have, a mode it lacks
+                raise HTTPException(422, str(exc)) from None
+            write_png(draw_explanation(image, shown), out)
+        return out
 
 
 def _op(body: BulkBody) -> BulkOp:

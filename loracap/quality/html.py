@@ -27,7 +27,7 @@ from markupsafe import Markup
 from loracap.inputs import ImageDecodeError, load_image, map_ahead
 from loracap.quality.plots import column_chart, row_chart
 
-__all__ = ["Cell", "page_environment", "render_html", "static_asset", "thumbnail_uri"]
+__all__ = ["Cell", "page_environment", "render_html", "static_asset", "thumbnail_uri", "worst_pairs"]
 
 LOW_CLIP = 20.0  # scores below this are drawn red: in CLIP ViT-L/14 terms, a caption about something else
 THUMB_SIDE = 160
@@ -75,14 +75,20 @@ def static_asset(name: str) -> Markup:
     return Markup(text)
 
 
+def worst_pairs(data: dict[str, Any], thumbnails: int = 24) -> list[dict[str, Any]]:
+    """The pairs the page shows first, as tiles ("Captions to check first"): the lowest CLIP scores, or
+    without scores the longest captions."""
+    if data["clip"]:
+        return [p for p in data["pairs"] if p["clip"] is not None][:thumbnails]
+    # Without scores the longest captions are the next thing to look at: in tokens when they were
+    # counted, else in characters.
+    counted = "skipped" not in data["tokens"]
+    return sorted(data["pairs"], key=lambda p: -(p["tokens"] if counted else len(p["caption"])))[:thumbnails]
+
+
 def render_html(data: dict[str, Any], root: Path, *, thumbnails: int = 24, workers: int = 2) -> str:
     """The page for `data` (DatasetReport.data); `root` is where the relative paths in it point."""
-    worst = [p for p in data["pairs"] if p["clip"] is not None][:thumbnails]
-    if not data["clip"]:  # without scores, show the longest captions instead: the next thing to look at
-        # In tokens when they were counted, else in characters.
-        counted = "skipped" not in data["tokens"]
-        worst = sorted(data["pairs"], key=lambda p: -(p["tokens"] if counted else len(p["caption"])))
-        worst = worst[:thumbnails]
+    worst = worst_pairs(data, thumbnails)
     groups = (data["images"] or {}).get("duplicate_groups", [])[:MAX_DUPLICATE_GROUPS]
     wanted = list(
         dict.fromkeys([p["path"] for p in worst] + [q for g in groups for q in g["paths"][:MAX_GROUP_THUMBS]])
@@ -97,6 +103,7 @@ def render_html(data: dict[str, Any], root: Path, *, thumbnails: int = 24, worke
         js=static_asset("report.js"),
         cards=_cards(data),
         worst=_worst(data, worst, thumbs),
+        explain=data.get("explain"),
         pairs=_pair_rows(data),
         tokens=_tokens(data),
         duplicates=_duplicates(data),
@@ -163,6 +170,8 @@ def _worst(d: dict[str, Any], worst: list[dict[str, Any]], thumbs: dict[str, str
             flagged=[e < LOW_CLIP for e in edges],
             title="CLIP score histogram",
         )
+    # The explain PNGs (`loracap report --explain-model`), relative to the page.
+    explained = {x["path"]: x["file"] for x in (d.get("explain") or {}).get("images", [])}
     tiles = [
         {
             "path": p["path"],
@@ -171,6 +180,7 @@ def _worst(d: dict[str, Any], worst: list[dict[str, Any]], thumbs: dict[str, str
             "score": "–" if p["clip"] is None else f"{p['clip']:.1f}",
             "bad": p["clip"] is not None and p["clip"] < LOW_CLIP,
             "tokens": p["tokens"],
+            "explain": explained.get(p["path"]),
         }
         for p in worst
     ]

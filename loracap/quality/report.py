@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from loracap.config import settings_for
-from loracap.dataset import Dataset, read_dataset, store_file_label
+from loracap.dataset import Dataset, caption_lines, read_dataset, store_file_label
 from loracap.dataset.buckets import BucketSettings
 from loracap.files import atomic_write_text
 from loracap.hub import is_cached, resolve_model
 from loracap.quality.balance import balance_prompts, rare_tags
 from loracap.quality.clipscore import DEFAULT_MODEL, ClipScoreRun, clip_scores
+from loracap.quality.explain import check_explain_model
 from loracap.quality.gates import Rule, evaluate, parse_rules
 from loracap.quality.images import ImageReport, image_report, resolve_side
 from loracap.quality.itm import ItmRun, check_itm_model, itm_scores
@@ -48,6 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT_DIR = "loracap-report"
+EXPLAIN_DIR = "explain"  # inside the report's folder: the explain PNGs the page links to
 SCORE_BIN = 5  # CLIP score histogram bin width (scores are 0..100)
 ITM_BIN = 0.05  # ITM match probability histogram bin width (probabilities are 0..1)
 ITM_LOW = 0.5  # below it the ITM head says "no match": counted in the summary
@@ -144,6 +146,10 @@ class ReportConfig:
     itm_model: str | None = None
     """A BLIP image-text matching checkpoint (e.g. Salesforce/blip-itm-base-coco): each pair also gets its
     match probability ("itm" in report.json). Off when None."""
+    explain_model: str | None = None
+    """A BLIP, ViT-GPT2 or Florence-2 captioner: for each image of the captions to check first, a PNG of
+    where it looked for each word of its own caption (`loracap explain`), in OUT/explain/ and linked from
+    the page ("explain" in report.json). Off when None."""
     tokenizer: str | None = None
     t5_tokenizer: str | None = None
     t5_max_length: int = 512
@@ -220,6 +226,8 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
     )
     if config.itm_model:  # found (downloaded once) and checked now, not after an hour of CLIP scoring
         check_itm_model(config.itm_model)
+    if config.explain_model:  # the same: a model explain cannot read is said before any work
+        check_explain_model(config.explain_model)
     if config.t5_tokenizer and tok_name is None:
         raise ValueError(
             f"--t5-tokenizer counts T5 tokens next to the CLIP window, which is skipped: {skipped}"
@@ -273,7 +281,9 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
     image_seconds = time.perf_counter() - started
     run = None
     # read_dataset strips every caption, so an empty one is "".
-    scorable = [(path, caption) for path, caption in ds.pairs if caption]
+    # Each line of a caption is an alternative a trainer draws on its own: each is scored, and an image
+    # gets the mean of its lines (`_by_image`).
+    scorable = [(path, line) for path, caption in ds.pairs for line in caption_lines(caption)]
     # The image checks hashed every decodable file already: the cache keys use the same digest.
     digests = {i.path: i.sha256 for i in img.images} if img else None
     if config.clip:
@@ -305,8 +315,12 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
             progress=config.progress,
             digests=digests,
         )
-    scores = [p.score for p in run.pairs if p.score is not None] if run else []
-    probabilities = [p.probability for p in matched.pairs if p.probability is not None] if matched else []
+    scores = [s.value for s in _by_image(run.pairs, "score").values() if s.value is not None] if run else []
+    probabilities = (
+        [s.value for s in _by_image(matched.pairs, "probability").values() if s.value is not None]
+        if matched
+        else []
+    )
     started = time.perf_counter()
     data = _document(
         ds,
@@ -343,7 +357,7 @@ def write_report(rep: DatasetReport, out: str | Path | None = None, *, thumbnail
     """Write report.html and report.json into `out` (default `<root>/loracap-report`); returns the folder."""
     from loracap.quality.html import render_html
 
-    folder = Path(out) if out is not None else rep.root / DEFAULT_OUT_DIR
+    folder = _folder(rep, out)
     folder.mkdir(parents=True, exist_ok=True)
     rep.json_path = folder / "report.json"
     rep.html_path = folder / "report.html"
@@ -368,8 +382,36 @@ def report(config: ReportConfig | str | Path, **settings: Any) -> DatasetReport:
     rep = build_report(config)
     if config.balance_prompts is not None:
         write_balance_prompts(rep, config)
+    if config.explain_model:
+        write_explanations(rep, config)
     write_report(rep, config.out, thumbnails=config.thumbnails)
     return rep
+
+
+def _folder(rep: DatasetReport, out: str | Path | None) -> Path:
+    """Where the report's files go: `out`, or DIR/loracap-report."""
+    return Path(out) if out is not None else rep.root / DEFAULT_OUT_DIR
+
+
+def write_explanations(rep: DatasetReport, config: ReportConfig) -> Path:
+    """The explain PNGs of `config.explain_model` for the images the page shows first (its "captions to
+    check first" tiles), in OUT/explain/; what was written is `rep.data["explain"]`. Returns the folder."""
+    from loracap.quality.explain import Explainer, explain_files
+    from loracap.quality.html import worst_pairs
+
+    folder = _folder(rep, config.out) / EXPLAIN_DIR
+    paths = [p["path"] for p in worst_pairs(rep.data, config.thumbnails)]
+    explainer = Explainer(config.explain_model, device=config.device, dtype=config.dtype)
+    done = explain_files(explainer, rep.root, paths, folder, progress=config.progress)
+    rep.data["explain"] = {
+        "model": config.explain_model,
+        "images": [
+            {"path": path, "file": f"{EXPLAIN_DIR}/{name}", "caption": done.captions[path]}
+            for path, name in done.files.items()
+        ],
+        "errors": [{"path": path, "reason": reason} for path, reason in done.errors.items()],
+    }
+    return folder
 
 
 def write_balance_prompts(rep: DatasetReport, config: ReportConfig) -> Path:
@@ -417,8 +459,8 @@ def _document(
     paths = [rel(p) for p, _ in ds.pairs]
     captions = ds.captions
     tokens = text.tokens
-    by_path = {rel(p.path): p for p in run.pairs} if run else {}
-    itm_by_path = {rel(p.path): p for p in itm.pairs} if itm else {}
+    by_path = {rel(path): s for path, s in _by_image(run.pairs, "score").items()} if run else {}
+    itm_by_path = {rel(path): s for path, s in _by_image(itm.pairs, "probability").items()} if itm else {}
 
     pairs = []
     truncated = set(tokens.truncated) if tokens else set()
@@ -431,9 +473,9 @@ def _document(
             {
                 "path": path,
                 "caption": caption,
-                "clip": _round(scored.score) if scored else None,
+                "clip": _round(scored.value) if scored else None,
                 "clip_error": scored.error if scored else None,
-                "itm": _round(matched.probability, 4) if matched else None,
+                "itm": _round(matched.value, 4) if matched else None,
                 "itm_error": matched.error if matched else None,
                 "tokens": tokens.counts[i] if tokens else None,
                 "t5_tokens": tokens.t5_counts[i] if tokens and tokens.t5_counts else None,
@@ -444,6 +486,8 @@ def _document(
                 else ("fused" if i in fused else "missing" if i in without else "ok"),
             }
         )
+        if scored and len(scored.lines) > 1:  # alternatives: the page shows the mean, these say which
+            pairs[-1]["clip_lines"] = [_round(v) for v in scored.lines]
     # Lowest CLIP score first (the captions to fix), unscored pairs last; lowest ITM first without CLIP.
     order = "clip" if run or not itm else "itm"
     pairs.sort(key=lambda p: (p[order] is None, p[order] if p[order] is not None else 0.0, p["path"]))
@@ -522,6 +566,30 @@ def _document(
         },
         "images": _image_section(img, rel) if img else None,
     }
+
+
+@dataclass(frozen=True)
+class _ImageScore:
+    """An image's CLIP score (or ITM probability) over its caption's lines, each scored on its own."""
+
+    value: float | None
+    """The mean of its lines' values: what training sees on average, drawing one line at a time."""
+    error: str | None
+    lines: list[float | None]
+
+
+def _by_image(pairs: Sequence[Any], value: str) -> dict[Path, _ImageScore]:
+    """Scored pairs (one per caption line) gathered per image, in input order."""
+    groups: dict[Path, list[Any]] = {}
+    for pair in pairs:
+        groups.setdefault(pair.path, []).append(pair)
+    images = {}
+    for path, group in groups.items():
+        values = [getattr(p, value) for p in group]
+        known = [v for v in values if v is not None]
+        error = next((p.error for p in group if p.error is not None), None)
+        images[path] = _ImageScore(statistics.fmean(known) if known else None, error, values)
+    return images
 
 
 def _rounded(timing: Mapping[str, float]) -> dict[str, float]:
@@ -760,6 +828,10 @@ def summary_lines(rep: DatasetReport) -> list[str]:
         lines.append(f"rare (in fewer than {rare['below']} captions): {names}{more}")
         if "prompts" in rare:
             lines.append(f"balance prompts: {rare['prompts']['count']} written to {rare['prompts']['file']}")
+    if d.get("explain"):
+        ex = d["explain"]
+        failed = f", {len(ex['errors'])} failed" if ex["errors"] else ""
+        lines.append(f"explain ({ex['model']}): {len(ex['images'])} image(s) in {EXPLAIN_DIR}/{failed}")
     if d["images"]:
         im = d["images"]
         lines.append(

@@ -1,7 +1,10 @@
 """Caption text checks: what a trainer's text encoder will see, and what the captions teach as a set.
 
 Pure functions over a list of captions (index i is caption i) plus, where tokens matter, a Hugging Face
-tokenizer: the CLIP one for SD 1.x/SDXL windows, optionally a T5 one for Flux/SD3. Nothing here reads files
+tokenizer. A caption of several lines is several alternatives of which a trainer draws one (see
+`loracap.dataset.caption_lines`): token counts and the trigger are checked per line (a caption counts its
+longest line, and lacks the trigger when any line lacks it); duplicates, tags and terms read the whole text.
+Tokenizers: the CLIP one for SD 1.x/SDXL windows, optionally a T5 one for Flux/SD3. Nothing here reads files
 or loads models; callers pass the tokenizers in, so the checks run with whatever tokenizer the user trains.
 Without a tokenizer (None) the token counts and the trigger fusion check are skipped; the rest runs.
 
@@ -26,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from loracap.dataset.record import caption_lines
 from loracap.postprocess import looks_like_tags, split_tags, tag_key
 from loracap.quality.unionfind import UnionFind
 
@@ -100,9 +104,11 @@ class TokenReport:
     max_length: int
     """The window, special tokens included (77 for CLIP)."""
     counts: list[int]
-    """Tokens per caption, special tokens included: what the window must hold."""
+    """Tokens per caption, special tokens included: what the window must hold (a caption of several lines:
+    its longest line, since each line is trained on its own)."""
     truncated: list[int]
-    """Indices of captions longer than the window: their ends are never seen in training."""
+    """Indices of captions longer than the window (any line of them): their ends are never seen in
+    training."""
     empty: list[int]
     """Indices of captions with no content tokens: the image trains unconditioned."""
     t5_max_length: int | None = None
@@ -137,10 +143,14 @@ def _encode(tokenizer: Any, texts: Sequence[str], **kwargs: Any) -> list[Any]:
 
 
 def _count(tokenizer: Any, captions: Sequence[str]) -> list[int]:
+    """Tokens per caption: of its longest line where it has several (alternatives, trained one at a time)."""
+    lines = [caption_lines(c) if "\n" in c else [c] for c in captions]
+    flat = [line for alternatives in lines for line in alternatives or [""]]
     # Only the ids are needed: no attention masks or type ids to convert to Python lists (a third of the
     # time for 100k captions).
     flags = {"return_attention_mask": False, "return_token_type_ids": False}
-    return [len(e["input_ids"]) for e in _encode(tokenizer, captions, add_special_tokens=True, **flags)]
+    counts = iter(len(e["input_ids"]) for e in _encode(tokenizer, flat, add_special_tokens=True, **flags))
+    return [max(next(counts) for _ in alternatives or [""]) for alternatives in lines]
 
 
 def token_lengths(
@@ -451,8 +461,10 @@ class TriggerReport:
     trigger_tokens: list[str] | None
     """The trigger tokenized on its own: what the user will type in a prompt. None without a tokenizer."""
     with_trigger: int
+    """Captions that mention the trigger (in every line, where a caption has several)."""
     without: list[int]
-    """Indices of captions that never mention the trigger."""
+    """Indices of captions that never mention the trigger, or have a line (an alternative trained on its
+    own) that does not."""
     hits: list[TriggerHit]
     fused: list[int]
     """Indices of captions where at least one occurrence is fused."""
@@ -531,8 +543,8 @@ def audit_trigger(
         positions=Counter(),
     )
     matching = [i for i, c in enumerate(captions) if pattern.search(c)]
-    report.without = sorted(set(range(len(captions))) - set(matching))
-    report.with_trigger = len(matching)
+    report.without = [i for i, c in enumerate(captions) if not _in_every_line(pattern, c)]
+    report.with_trigger = len(captions) - len(report.without)
     encodings = (
         _encode(
             tokenizer,
@@ -551,7 +563,11 @@ def audit_trigger(
         any_fused = False
         for number, match in enumerate(pattern.finditer(caption)):
             spelled = match.group(0)
-            position, where = _position(caption, match.start(), match.end(), tags)
+            # Where it is in its own line: each line is a caption of its own to the trainer.
+            line = caption.rfind("\n", 0, match.start()) + 1
+            end = caption.find("\n", match.end())
+            text = caption[line : len(caption) if end < 0 else end]
+            position, where = _position(text, match.start() - line, match.end() - line, tags)
             tokens: list[str] = []
             fused: bool | None = None
             if enc is not None:
@@ -577,6 +593,13 @@ def audit_trigger(
         if any_fused:
             report.fused.append(i)
     return report
+
+
+def _in_every_line(pattern: re.Pattern[str], caption: str) -> bool:
+    if "\n" not in caption:
+        return pattern.search(caption) is not None
+    lines = caption_lines(caption)
+    return bool(lines) and all(pattern.search(line) for line in lines)
 
 
 def _span_tokens(

@@ -267,6 +267,8 @@ def create_app(
     name = model_name or backend.name
     default_tags = mode in backend.tag_modes if tags is None else tags
     generation = generation or GenerationSettings()
+    if generation.captions_per_image > 1:  # OpenAI's `n` above 1 is refused too
+        raise ValueError("loracap serve answers one caption per request: leave out captions_per_image")
     options = options or PostProcess(strip_boilerplate=False)
     system_messages = "system" in inspect.signature(backend.prepare).parameters  # chat models take one
     count_tokens = _token_counter(backend)
@@ -371,9 +373,20 @@ def create_app(
                 )
             floor = min(generation.min_new_tokens or 0, request.max_tokens) or None
             settings = replace(settings, max_new_tokens=request.max_tokens, min_new_tokens=floor)
+        # The request chooses greedy or sampling, whatever the server's settings say; a sampled one leaves
+        # beam search (which does not mix with sampling) and the batcher seeds it (request.seed).
         if request.temperature > 0:
-            settings = replace(settings, do_sample=True, temperature=request.temperature, top_p=request.top_p)
-        return settings
+            return replace(
+                settings,
+                do_sample=True,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=None,
+                seed=None,
+                num_beams=1,
+                length_penalty=None,
+            )
+        return replace(settings, do_sample=False, temperature=None, top_p=None, top_k=None, seed=None)
 
     async def check_prompt_length(request: ChatRequest) -> None:
         text = "\n".join(t for t in (request.system, request.text) if t)

@@ -13,7 +13,8 @@ or from a shell: ``python -m loracap.testing blip /tmp/blip``.
 Importing this package is cheap: torch and transformers load only when a model is built.
 """
 
+from loracap.testing.chat_families import FAMILY_ARCHS
 from loracap.testing.chat_models import CHAT_ARCHS
 from loracap.testing.models import ARCHS, SIZES, make_tiny_model
 
-__all__ = ["ARCHS", "CHAT_ARCHS", "SIZES", "make_tiny_model"]
+__all__ = ["ARCHS", "CHAT_ARCHS", "FAMILY_ARCHS", "SIZES", "make_tiny_model"]

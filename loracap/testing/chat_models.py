@@ -100,9 +100,16 @@ def build_chat_model(arch: str, out: Path, *, seed: int = 0) -> None:
 
 
 def _tokenizer(
-    specials: Sequence[str], *, bos: str | None, eos: str, pad: str, image_token: str | None = None
+    specials: Sequence[str],
+    *,
+    bos: str | None,
+    eos: str,
+    pad: str,
+    image_token: str | None = None,
+    named: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerBase:
-    """Byte-level BPE with `specials` at the lowest ids, BOS prepended when the family does that."""
+    """Byte-level BPE with `specials` at the lowest ids, BOS prepended when the family does that.
+    `named`: more special tokens a processor reads by name (`tokenizer.boi_token`) besides `image_token`."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
@@ -113,8 +120,9 @@ def _tokenizer(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
         )
     kwargs: dict[str, Any] = {}
-    if image_token is not None:
-        kwargs["extra_special_tokens"] = {"image_token": image_token}
+    extra = {**({"image_token": image_token} if image_token else {}), **(named or {})}
+    if extra:
+        kwargs["extra_special_tokens"] = extra
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=4096, **kwargs
     )

@@ -8,10 +8,12 @@ checkpoint, with no network. Weights are random: a model's text is junk, only it
 The builders live with their family: `florence2` (native Florence-2), `florence2_original` (the original
 remote-code layout of microsoft/Florence-2-* and MiaoshouAI/Florence-2-*-PromptGen-*, the independent
 reference for loracap's converter), `caption_models` (BLIP, ViT-GPT2, and `blip-itm`, BLIP's image-text
-matching model), `chat_models` (chat VLMs), `clip_models` (CLIP, SigLIP, and `siglip`, the vision tower
-`loracap train` assembles) and `text_models` (`llama`, a SmolLM2-shaped causal LM), and `diffusion_models`
-(`sd15`, `sdxl`, `flux`: diffusers pipeline folders for DreamBooth-LoRA training and generation), and
-`tagger_models` (`wd-tagger`, a WD14-style ONNX tagger). Only the first three also build the published size.
+matching model), `chat_models` (chat VLMs), `chat_families` (more of them: Llama-3.2-Vision, Gemma 3,
+InternVL, MiniCPM-V, Molmo2, and BLIP-2 / InstructBLIP / GIT, which have no chat template), `clip_models`
+(CLIP, SigLIP, and `siglip`, the vision tower `loracap train` assembles) and `text_models` (`llama`, a
+SmolLM2-shaped causal LM), and `diffusion_models` (`sd15`, `sdxl`, `flux`: diffusers pipeline folders for
+DreamBooth-LoRA training and generation), and `tagger_models` (`wd-tagger`, a WD14-style ONNX tagger). Only
+the first three also build the published size.
 
 torch, transformers and diffusers are imported inside the builders so `import loracap.testing` stays light.
 """
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loracap.testing.caption_models import write_blip, write_blip_itm, write_vit_gpt2
+from loracap.testing.chat_families import FAMILY_ARCHS, build_family_model
 from loracap.testing.chat_models import CHAT_ARCHS, build_chat_model
 from loracap.testing.clip_models import CLIP_ARCHS, VISION_ARCHS, build_clip_model
 from loracap.testing.diffusion_models import DIFFUSION_ARCHS, build_diffusion_model
@@ -42,6 +45,7 @@ _SIZED_BUILDERS: dict[str, Callable[..., None]] = {
 # The families built tiny only: build(arch, out, seed=...).
 _TINY_FAMILIES: tuple[tuple[tuple[str, ...], Callable[..., None]], ...] = (
     (CHAT_ARCHS, build_chat_model),
+    (FAMILY_ARCHS, build_family_model),
     ((*CLIP_ARCHS, *VISION_ARCHS), build_clip_model),
     (TEXT_ARCHS, build_text_model),
     (TAGGER_ARCHS, build_tagger),
@@ -51,6 +55,7 @@ _TINY_FAMILIES: tuple[tuple[tuple[str, ...], Callable[..., None]], ...] = (
 ARCHS: tuple[str, ...] = (
     *_SIZED_BUILDERS,
     *CHAT_ARCHS,
+    *FAMILY_ARCHS,
     *CLIP_ARCHS,
     *VISION_ARCHS,
     *TEXT_ARCHS,

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 from loracap.backends.prefix_captioner import input_side
 from loracap.inputs import ImageDecodeError
 from loracap.prefix.batching import encode_captions
-from loracap.train.data import Example
+from loracap.train.data import Example, visit_of
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +40,21 @@ class CaptionDataset(Dataset):
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        example = self.examples[index]
+        position, visit = visit_of(index, len(self.examples))  # see EpochSampler
+        example = self.examples[position]
         try:
             image = example.image(min_side=self.min_side)
         except ImageDecodeError as exc:
             log.warning("skipping %s: %s", example.key, exc.reason)
             return None
-        return {"image": image, "caption": example.caption}
+        return {"image": image, "caption": example.caption_for(visit)}
 
 
 class EpochSampler(Sampler[int]):
     """A fresh seeded order every epoch: epoch e always visits the same order, so a resumed run sees
-    the batches the interrupted one would have seen."""
+    the batches the interrupted one would have seen. Indices carry the visit (seed and epoch) as
+    `i + n * visit`, which the datasets read back (`visit_of`) to draw the epoch's line of a caption with
+    several."""
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
@@ -60,8 +63,9 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        visit = self.seed * 100_003 + self.epoch
+        generator = torch.Generator().manual_seed(visit)
+        return iter(i + self.n * visit for i in torch.randperm(self.n, generator=generator).tolist())
 
     def __len__(self) -> int:
         return self.n

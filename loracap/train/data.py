@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from loracap.data.splits import DATASET_SPLITS_FILE, SPLITS
+from loracap.dataset.record import caption_lines
 from loracap.files import atomic_write_text
 from loracap.inputs import load_image, to_rgb
 
@@ -27,6 +28,7 @@ __all__ = [
     "extend_split",
     "load_examples",
     "read_split",
+    "visit_of",
     "write_split",
 ]
 
@@ -38,6 +40,8 @@ class Example:
     key: str
     """Stable id: the image path relative to the dataset folder, or "dataset[index]"."""
     caption: str
+    """The caption; alternatives a line each (`loracap caption --captions-per-image`), of which an epoch
+    trains one (`caption_for`) and evaluation takes all as references."""
     path: Path | None = None
     """The image file, when there is one."""
     loader: Callable[[], Any] | None = None
@@ -52,6 +56,26 @@ class Example:
         # to_rgb, not .convert("RGB"): alpha goes on the same mid-grey as in image files (load_image), not
         # on black, so a transparent image looks the same to the model whichever way it was stored.
         return to_rgb(self.loader())
+
+    @property
+    def references(self) -> list[str]:
+        """Its captions: each line of a caption of several (what a generated caption is scored against)."""
+        return caption_lines(self.caption) or [self.caption]
+
+    def caption_for(self, visit: int) -> str:
+        """The caption one visit trains with: one of its lines, drawn from `visit` (the run's seed and the
+        epoch, see `visit_of`) and the example's key, so every epoch draws anew and a resume draws the same,
+        as OneTrainer draws a line per epoch. A one-line caption is itself."""
+        lines = self.references
+        if len(lines) == 1:
+            return self.caption
+        return lines[random.Random(f"{visit}:{self.key}").randrange(len(lines))]
+
+
+def visit_of(index: int, examples: int) -> tuple[int, int]:
+    """(example index, visit) from a sampler's index: `EpochSampler` yields `i + examples * visit`, so the
+    dataset knows which epoch of which run it serves without being told (its workers are copies)."""
+    return index % examples, index // examples
 
 
 def load_examples(
@@ -90,12 +114,20 @@ def _hf_examples(name: str, image_column: str, caption_column: str, split: str) 
     missing = [c for c in (image_column, caption_column) if c not in table.column_names]
     if missing:
         raise ValueError(f"{name} has no column {missing[0]!r}; columns: {', '.join(table.column_names)}")
-    captions = table[caption_column]
+    captions = [_caption_text(c) for c in table[caption_column]]
     return [
-        Example(f"{name}[{i}]", str(c).strip(), loader=TableImage(table, i, image_column))
+        Example(f"{name}[{i}]", c, loader=TableImage(table, i, image_column))
         for i, c in enumerate(captions)
-        if str(c or "").strip()
+        if c
     ]
+
+
+def _caption_text(value: Any) -> str:
+    """A table's caption cell as text: a list of captions (diffusers' text-to-image scripts draw one) as
+    alternatives, a line each."""
+    if isinstance(value, list | tuple):
+        return "\n".join(str(v).strip() for v in value if str(v or "").strip())
+    return str(value or "").strip()
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from loracap.files import atomic_write_bytes, atomic_write_text
 from loracap.hub import loracap_cache_dir
 from loracap.inputs import ImageDecodeError, file_sha256
 from loracap.train.batches import CaptionDataset
-from loracap.train.data import Example, TableImage
+from loracap.train.data import Example, TableImage, visit_of
 
 log = logging.getLogger(__name__)
 
@@ -387,11 +387,12 @@ class FeatureDataset(Dataset):
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        example, entry = self.examples[index], self.entries[index]
+        position, visit = visit_of(index, len(self.examples))  # see batches.EpochSampler
+        example, entry = self.examples[position], self.entries[position]
         if entry is None:
             return None
         features = read_entry(entry)
         if features is None:  # checked when the cache was filled: something changed it since
             log.warning("skipping %s: its cached features %s are unreadable", example.key, entry)
             return None
-        return {"features": features, "caption": example.caption}
+        return {"features": features, "caption": example.caption_for(visit)}

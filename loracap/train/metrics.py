@@ -169,7 +169,7 @@ def evaluate_examples(
         "data": data,
         "split": split,
         "images": len(examples),
-        **caption_metrics(predictions, {e.key: [e.caption] for e in examples}),
+        **caption_metrics(predictions, {e.key: e.references for e in examples}),
     }
     if clip_model:
         pairs = [(e.path, predictions[e.key]) for e in examples if e.path is not None]

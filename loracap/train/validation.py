@@ -72,4 +72,4 @@ def val_caption_metrics(
     decoded = [e for e in examples if e.key in generated.captions]  # the others were reported while training
     if not decoded:
         return {}
-    return caption_metrics(generated.captions, {e.key: [e.caption] for e in decoded})
+    return caption_metrics(generated.captions, {e.key: e.references for e in decoded})

@@ -309,6 +309,7 @@
       $("info").textContent = parts.join(" · ");
       $("info").title = info.tokenizer ? "" : "no CLIP tokenizer (yet): the token counter shows –";
       if (info.error) showBanner("Indexing failed: " + info.error);
+      $("panel-explain").hidden = !info.explain;
       fillModels(info);
       clearTimeout(infoTimer);
       if (info.indexing) {
@@ -1355,6 +1356,47 @@
     if (p) p.scrollIntoView({ block: "nearest" });
   }
 
+  // ---- where the model looked (loracap edit --explain-model) -----------------------------------------
+
+  var explainUrl = null;
+
+  function explainTarget() {
+    // The focused card; else the one ticked image.
+    if (S.focusId !== null) return S.focusId;
+    if (!S.allMatching && S.selected.size === 1) return S.selected.values().next().value;
+    return null;
+  }
+
+  function explainFocused() {
+    var id = explainTarget();
+    var status = $("explain-status");
+    if (id === null) { status.textContent = "Click an image first."; return; }
+    var item = S.byId.get(id);
+    var name = item ? item.path : "image " + id;
+    status.textContent = "Explaining " + name + "… (the first one loads the model)";
+    $("explain-start").disabled = true;
+    var headers = {};
+    if (TOKEN) headers["X-Loracap-Token"] = TOKEN;
+    // Not api(): the answer is a PNG, read as a blob; an error is still JSON with a detail.
+    fetch("/api/explain/" + id, { headers: headers }).then(function (res) {
+      if (res.ok) return res.blob();
+      return res.json().catch(function () { return null; }).then(function (data) {
+        throw new ApiError(res.status, data && data.detail !== undefined ? detailText(data.detail)
+          : res.status + " " + res.statusText, data);
+      });
+    }).then(function (blob) {
+      if (explainUrl) URL.revokeObjectURL(explainUrl);
+      explainUrl = URL.createObjectURL(blob);
+      $("explain-image").src = explainUrl;
+      $("explain-image").alt = "where the model looked, word by word: " + name;
+      $("explain-link").href = explainUrl;
+      $("explain-link").hidden = false;
+      status.textContent = name + " (click the picture to open it full size)";
+    }, function (e) {
+      status.textContent = "Cannot explain " + name + ": " + (e.message || "the editor's server does not answer");
+    }).then(function () { $("explain-start").disabled = false; });
+  }
+
   // ---- the keyboard ---------------------------------------------------------------------------------
 
   document.addEventListener("keydown", function (ev) {
@@ -1473,6 +1515,7 @@
   $("tag-sort").addEventListener("change", function (ev) { S.tagSort = ev.target.value; loadTags(); });
   $("tag-find").addEventListener("input", debounce(renderTagPanel, 150));
   $("recaption-start").addEventListener("click", startRecaption);
+  $("explain-start").addEventListener("click", explainFocused);
   $("clip-start").addEventListener("click", startClip);
   $("proposals-accept-all").addEventListener("click", function () { decide("accept", { all: true }); });
   $("proposals-reject-all").addEventListener("click", function () { decide("reject", { all: true }); });
