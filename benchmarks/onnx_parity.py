@@ -38,13 +38,11 @@ def score(
 
 def torch_ids(folder: Path, examples: list, runtime: object) -> list[list[int]]:
     """PyTorch's greedy token ids of the first 20 test images, from the same pixels."""
-    import torch
-
     from loracap.onnx_export.architectures import architecture
 
     arch = architecture(folder)
-    pixels = torch.from_numpy(runtime.prepare([e.image() for e in examples[:20]], "caption"))
-    return arch.reference(arch.load(folder), pixels, runtime.max_new_tokens, runtime.tokenizer)[1]
+    inputs = runtime.prepare([e.image() for e in examples[:20]], "caption")
+    return arch.reference(arch.load(folder), inputs, runtime.max_new_tokens, runtime)[1]
 
 
 def agreement(want: list[list[int]], have: list[list[int]]) -> float:

@@ -552,7 +552,8 @@ def _add_export_onnx_parser(commands: argparse._SubParsersAction) -> None:
         commands,
         "export-onnx",
         EXPORT_ONNX_CONFIG,
-        help="export a captioner (ViT-GPT2-style or `loracap train`'s) to ONNX (onnxruntime, no PyTorch)",
+        help="export a captioner (Florence-2, ViT-GPT2-style or `loracap train`'s) to ONNX (onnxruntime, no "
+        "PyTorch, or the browser with loracap web)",
         description="Write MODEL as ONNX graphs in the layout transformers.js reads, with its config, image "
         "processor and tokenizer, into OUT, after checking that onnxruntime's greedy tokens equal PyTorch's. "
         "`loracap caption --model OUT` then runs it on onnxruntime, and `loracap web OUT` in a browser. "

@@ -203,3 +203,48 @@ def test_serve_answers_with_the_onnx_captioner(exported, tmp_path):
         response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == written != ""
+
+
+@pytest.fixture(scope="module")
+def florence_exported(tiny_model, tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("florence-onnx") / "florence2-onnx"
+    model = tiny_model("florence2")
+    return model, out, export_onnx(ExportOnnxConfig(model=str(model), out=out, check_images=8))
+
+
+def test_florence2_exports_in_transformers_js_layout_and_passes_parity(florence_exported):
+    _, out, result = florence_exported
+    names = {p.name for p in (out / "onnx").glob("*.onnx")}
+    assert names == {
+        f"{g}.onnx" for g in ("vision_encoder", "embed_tokens", "encoder_model", "decoder_model_merged")
+    }
+    assert result["parity"]["token_agreement"] == 1.0 and result["parity"]["images"] == 8
+    assert result["parity"]["first_step_max_logit_difference"] < 1e-4
+
+
+@pytest.mark.parametrize("style", ["caption", "detailed"])
+def test_caption_on_a_florence2_export_writes_pytorchs_captions(florence_exported, tmp_path, style):
+    """Task prompts, the "</s><s>" start, the suppressed location tokens and the checkpoint's decoding rules
+    (forced end token) all reach the onnxruntime loop: every caption is PyTorch's, in each task."""
+    model, out, _ = florence_exported
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (50 + 11 * i, 40), (60 * i, 90, 220 - 50 * i)).save(data / f"{i}.png")
+    flags = [
+        "--style",
+        style,
+        "--min-new-tokens",
+        "2",
+        "--max-new-tokens",
+        "10",
+        "--quiet",
+        "--existing",
+        "overwrite",
+    ]
+    assert main(["caption", str(data), "--model", str(model), "--device", "cpu", *flags]) == 0
+    pytorch = {p.name: p.read_text() for p in sorted(data.glob("*.txt"))}
+    assert len(pytorch) == 4
+    assert main(["caption", str(data), "--model", str(out), *flags]) == 0
+    assert {p.name: p.read_text() for p in sorted(data.glob("*.txt"))} == pytorch

@@ -18,39 +18,7 @@ from .florence2_convert import (
     native_folder,
     read_task_prompts,
 )
-
-# A mode is the caption kind users ask for; each checkpoint spells its task tokens its own way, so a
-# mode lists the spellings seen in the wild and the checkpoint decides which one it understands.
-MODE_TASK_TOKENS: dict[str, tuple[str, ...]] = {
-    "tags": ("<GENERATE_TAGS>",),
-    "caption": ("<CAPTION>",),
-    "detailed": ("<DETAILED_CAPTION>",),
-    "more_detailed": ("<MORE_DETAILED_CAPTION>",),
-    "mixed": ("<MIXED_CAPTION>", "<MIX_CAPTION>"),
-    "mixed_plus": ("<MIXED_CAPTION_PLUS>", "<MIX_CAPTION_PLUS>"),
-    "analyze": ("<ANALYZE>",),
-}
-# Rough output lengths, so one-line captions do not reserve a paragraph's worth of decoding.
-DEFAULT_MAX_NEW_TOKENS = {
-    "tags": 256,
-    "caption": 64,
-    "detailed": 256,
-    "more_detailed": 512,
-    "mixed": 512,
-    "mixed_plus": 768,
-    "analyze": 512,
-}
-
-
-def resolve_modes(tasks: dict[str, str]) -> dict[str, str]:
-    """mode -> the task token this checkpoint knows for it (first spelling it declares)."""
-    modes = {}
-    for mode, spellings in MODE_TASK_TOKENS.items():
-        for token in spellings:
-            if token in tasks:
-                modes[mode] = token
-                break
-    return modes
+from .florence2_tasks import DEFAULT_MAX_NEW_TOKENS, resolve_modes, task_text
 
 
 class Florence2Backend:
@@ -99,11 +67,9 @@ class Florence2Backend:
 
     def task_text(self, mode: str, prompt: str | None) -> str:
         """The text fed to the model: the task's trained prompt, or the user's own task token / prompt."""
-        if prompt:
-            return self.tasks.get(prompt, prompt)
-        check_mode(self, mode)  # self.modes are the keys of self.mode_tokens
-        token = self.mode_tokens[mode]
-        return self.tasks.get(token, token)
+        if not prompt:
+            check_mode(self, mode)  # self.modes are the keys of self.mode_tokens
+        return task_text(self.tasks, self.mode_tokens, mode, prompt)
 
     def prepare(self, images: list, mode: str, prompt: str | None = None) -> dict[str, torch.Tensor]:
         text = self.task_text(mode, prompt)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ from .base import BackendError, Generation, GenerationSettings, check_mode
 from .onnxrt import onnx_session
 
 DEFAULT_MAX_NEW_TOKENS = 32
+# Checked in this order: Florence-2's graphs include the prefix captioner's.
 LAYOUTS = {
+    "florence2": ("vision_encoder", "embed_tokens", "encoder_model", "decoder_model_merged"),
     "vision-encoder-decoder": ("encoder_model", "decoder_model_merged"),
     "prefix": ("vision_encoder", "embed_tokens", "decoder_model_merged"),
 }
@@ -49,7 +52,8 @@ def load_onnx_captioner(
 ) -> Any:
     if quant not in SUFFIXES:
         raise ValueError(f"an ONNX captioner takes --quant {' or '.join(filter(None, SUFFIXES))} or none")
-    backend = PrefixOnnxBackend if onnx_layout(folder) == "prefix" else EncoderDecoderOnnxBackend
+    backends = {"florence2": Florence2OnnxBackend, "prefix": PrefixOnnxBackend}
+    backend = backends.get(onnx_layout(folder) or "", EncoderDecoderOnnxBackend)
     return backend(Path(folder), name, quant=quant, device=device)
 
 
@@ -66,39 +70,80 @@ def empty_caches(session: Any, batch: int, skip: int) -> dict[str, np.ndarray]:
 Step = Callable[[np.ndarray, list[np.ndarray], int], list[np.ndarray]]
 
 
-def greedy(
-    first: list[np.ndarray],
-    step: Step,
-    *,
-    limit: int,
-    least: int,
-    eos: int | None,
-) -> list[list[int]]:
+@dataclass(frozen=True)
+class Rules:
+    """What transformers' `generate` does to each greedy step's scores, from the checkpoint's generation
+    config and the backend, so that the same graphs pick the same tokens."""
+
+    limit: int
+    least: int = 0
+    """min_new_tokens: the end token is barred before."""
+    eos: int | None = None
+    prefix: tuple[int, ...] = ()
+    """The decoder's input before the first new token: no_repeat_ngram_size counts it too."""
+    no_repeat_ngram_size: int = 0
+    forced_bos: int | None = None
+    """The first new token (forced_bos_token_id), when the prefix does not already hold it."""
+    forced_eos: int | None = None
+    """The end token, forced at the last position (forced_eos_token_id)."""
+    suppress: tuple[int, ...] = ()
+
+    def apply(self, logits: np.ndarray, history: list[list[int]], position: int) -> np.ndarray:
+        if position < self.least and self.eos is not None:
+            logits[:, self.eos] = -np.inf
+        if self.no_repeat_ngram_size:
+            for row, tokens in enumerate(history):
+                logits[row, banned_ngram_tokens(tokens, self.no_repeat_ngram_size)] = -np.inf
+        for forced, at in ((self.forced_bos, 0), (self.forced_eos, self.limit - 1)):
+            if forced is not None and position == at:
+                logits[:] = -np.inf
+                logits[:, forced] = 0
+        if self.suppress:
+            logits[:, list(self.suppress)] = -np.inf
+        return logits
+
+
+def banned_ngram_tokens(tokens: list[int], n: int) -> list[int]:
+    """The tokens that would repeat an n-gram of `tokens` (transformers' no_repeat_ngram_size)."""
+    if len(tokens) + 1 < n:
+        return []
+    tail = tuple(tokens[len(tokens) - n + 1 :])
+    return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == tail]
+
+
+def greedy(first: list[np.ndarray], step: Step, rules: Rules) -> list[list[int]]:
     """Greedy token ids per row, up to and with the end token. `first` is the first step's outputs
     (logits, then the caches); `step(chosen, outputs, position)` runs the next step on the tokens chosen
     last (B,) and the last step's outputs."""
-    outputs = first
+    outputs, eos = first, rules.eos
     batch = len(outputs[0])
     rows: list[list[int]] = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
-    for position in range(limit):
-        logits = outputs[0][:, -1].astype(np.float32)
-        if position < least and eos is not None:
-            logits[:, eos] = -np.inf
-        chosen = logits.argmax(axis=-1)
+    for position in range(rules.limit):
+        history = [[*rules.prefix, *row] for row in rows]
+        chosen = rules.apply(outputs[0][:, -1].astype(np.float32), history, position).argmax(axis=-1)
         if eos is not None:
             chosen = np.where(done, eos, chosen)
-            for i, token in enumerate(chosen):
-                if not done[i]:
-                    rows[i].append(int(token))
-            done |= chosen == eos
-        else:
-            for i, token in enumerate(chosen):
+        for i, token in enumerate(chosen):
+            if not done[i]:
                 rows[i].append(int(token))
-        if done.all() or position == limit - 1:
+        if eos is not None:
+            done |= chosen == eos
+        if done.all() or position == rules.limit - 1:
             break
         outputs = step(chosen.astype(np.int64), outputs, position)
     return rows
+
+
+def generation_rules(folder: Path) -> dict[str, Any]:
+    """The decoding rules a checkpoint's generation_config.json sets (none when it has no such file)."""
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return {
+        "no_repeat_ngram_size": config.get("no_repeat_ngram_size") or 0,
+        "forced_bos": config.get("forced_bos_token_id"),
+        "forced_eos": config.get("forced_eos_token_id"),
+    }
 
 
 class _OnnxBackend:
@@ -129,6 +174,8 @@ class _OnnxBackend:
         }
         self.default_batch_size = 16
         self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        self.generation = generation_rules(folder)
+        self.prefix: tuple[int, ...] = ()
 
     def prepare(self, images: list, mode: str, prompt: str | None = None) -> np.ndarray:
         check_mode(self, mode)
@@ -152,9 +199,12 @@ class _OnnxBackend:
                 f"{self.name} (onnxruntime) decodes greedily: leave out --num-beams and sampling"
             )
         first, step = self.start(pixels)
-        return greedy(
-            first, step, limit=settings.max_new_tokens or self.max_new_tokens,
-            least=settings.min_new_tokens or 0, eos=self.eos,
+        return greedy(first, step, self.rules(pixels, settings))
+
+    def rules(self, inputs: Any, settings: GenerationSettings) -> Rules:
+        return Rules(
+            limit=settings.max_new_tokens or self.max_new_tokens, least=settings.min_new_tokens or 0,
+            eos=self.eos, prefix=self.prefix, **self.generation,
         )  # fmt: skip
 
     def generate(self, inputs: np.ndarray, settings: GenerationSettings) -> list[str]:
@@ -164,7 +214,7 @@ class _OnnxBackend:
         self, inputs: np.ndarray, settings: GenerationSettings, interrupt: Any = None
     ) -> list[Generation]:
         rows = self.token_ids(inputs, settings)
-        limit = settings.max_new_tokens or self.max_new_tokens
+        limit = self.rules(inputs, settings).limit
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [
             Generation(text.strip(), 1, len(row), bool(row) and row[-1] != self.eos and len(row) >= limit)
@@ -179,6 +229,7 @@ class EncoderDecoderOnnxBackend(_OnnxBackend):
         super().__init__(folder, name, quant=quant, device=device)
         config = self.config
         self.start_id = config.get("decoder_start_token_id") or 0
+        self.prefix = (self.start_id,)
         self.eos = config.get("eos_token_id", config.get("decoder", {}).get("eos_token_id"))
         self.decoder = self.sessions["decoder_model_merged"]
         self.cache_inputs = [
@@ -248,3 +299,89 @@ class PrefixOnnxBackend(_OnnxBackend):
             return self.decoder.run(None, feed)
 
         return self.decoder.run(None, feed), step
+
+
+class Florence2OnnxBackend(_OnnxBackend):
+    """Florence-2: the image's features take the place of its `<image>` tokens in the task prompt's
+    embeddings, the encoder reads them, and the decoder starts from the checkpoint's prefix ("</s><s>" for a
+    caption mode) with the ids that are no caption words suppressed, as loracap's PyTorch backend does."""
+
+    graphs = LAYOUTS["florence2"]
+    tag_modes = frozenset({"tags"})
+
+    def __init__(self, folder: Path, name: str, *, quant: str | None = None, device: str | None = None):
+        from transformers import AutoProcessor
+
+        from .florence2_tasks import DEFAULT_MAX_NEW_TOKENS as MODE_TOKENS
+
+        super().__init__(folder, name, quant=quant, device=device)
+        self.processor = AutoProcessor.from_pretrained(folder)
+        settings = json.loads((folder / "onnx" / "florence2.json").read_text())
+        self.tasks, self.mode_tokens = settings["tasks"], settings["modes"]
+        self.modes = tuple(self.mode_tokens)
+        self.suppress = tuple(settings["suppress_ids"])
+        self.decoder_prefix = tuple(settings["decoder_prefix"])
+        self.image_token_id = settings["image_token_id"]
+        self.eos = json.loads((folder / "generation_config.json").read_text()).get("eos_token_id")
+        self.mode_max_tokens = MODE_TOKENS
+        self.default_batch_size = 8
+
+    def prepare(self, images: list, mode: str, prompt: str | None = None) -> dict[str, Any]:
+        from .florence2_tasks import task_text
+
+        if not prompt:
+            check_mode(self, mode)
+        text = task_text(self.tasks, self.mode_tokens, mode, prompt)
+        batch = self.processor(text=[text] * len(images), images=images, return_tensors="np")
+        return {
+            "input_ids": batch["input_ids"].astype(np.int64),
+            "pixel_values": batch["pixel_values"].astype(np.float32),
+            "mode": mode,
+            "caption_only": prompt is None,
+        }
+
+    def rules(self, inputs: Any, settings: GenerationSettings) -> Rules:
+        caption = inputs["caption_only"]
+        generation = dict(self.generation)
+        if caption:  # the prefix already ends with the forced <s>
+            generation["forced_bos"] = None
+        return Rules(
+            limit=settings.max_new_tokens or self.mode_max_tokens.get(inputs["mode"], 256),
+            least=settings.min_new_tokens or 0, eos=self.eos,
+            prefix=self.decoder_prefix if caption else self.decoder_prefix[:1],
+            suppress=self.suppress if caption else (), **generation,
+        )  # fmt: skip
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.sessions["embed_tokens"].run(None, {"input_ids": ids})[0]
+
+    def start(self, inputs: dict[str, Any]) -> tuple[list[np.ndarray], Step]:
+        ids = inputs["input_ids"]
+        features = self.sessions["vision_encoder"].run(None, {"pixel_values": inputs["pixel_values"]})[0]
+        embeds = self.embed(ids)
+        embeds[ids == self.image_token_id] = features.reshape(-1, features.shape[-1])  # row by row, in order
+        mask = np.ones(ids.shape, dtype=np.int64)
+        states = self.sessions["encoder_model"].run(None, {"inputs_embeds": embeds, "attention_mask": mask})[
+            0
+        ]
+        decoder = self.sessions["decoder_model_merged"]
+        cache_inputs = [i.name for i in decoder.get_inputs() if i.name.startswith("past_key_values")]
+        prefix = self.decoder_prefix if inputs["caption_only"] else self.decoder_prefix[:1]
+        common = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+        feed = {
+            "inputs_embeds": self.embed(np.array([prefix] * len(ids), dtype=np.int64)),
+            "use_cache_branch": np.array([False]),
+            **common,
+            **empty_caches(decoder, len(ids), 3),
+        }
+
+        def step(chosen: np.ndarray, outputs: list[np.ndarray], position: int) -> list[np.ndarray]:
+            feed = {
+                "inputs_embeds": self.embed(chosen[:, None]),
+                "use_cache_branch": np.array([True]),
+                **common,
+            }
+            feed.update(zip(cache_inputs, outputs[1:], strict=True))
+            return decoder.run(None, feed)
+
+        return decoder.run(None, feed), step

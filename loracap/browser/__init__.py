@@ -61,8 +61,12 @@ def manifest(folder: Path) -> dict[str, Any]:
         raise ValueError(
             f"{folder} is not an ONNX captioner: run `loracap export-onnx MODEL OUT` and give OUT"
         )
+    from transformers import AutoImageProcessor
+
+    from loracap.backends.onnx_captioner import generation_rules
+
     config = json.loads((folder / "config.json").read_text())
-    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    processor = AutoImageProcessor.from_pretrained(folder).to_dict()
     tokenizer = _tokenizer(folder)
     variants = {
         (quant or "fp32"): {g: f"onnx/{g}{suffix}.onnx" for g in LAYOUTS[layout]}
@@ -75,25 +79,52 @@ def manifest(folder: Path) -> dict[str, Any]:
          "width": i.type.tensor_type.shape.dim[3].dim_value}
         for i in decoder.graph.input if i.name.startswith("past_key_values")
     ]  # fmt: skip
+    rules = {**generation_rules(folder), "suppress": [], "prefix": []}
+    info: dict[str, Any] = {"name": folder.name, "layout": layout, "variants": variants, "caches": caches,
+                            "image": _image_settings(processor), "start_id": None,
+                            "prompt_ids": []}  # fmt: skip
     if layout == "prefix":
         prompt = config.get("prompt") or ""
-        prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
-        start, eos = None, tokenizer.eos_token_id
-        max_new_tokens = config.get("max_caption_tokens") or 32
+        info["prompt_ids"] = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
+        info.update(eos_id=tokenizer.eos_token_id, max_new_tokens=config.get("max_caption_tokens") or 32)
+    elif layout == "florence2":
+        info.update(_florence2(folder, rules))
     else:
-        prompt_ids, start = [], config.get("decoder_start_token_id") or 0
-        eos = config.get("eos_token_id", config.get("decoder", {}).get("eos_token_id"))
-        max_new_tokens = 32
+        info["start_id"] = config.get("decoder_start_token_id") or 0
+        info["eos_id"] = config.get("eos_token_id", config.get("decoder", {}).get("eos_token_id"))
+        info["max_new_tokens"] = 32
+        rules["prefix"] = [info["start_id"]]
+    return {**info, "rules": rules}
+
+
+def _florence2(folder: Path, rules: dict[str, Any]) -> dict[str, Any]:
+    """Florence-2's tasks as the page runs them: each caption mode's encoder input ids (the task prompt with
+    the image's placeholder tokens), its caption length, and the decoder's start and suppressed ids."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from loracap.backends.florence2_tasks import DEFAULT_MAX_NEW_TOKENS, task_text
+
+    processor = AutoProcessor.from_pretrained(folder)
+    settings = json.loads((folder / "onnx" / "florence2.json").read_text())
+    blank = Image.new("RGB", (8, 8))
+    modes = {
+        mode: {
+            "input_ids": processor(
+                text=[task_text(settings["tasks"], settings["modes"], mode, None)], images=[blank]
+            )["input_ids"][0],
+            "max_new_tokens": DEFAULT_MAX_NEW_TOKENS.get(mode, 256),
+        }
+        for mode in settings["modes"]
+    }
+    generation = json.loads((folder / "generation_config.json").read_text())
+    rules.update(suppress=settings["suppress_ids"], prefix=settings["decoder_prefix"], forced_bos=None)
     return {
-        "name": folder.name,
-        "layout": layout,
-        "variants": variants,
-        "image": _image_settings(processor),
-        "start_id": start,
-        "eos_id": eos,
-        "prompt_ids": prompt_ids,
-        "max_new_tokens": max_new_tokens,
-        "caches": caches,
+        "modes": modes,
+        "image_token_id": settings["image_token_id"],
+        "decoder_prefix": settings["decoder_prefix"],
+        "eos_id": generation.get("eos_token_id"),
+        "max_new_tokens": modes.get("caption", next(iter(modes.values())))["max_new_tokens"],
     }
 
 

@@ -2,16 +2,17 @@
 in a browser) runs without PyTorch, in the file layout transformers.js reads, proven against PyTorch
 before anything is kept.
 
-    OUT/onnx/...                        the graphs (see vit_gpt2.py and prefix.py for each layout)
+    OUT/onnx/...                        the graphs (vit_gpt2.py, florence2.py and prefix.py: each layout)
     OUT/onnx/*_quantized.onnx           --quantize int8: MatMul/Gemm weights int8, activations at run time
     OUT/onnx/*_fp16.onnx                --quantize fp16: half-precision weights, float32 inputs and outputs
     OUT/config.json, generation_config.json, preprocessor_config.json, tokenizer files, split.json
 
-Exportable: ViT-GPT2-style captioners (VisionEncoderDecoderModel with GPT-2) and captioners trained with
-`loracap train`. After export, `check_parity` runs both runtimes on probe images: the first step's logits
-must agree (largest difference under 1e-3) before any token is compared, then onnxruntime's greedy token
-ids must equal PyTorch's, or the export fails with what differed; a graph that cannot pass is never left
-in OUT. Each quantized variant's token agreement is measured and reported (it is not exact by design).
+Exportable: ViT-GPT2-style captioners (VisionEncoderDecoderModel with GPT-2), Florence-2 (and its
+PromptGen fine-tunes) and captioners trained with `loracap train`. After export, `check_parity` runs both
+runtimes on probe images: the first step's logits must agree (largest difference under 1e-3) before any
+token is compared, then onnxruntime's greedy token ids must equal PyTorch's, or the export fails with what
+differed; a graph that cannot pass is never left in OUT. Each quantized variant's token agreement is
+measured and reported (it is not exact by design).
 """
 
 from __future__ import annotations
@@ -72,10 +73,14 @@ def export_onnx(config: ExportOnnxConfig) -> dict[str, Any]:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "onnx").mkdir(parents=True)
-    model = arch.load(folder)
-    arch.export(model, partial / "onnx", opset=config.opset, quantizations=kinds)
-    AutoImageProcessor.from_pretrained(folder).save_pretrained(partial)
-    AutoTokenizer.from_pretrained(folder).save_pretrained(partial)
+    loaded = arch.load(folder)
+    arch.export(loaded, partial / "onnx", opset=config.opset, quantizations=kinds)
+    if hasattr(arch, "save_files"):  # what the architecture's runtime needs beyond the usual files
+        arch.save_files(loaded, partial)
+    else:
+        AutoImageProcessor.from_pretrained(folder).save_pretrained(partial)
+        AutoTokenizer.from_pretrained(folder).save_pretrained(partial)
+    model = getattr(loaded, "model", loaded)  # a backend (Florence-2) holds its model
     model.config.save_pretrained(partial)
     if model.can_generate() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(partial)

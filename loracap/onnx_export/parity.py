@@ -21,7 +21,6 @@ def check_parity(
     probe images. With `exact`, a logit difference over 1e-3 raises ValueError before any token is
     compared (a broken graph fails loudly there), and so does any differing token."""
     import numpy as np
-    import torch
 
     from loracap.backends.base import GenerationSettings
     from loracap.backends.onnx_captioner import load_onnx_captioner
@@ -32,13 +31,13 @@ def check_parity(
     model = arch.load(Path(torch_folder))
     runtime = load_onnx_captioner(Path(onnx_folder), str(onnx_folder), quant=quant)
     pictures = probe_images(images)
-    pixels = runtime.prepare(pictures, "caption")
-    expected, want = arch.reference(model, torch.from_numpy(pixels), max_new_tokens, runtime.tokenizer)
-    got = runtime.first_logits(pixels)
+    inputs = runtime.prepare(pictures, "caption")
+    expected, want = arch.reference(model, inputs, max_new_tokens, runtime)
+    got = runtime.first_logits(inputs)
     difference = float(np.abs(expected - got).max())
     if exact and difference > LOGIT_TOLERANCE:
         raise ValueError(f"the exported graphs' first-step logits differ from PyTorch's by {difference:.3g}")
-    have = runtime.token_ids(pixels, GenerationSettings(max_new_tokens=max_new_tokens))
+    have = runtime.token_ids(inputs, GenerationSettings(max_new_tokens=max_new_tokens))
     same = sum(a == b for x, y in zip(want, have, strict=True) for a, b in zip(x, y, strict=False))
     total = sum(max(len(x), len(y)) for x, y in zip(want, have, strict=True))
     if exact and want != have:

@@ -111,10 +111,12 @@ def _export_decoder(lm: Any, path: Path, opset: int) -> None:
     )  # fmt: skip
 
 
-def reference(model: Any, pixels: Any, max_new_tokens: int, tokenizer: Any) -> tuple[Any, list[list[int]]]:
-    """PyTorch's first-step logits (B, V) and greedy tokens per image (up to and with the end token)."""
+def reference(model: Any, inputs: Any, max_new_tokens: int, runtime: Any) -> tuple[Any, list[list[int]]]:
+    """PyTorch's first-step logits (B, V) and greedy tokens per image (up to and with the end token), for
+    the pixels the onnxruntime backend prepared (`inputs`)."""
     import torch
 
+    pixels, tokenizer = torch.from_numpy(inputs), runtime.tokenizer
     from loracap.prefix.batching import pad_id, prompt_ids
 
     ids = prompt_ids(tokenizer, model.config.prompt)

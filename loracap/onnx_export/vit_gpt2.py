@@ -153,10 +153,12 @@ def _export_decoders(model: Any, states: Any, first: Path, later: Path, opset: i
     )  # fmt: skip
 
 
-def reference(model: Any, pixels: Any, max_new_tokens: int, tokenizer: Any) -> tuple[Any, list[list[int]]]:
-    """PyTorch's first-step logits (B, V) and greedy tokens per image (up to and with the end token)."""
+def reference(model: Any, inputs: Any, max_new_tokens: int, runtime: Any) -> tuple[Any, list[list[int]]]:
+    """PyTorch's first-step logits (B, V) and greedy tokens per image (up to and with the end token), for
+    the pixels the onnxruntime backend prepared (`inputs`)."""
     import torch
 
+    pixels = torch.from_numpy(inputs)
     eos = model.generation_config.eos_token_id
     with torch.inference_mode():
         start = torch.full((len(pixels), 1), model.config.decoder_start_token_id or 0)

@@ -43,8 +43,8 @@ STYLES_DIR = Path(__file__).parent
 # Files starting with "_" hold shared data (the extras), not styles.
 EXTRAS_FILE = STYLES_DIR / "_extras.toml"
 
-# The Florence-2 modes (keys of florence2.MODE_TASK_TOKENS, repeated here because that module imports
-# torch; a test keeps the two in step).
+# The Florence-2 modes (keys of backends.florence2_tasks.MODE_TASK_TOKENS, repeated here because styles sit
+# below the backends; a test keeps the two in step).
 FLORENCE_TASKS = ("tags", "caption", "detailed", "more_detailed", "mixed", "mixed_plus", "analyze")
 
 PLACEHOLDERS = ("trigger", "name", "tags", "folder", "length")

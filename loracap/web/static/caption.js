@@ -26,7 +26,9 @@ async function loadRuntime() {
   const ort = await import(new URL(gpu ? "ort.webgpu.min.mjs" : "ort.wasm.min.mjs", VENDOR).href);
   ort.env.wasm.wasmPaths = VENDOR;
   // Threads need cross-origin isolation (SharedArrayBuffer); `loracap web` sends the headers for it.
-  ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
+  // ?threads=1 makes runs repeatable: several threads may split a float sum differently each time.
+  const threads = Number(new URLSearchParams(location.search).get("threads")) || 4;
+  ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(threads, navigator.hardwareConcurrency || 1) : 1;
   state.provider = gpu ? "webgpu" : "wasm";
   return ort;
 }
@@ -132,6 +134,7 @@ async function firstStep(pixels) {
     };
     return [await s.decoder_model_merged.run(feed), next];
   }
+  if (m.layout === "florence2") return florenceFirstStep(pixels);
   const states = (await s.encoder_model.run({ pixel_values: pixels })).last_hidden_state;
   const bool = (value) => new state.ort.Tensor("bool", [value], [1]);
   const feed = { input_ids: int64([m.start_id], [1, 1]), encoder_hidden_states: states, use_cache_branch: bool(false), ...emptyCaches() };
@@ -141,22 +144,67 @@ async function firstStep(pixels) {
   return [await s.decoder_model_merged.run(feed), next];
 }
 
-function lastArgmax(logits) {
+// Florence-2: the image's features in place of the task prompt's <image> tokens, the encoder over both,
+// then the decoder from the checkpoint's prefix ("</s><s>"), as Florence2OnnxBackend does.
+async function florenceFirstStep(pixels) {
+  const m = state.manifest;
+  const s = state.sessions;
+  const ids = m.modes[state.mode].input_ids;
+  const features = (await s.vision_encoder.run({ pixel_values: pixels })).image_features;
+  const embeds = await embed(ids);
+  const width = embeds.dims[2];
+  const data = new Float32Array(embeds.data);
+  let next = 0;
+  ids.forEach((id, i) => {
+    if (id === m.image_token_id) data.set(features.data.subarray(next * width, ++next * width), i * width);
+  });
+  const mask = int64(Array(ids.length).fill(1), [1, ids.length]);
+  const inputs = new state.ort.Tensor("float32", data, embeds.dims);
+  const states = (await s.encoder_model.run({ inputs_embeds: inputs, attention_mask: mask })).last_hidden_state;
+  const bool = (value) => new state.ort.Tensor("bool", [value], [1]);
+  const common = { encoder_hidden_states: states, encoder_attention_mask: mask };
+  const feed = { inputs_embeds: await embed(m.decoder_prefix), use_cache_branch: bool(false), ...common, ...emptyCaches() };
+  const step = async (token, outputs) => s.decoder_model_merged.run(withCaches({
+    inputs_embeds: await embed([token]), use_cache_branch: bool(true), ...common,
+  }, outputs));
+  return [await s.decoder_model_merged.run(feed), step];
+}
+
+// The greedy step's choice after the rules transformers' generate applies (loracap.backends.onnx_captioner
+// Rules): no repeated n-grams, forced first / last tokens, suppressed ids; the first of equal maxima wins,
+// as with numpy's argmax.
+function choose(logits, history, position, limit) {
+  const rules = state.manifest.rules;
   const [, length, vocab] = logits.dims;
-  const row = logits.data.subarray((length - 1) * vocab, length * vocab);
+  const row = Float32Array.from(logits.data.subarray((length - 1) * vocab, length * vocab));
+  const n = rules.no_repeat_ngram_size;
+  if (n && history.length + 1 >= n) {
+    const tail = history.slice(history.length - n + 1).join(",");
+    for (let i = 0; i + n <= history.length; i++) {
+      if (history.slice(i, i + n - 1).join(",") === tail) row[history[i + n - 1]] = -Infinity;
+    }
+  }
+  for (const [forced, at] of [[rules.forced_bos, 0], [rules.forced_eos, limit - 1]]) {
+    if (forced !== null && forced !== undefined && position === at) {
+      row.fill(-Infinity);
+      row[forced] = 0;
+    }
+  }
+  for (const id of rules.suppress) row[id] = -Infinity;
   let best = 0;
-  for (let i = 1; i < vocab; i++) if (row[i] > row[best]) best = i; // the first of equal maxima, as numpy
+  for (let i = 1; i < vocab; i++) if (row[i] > row[best]) best = i;
   return best;
 }
 
 async function tokenIds(pixels) {
   const m = state.manifest;
+  const limit = m.modes ? m.modes[state.mode].max_new_tokens : m.max_new_tokens;
   let [outputs, next] = await firstStep(pixels);
   const ids = [];
-  for (let position = 0; position < m.max_new_tokens; position++) {
-    const token = lastArgmax(outputs.logits);
+  for (let position = 0; position < limit; position++) {
+    const token = choose(outputs.logits, [...m.rules.prefix, ...ids], position, limit);
     ids.push(token);
-    if (token === m.eos_id || position === m.max_new_tokens - 1) break;
+    if (token === m.eos_id || position === limit - 1) break;
     outputs = await next(token, outputs, position);
   }
   return ids;
@@ -240,6 +288,14 @@ function downloadJsonl() {
 async function start() {
   [state.manifest, state.tokens] = await Promise.all([loadJSON("model/manifest.json"), loadJSON("model/tokens.json")]);
   state.ort = await loadRuntime();
+  if (state.manifest.modes) { // Florence-2: its caption tasks
+    const modes = $("mode");
+    for (const name of Object.keys(state.manifest.modes)) modes.append(new Option(name, name));
+    modes.value = new URLSearchParams(location.search).get("mode") || (state.manifest.modes.caption ? "caption" : modes.options[0].value);
+    state.mode = modes.value;
+    modes.addEventListener("change", () => { state.mode = modes.value; });
+    $("mode-choice").hidden = false;
+  }
   const select = $("variant");
   for (const name of Object.keys(state.manifest.variants)) select.append(new Option(name, name));
   select.value = state.manifest.variants.int8 && !new URLSearchParams(location.search).get("variant")
