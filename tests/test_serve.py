@@ -197,6 +197,18 @@ def test_text_selects_a_mode_and_max_tokens_is_honoured(served):
             assert r.json()["choices"][0]["message"]["content"]
 
 
+def test_top_p_zero_is_the_most_likely_token_not_an_error(served):
+    """OpenAI takes top_p 0 (only the most likely token): the same caption as greedy decoding, not a 5xx."""
+    base, _ = served
+    url = _data_url(_png(color=(9, 150, 60)))
+    with httpx.Client(timeout=TIMEOUT) as client:
+        greedy = client.post(f"{base}/v1/chat/completions", json=_chat(url, None))
+        zero = client.post(f"{base}/v1/chat/completions", json=_chat(url, None, top_p=0.0, seed=0))
+    assert zero.status_code == 200, zero.text
+    caption = [r.json()["choices"][0]["message"]["content"] for r in (greedy, zero)]
+    assert caption[0] == caption[1]
+
+
 def test_models_and_health(served):
     base, _ = served
     with httpx.Client(timeout=TIMEOUT) as client:

@@ -374,8 +374,9 @@ def create_app(
             floor = min(generation.min_new_tokens or 0, request.max_tokens) or None
             settings = replace(settings, max_new_tokens=request.max_tokens, min_new_tokens=floor)
         # The request chooses greedy or sampling, whatever the server's settings say; a sampled one leaves
-        # beam search (which does not mix with sampling) and the batcher seeds it (request.seed).
-        if request.temperature > 0:
+        # beam search (which does not mix with sampling) and the batcher seeds it (request.seed). top_p 0
+        # (which OpenAI accepts) keeps only the most likely token: greedy.
+        if request.temperature > 0 and request.top_p > 0:
             return replace(
                 settings,
                 do_sample=True,
