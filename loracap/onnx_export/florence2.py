@@ -115,7 +115,7 @@ def _export_decoders(model: Any, states: Any, mask: Any, first: Path, later: Pat
     import torch
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-    from .vit_gpt2 import cache_names
+    from .vit_gpt2 import cache_names, example_caches
 
     text = model.config.text_config
     layers, heads = text.decoder_layers, text.decoder_attention_heads
@@ -160,19 +160,13 @@ def _export_decoders(model: Any, states: Any, mask: Any, first: Path, later: Pat
         outputs=["logits", *presents],
         dynamic_shapes=({0: batch, 1: dim("sequence")}, *common.values()), opset=opset,
     )  # fmt: skip
-    own, cross = (2, heads, 3, head_dim), (2, heads, states.shape[1], head_dim)
-    past = [torch.randn(shape) for _ in range(layers) for shape in (own, own, cross, cross)]
-    past_sequence = dim("past_sequence")
-    past_shapes = []
-    for _ in range(layers):
-        past_shapes += [{0: batch, 2: past_sequence}, {0: batch, 2: past_sequence},
-                        {0: batch, 2: encoder_len}, {0: batch, 2: encoder_len}]  # fmt: skip
+    past, past_shapes = example_caches(layers, heads, head_dim, states.shape[1], batch, encoder_len)
     export_graph(
         Decoder(), (embeds[:, :2], states, mask, *past), later,
         inputs=["inputs_embeds", "encoder_hidden_states", "encoder_attention_mask",
                 *cache_names("past_key_values", layers)],
         outputs=["logits", *presents],
-        dynamic_shapes=({0: batch, 1: dim("sequence")}, *common.values(), tuple(past_shapes)), opset=opset,
+        dynamic_shapes=({0: batch, 1: dim("sequence")}, *common.values(), past_shapes), opset=opset,
     )  # fmt: skip
 
 

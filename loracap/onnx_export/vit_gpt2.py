@@ -124,6 +124,21 @@ def cache_names(prefix: str, layers: int) -> list[str]:
             for kind in ("key", "value")]  # fmt: skip
 
 
+def example_caches(
+    layers: int, heads: int, head_dim: int, encoder_length: int, batch: Any, encoder_len: Any
+) -> tuple[list[Any], tuple[dict[int, Any], ...]]:
+    """Example self- and cross-attention caches for tracing a decoder's later steps (3 tokens written,
+    2 rows), in `cache_names` order, and their dynamic dimensions."""
+    import torch
+
+    own, cross = (2, heads, 3, head_dim), (2, heads, encoder_length, head_dim)
+    past = [torch.randn(shape) for _ in range(layers) for shape in (own, own, cross, cross)]
+    past_sequence = dim("past_sequence")
+    shapes = ({0: batch, 2: past_sequence}, {0: batch, 2: past_sequence},
+              {0: batch, 2: encoder_len}, {0: batch, 2: encoder_len})  # fmt: skip
+    return past, shapes * layers
+
+
 def _export_decoders(model: Any, states: Any, first: Path, later: Path, opset: int) -> None:
     import torch
 
@@ -138,18 +153,12 @@ def _export_decoders(model: Any, states: Any, first: Path, later: Path, opset: i
         outputs=["logits", *presents],
         dynamic_shapes=({0: batch, 1: dim("sequence")}, {0: batch, 1: encoder_len}), opset=opset,
     )  # fmt: skip
-    own, cross = (2, heads, 3, head_dim), (2, heads, states.shape[1], head_dim)
-    past = [torch.randn(shape) for _ in range(layers) for shape in (own, own, cross, cross)]
-    past_sequence = dim("past_sequence")
-    past_shapes = []
-    for _ in range(layers):
-        past_shapes += [{0: batch, 2: past_sequence}, {0: batch, 2: past_sequence},
-                        {0: batch, 2: encoder_len}, {0: batch, 2: encoder_len}]  # fmt: skip
+    past, past_shapes = example_caches(layers, heads, head_dim, states.shape[1], batch, encoder_len)
     export_graph(
         _decoder(model), (ids[:, :1], states, *past), later,
         inputs=["input_ids", "encoder_hidden_states", *cache_names("past_key_values", layers)],
         outputs=["logits", *presents],
-        dynamic_shapes=({0: batch}, {0: batch, 1: encoder_len}, tuple(past_shapes)), opset=opset,
+        dynamic_shapes=({0: batch}, {0: batch, 1: encoder_len}, past_shapes), opset=opset,
     )  # fmt: skip
 
 

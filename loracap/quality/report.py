@@ -286,35 +286,20 @@ def build_report(config: ReportConfig | str | Path, **settings: Any) -> DatasetR
     scorable = [(path, line) for path, caption in ds.pairs for line in caption_lines(caption)]
     # The image checks hashed every decodable file already: the cache keys use the same digest.
     digests = {i.path: i.sha256 for i in img.images} if img else None
+    scoring = {
+        "device": config.device,
+        "dtype": config.dtype,
+        "batch_size": config.batch_size,
+        "workers": config.workers,
+        "threads": config.threads,
+        "cache": config.cache,
+        "cache_path": config.cache_path,
+        "progress": config.progress,
+        "digests": digests,
+    }
     if config.clip:
-        run = clip_scores(
-            scorable,
-            model=config.clip_model,
-            device=config.device,
-            dtype=config.dtype,
-            batch_size=config.batch_size,
-            workers=config.workers,
-            threads=config.threads,
-            cache=config.cache,
-            cache_path=config.cache_path,
-            progress=config.progress,
-            digests=digests,
-        )
-    matched = None
-    if config.itm_model:
-        matched = itm_scores(
-            scorable,
-            model=config.itm_model,
-            device=config.device,
-            dtype=config.dtype,
-            batch_size=config.batch_size,
-            workers=config.workers,
-            threads=config.threads,
-            cache=config.cache,
-            cache_path=config.cache_path,
-            progress=config.progress,
-            digests=digests,
-        )
+        run = clip_scores(scorable, model=config.clip_model, **scoring)
+    matched = itm_scores(scorable, model=config.itm_model, **scoring) if config.itm_model else None
     scores = [s.value for s in _by_image(run.pairs, "score").values() if s.value is not None] if run else []
     probabilities = (
         [s.value for s in _by_image(matched.pairs, "probability").values() if s.value is not None]
