@@ -134,7 +134,7 @@ def test_a_pair_that_breaks_the_model_fails_alone(tiny_model, tmp_path: Path, mo
     pairs = _pairs(tmp_path)
     pairs[2] = (pairs[2][0], "BREAK")
     reference = clip_scores(pairs[:2] + pairs[3:], model=model, batch_size=4, cache=False, progress=False)
-    real = clipscore._Scorer._cosines
+    real = clipscore._Scorer.compute
     seen: list[int] = []
 
     def cosines(self, captions, pixels):
@@ -144,7 +144,7 @@ def test_a_pair_that_breaks_the_model_fails_alone(tiny_model, tmp_path: Path, mo
         assert len(pixels["pixel_values"]) == len(captions)  # each pair with its own image
         return real(self, captions, pixels)
 
-    monkeypatch.setattr(clipscore._Scorer, "_cosines", cosines)
+    monkeypatch.setattr(clipscore._Scorer, "compute", cosines)
     run = clip_scores(pairs, model=model, batch_size=4, cache=False, progress=False)
     # The failing batch of 4 is retried pair by pair; the last batch holds the fifth pair only.
     assert seen == [4, 1, 1, 1, 1, 1]

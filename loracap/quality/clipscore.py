@@ -21,7 +21,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -133,30 +133,74 @@ def clip_scores(
     """
     started = time.perf_counter()
     model_dir = resolve_model(model)
-    model_key = f"{model}|{_fingerprint(model_dir)}"
-    items = [(Path(p), str(c)) for p, c in pairs]
     path_cache = (Path(cache_path) if cache_path is not None else default_cache_path()) if cache else None
-    entries = _read_cache(path_cache) if path_cache else {}
+    scored, computed = score_pairs(
+        pairs,
+        CLIP_PAIRS,
+        model_key=f"{model}|{_fingerprint(model_dir)}",
+        load=lambda: _Scorer(model_dir, device=device, dtype=dtype, batch_size=batch_size),
+        cache_path=path_cache,
+        digests=digests,
+        workers=workers,
+        threads=threads,
+        progress=progress,
+    )
+    run = ClipScoreRun(scored, model, computed, time.perf_counter() - started, path_cache)
+    for e in run.errors:
+        log.error("clipscore error: %s: %s", e.path, e.error)
+    return run
 
-    results: list[ScoredPair | None] = [None] * len(items)
+
+@dataclass(frozen=True)
+class PairKind:
+    """What one scorer (CLIPScore, ITM) makes of a model's outcome, (value, truncated): its pair class, the
+    pair, and the cache entry; and how it reads a cache entry back."""
+
+    pair: type
+    from_outcome: Callable[[Path, str, tuple[float, bool]], Any]
+    entry: Callable[[tuple[float, bool]], dict[str, Any]]
+    from_entry: Callable[[Path, str, dict[str, Any]], Any | None]
+    """The cached pair, or None when the entry is not a valid one of this kind (it is scored again)."""
+
+
+def score_pairs(
+    pairs: Sequence[tuple[str | Path, str]],
+    kind: PairKind,
+    *,
+    model_key: str,
+    load: Callable[[], Any],
+    cache_path: Path | None,
+    digests: Mapping[Path, str] | None,
+    workers: int,
+    threads: int | None,
+    progress: bool,
+) -> tuple[list[Any], int]:
+    """Every pair scored, in input order, and how many went through the model. Pairs found in the cache at
+    `cache_path` (keyed by `model_key`, the image's SHA-256 and the caption) are taken from it; the model
+    (`load()`, a `_PairModel`) is loaded only when some are not, and scores each distinct key once. What
+    it computes, and the images it could not decode, are written back, also when interrupted."""
+    items = [(Path(p), str(c)) for p, c in pairs]
+    entries = _read_cache(cache_path) if cache_path else {}
+    results: list[Any] = [None] * len(items)
     hashes = _hashes([path for path, _ in items], digests or {}, workers)
     todo: dict[str, list[int]] = {}  # cache key -> indices of the pairs it scores (duplicates scored once)
     for i, ((path, caption), digest) in enumerate(zip(items, hashes, strict=True)):
         if isinstance(digest, ImageDecodeError):
-            results[i] = ScoredPair(path, caption, None, error=digest.reason)
+            results[i] = kind.pair(path, caption, None, error=digest.reason)
             continue
         key = _cache_key(model_key, digest, caption)
         hit = entries.get(key)
-        if _valid_entry(hit):
-            results[i] = ScoredPair(path, caption, hit["score"], hit["cosine"], hit["truncated"], cached=True)
+        cached = kind.from_entry(path, caption, hit) if isinstance(hit, dict) else None
+        if cached is not None:
+            results[i] = cached
         elif isinstance(hit, dict) and isinstance(hit.get("undecodable"), str):
-            results[i] = ScoredPair(path, caption, None, cached=True, error=hit["undecodable"])
+            results[i] = kind.pair(path, caption, None, cached=True, error=hit["undecodable"])
         else:
             todo.setdefault(key, []).append(i)
 
     computed = 0
     if todo:
-        scorer = _Scorer(model_dir, device=device, dtype=dtype, batch_size=batch_size)
+        scorer = load()
         use_threads(threads, workers=workers, device=scorer.placement.device.type)
         jobs = [(key, items[idx[0]][0], items[idx[0]][1]) for key, idx in todo.items()]
         try:
@@ -164,35 +208,19 @@ def clip_scores(
                 for i in todo[key]:
                     path, caption = items[i]
                     if isinstance(outcome, str | _Undecodable):
-                        results[i] = ScoredPair(path, caption, None, error=str(outcome))
+                        results[i] = kind.pair(path, caption, None, error=str(outcome))
                     else:
-                        cosine, truncated = outcome
-                        results[i] = ScoredPair(path, caption, _clipscore(cosine), cosine, truncated)
+                        results[i] = kind.from_outcome(path, caption, outcome)
                 if isinstance(outcome, _Undecodable):
                     # Same bytes, same failure: a re-run must not load the model just to fail again.
                     entries[key] = {"model": model_key, "undecodable": outcome.reason}
                 elif not isinstance(outcome, str):
                     computed += 1
-                    entries[key] = {
-                        "model": model_key,
-                        "score": _clipscore(outcome[0]),
-                        "cosine": outcome[0],
-                        "truncated": outcome[1],
-                    }
+                    entries[key] = {"model": model_key, **kind.entry(outcome)}
         finally:  # an interrupted run keeps what it computed
-            if path_cache is not None:
-                _write_cache(path_cache, entries)
-
-    run = ClipScoreRun(
-        pairs=[r for r in results if r is not None],
-        model=model,
-        computed=computed,
-        seconds=time.perf_counter() - started,
-        cache_path=path_cache,
-    )
-    for e in run.errors:
-        log.error("clipscore error: %s: %s", e.path, e.error)
-    return run
+            if cache_path is not None:
+                _write_cache(cache_path, entries)
+    return [r for r in results if r is not None], computed
 
 
 @dataclass(frozen=True)
@@ -209,11 +237,82 @@ def _clipscore(cosine: float) -> float:
     return 100.0 * max(cosine, 0.0)
 
 
+def _clip_from_entry(path: Path, caption: str, entry: dict[str, Any]) -> ScoredPair | None:
+    if not _valid_entry(entry):
+        return None
+    return ScoredPair(path, caption, entry["score"], entry["cosine"], entry["truncated"], cached=True)
+
+
+CLIP_PAIRS = PairKind(
+    pair=ScoredPair,
+    from_outcome=lambda path, caption, o: ScoredPair(path, caption, _clipscore(o[0]), o[0], o[1]),
+    entry=lambda o: {"score": _clipscore(o[0]), "cosine": o[0], "truncated": o[1]},
+    from_entry=_clip_from_entry,
+)
+
+
 # -------------------------------------------------------------------------------------------------- the model
 
 
-class _Scorer:
-    """A loaded dual encoder: decodes images ahead in threads, embeds batches, returns cosines."""
+class _PairModel:
+    """A loaded pair scorer: decodes images ahead in threads (`prefetch_batches`) and scores each batch with
+    `compute(captions, pixels) -> (values, truncated)`. A batch the model fails on is scored pair by pair
+    on slices of its prepared pixels, so only the pair that breaks the model fails."""
+
+    desc = "pairs"
+    placement: Any
+    image_processor: Any
+    batch_size: int
+    min_side: int | None
+
+    def compute(self, captions: list[str], pixels: Any) -> tuple[list[float], list[bool]]:
+        raise NotImplementedError
+
+    def score(
+        self, jobs: list[tuple[str, Path, str]], *, workers: int, progress: bool
+    ) -> Iterator[tuple[str, tuple[float, bool] | _Undecodable | str]]:
+        """Yield (key, (value, truncated)), (key, _Undecodable) or (key, model error reason) per job."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), unit="pair", desc=self.desc, disable=not progress, file=sys.stderr)
+        batches = prefetch_batches(
+            jobs,
+            self.batch_size,
+            path_of=lambda job: job[1],
+            prepare=lambda _jobs, images: self.image_processor(images=images, return_tensors="pt"),
+            min_side=self.min_side,
+            workers=workers,
+        )
+        try:
+            for batch in batches:
+                yield from ((job[0], _Undecodable(reason)) for job, reason in batch.errors)
+                if batch.items:
+                    yield from self._batch(batch.items, batch.inputs)
+                bar.update(len(batch.items) + len(batch.errors))
+        finally:
+            bar.close()
+
+    def _batch(self, batch: list[tuple[str, Path, str]], pixels: Any) -> Iterator[tuple[str, Any]]:
+        try:
+            values, truncated = self.compute([c for _, _, c in batch], pixels)
+        except (KeyboardInterrupt, BackendError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - find the pair that breaks the model, keep the rest
+            if len(batch) == 1:
+                yield batch[0][0], f"{type(exc).__name__}: {exc}"
+                return
+            # The images are decoded and preprocessed already: score each pair on its own slice of them.
+            for i, job in enumerate(batch):
+                yield from self._batch([job], {k: v[i : i + 1] for k, v in pixels.items()})
+            return
+        for job, value, cut in zip(batch, values, truncated, strict=True):
+            yield job[0], (value, cut)
+
+
+class _Scorer(_PairModel):
+    """A loaded dual encoder: embeds batches, returns cosines."""
+
+    desc = "clipscore"
 
     def __init__(self, model_dir: Path, *, device: str | None, dtype: str | None, batch_size: int | None):
         from transformers import AutoModel, AutoProcessor
@@ -238,50 +337,7 @@ class _Scorer:
         side = image_side(self.image_processor)
         self.min_side = side * _DECODE_MARGIN if side else None
 
-    def score(
-        self, jobs: list[tuple[str, Path, str]], *, workers: int, progress: bool
-    ) -> Iterator[tuple[str, tuple[float, bool] | str]]:
-        """Yield (key, (cosine, truncated)), (key, _Undecodable) or (key, model error reason) per job."""
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), unit="pair", desc="clipscore", disable=not progress, file=sys.stderr)
-        batches = prefetch_batches(
-            jobs,
-            self.batch_size,
-            path_of=lambda job: job[1],
-            prepare=self._pixels,
-            min_side=self.min_side,
-            workers=workers,
-        )
-        try:
-            for batch in batches:
-                yield from ((job[0], _Undecodable(reason)) for job, reason in batch.errors)
-                if batch.items:
-                    yield from self._embed(batch.items, batch.inputs)
-                bar.update(len(batch.items) + len(batch.errors))
-        finally:
-            bar.close()
-
-    def _pixels(self, jobs: list[tuple[str, Path, str]], images: list[Any]) -> Any:
-        return self.image_processor(images=images, return_tensors="pt")
-
-    def _embed(self, batch: list[tuple[str, Path, str]], pixels: Any) -> Iterator[tuple[str, Any]]:
-        try:
-            cosines, truncated = self._cosines([c for _, _, c in batch], pixels)
-        except (KeyboardInterrupt, BackendError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - find the pair that breaks the model, keep the rest
-            if len(batch) == 1:
-                yield batch[0][0], f"{type(exc).__name__}: {exc}"
-                return
-            # The images are decoded and preprocessed already: score each pair on its own slice of them.
-            for i, job in enumerate(batch):
-                yield from self._embed([job], {k: v[i : i + 1] for k, v in pixels.items()})
-            return
-        for job, cosine, cut in zip(batch, cosines, truncated, strict=True):
-            yield job[0], (cosine, cut)
-
-    def _cosines(self, captions: list[str], pixels: Any) -> tuple[list[float], list[bool]]:
+    def compute(self, captions: list[str], pixels: Any) -> tuple[list[float], list[bool]]:
         import torch
 
         full = self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]

@@ -15,27 +15,15 @@ the pair is marked `truncated`. Decoding, batching, per-file errors, threads and
 from __future__ import annotations
 
 import logging
-import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from loracap.backends.base import BackendError
-from loracap.backends.resources import use_threads
 from loracap.hub import loracap_cache_dir, resolve_model
-from loracap.inputs import ImageDecodeError, prefetch_batches
-from loracap.quality.clipscore import (
-    _DECODE_MARGIN,
-    PairRun,
-    _cache_key,
-    _fingerprint,
-    _hashes,
-    _read_cache,
-    _Undecodable,
-    _write_cache,
-)
+from loracap.quality.clipscore import _DECODE_MARGIN, PairKind, PairRun, _fingerprint, _PairModel, score_pairs
 
 __all__ = [
     "CACHE_FILE",
@@ -120,76 +108,44 @@ def itm_scores(
     """
     started = time.perf_counter()
     model_dir = check_itm_model(model)
-    model_key = f"itm|{model}|{_fingerprint(model_dir)}"
-    items = [(Path(p), str(c)) for p, c in pairs]
     path_cache = (Path(cache_path) if cache_path is not None else default_cache_path()) if cache else None
-    entries = _read_cache(path_cache) if path_cache else {}
-
-    results: list[MatchedPair | None] = [None] * len(items)
-    hashes = _hashes([path for path, _ in items], digests or {}, workers)
-    todo: dict[str, list[int]] = {}  # cache key -> indices of the pairs it scores (duplicates scored once)
-    for i, ((path, caption), digest) in enumerate(zip(items, hashes, strict=True)):
-        if isinstance(digest, ImageDecodeError):
-            results[i] = MatchedPair(path, caption, None, error=digest.reason)
-            continue
-        key = _cache_key(model_key, digest, caption)
-        hit = entries.get(key)
-        if _valid_entry(hit):
-            results[i] = MatchedPair(path, caption, hit["itm"], hit["truncated"], cached=True)
-        elif isinstance(hit, dict) and isinstance(hit.get("undecodable"), str):
-            results[i] = MatchedPair(path, caption, None, cached=True, error=hit["undecodable"])
-        else:
-            todo.setdefault(key, []).append(i)
-
-    computed = 0
-    if todo:
-        matcher = _Matcher(model_dir, device=device, dtype=dtype, batch_size=batch_size)
-        use_threads(threads, workers=workers, device=matcher.placement.device.type)
-        jobs = [(key, items[idx[0]][0], items[idx[0]][1]) for key, idx in todo.items()]
-        try:
-            for key, outcome in matcher.score(jobs, workers=workers, progress=progress):
-                for i in todo[key]:
-                    path, caption = items[i]
-                    if isinstance(outcome, str | _Undecodable):
-                        results[i] = MatchedPair(path, caption, None, error=str(outcome))
-                    else:
-                        results[i] = MatchedPair(path, caption, *outcome)
-                if isinstance(outcome, _Undecodable):
-                    # Same bytes, same failure: a re-run must not load the model just to fail again.
-                    entries[key] = {"model": model_key, "undecodable": outcome.reason}
-                elif not isinstance(outcome, str):
-                    computed += 1
-                    entries[key] = {"model": model_key, "itm": outcome[0], "truncated": outcome[1]}
-        finally:  # an interrupted run keeps what it computed
-            if path_cache is not None:
-                _write_cache(path_cache, entries)
-
-    run = ItmRun(
-        pairs=[r for r in results if r is not None],
-        model=model,
-        computed=computed,
-        seconds=time.perf_counter() - started,
+    matched, computed = score_pairs(
+        pairs,
+        ITM_PAIRS,
+        model_key=f"itm|{model}|{_fingerprint(model_dir)}",
+        load=lambda: _Matcher(model_dir, device=device, dtype=dtype, batch_size=batch_size),
         cache_path=path_cache,
+        digests=digests,
+        workers=workers,
+        threads=threads,
+        progress=progress,
     )
+    run = ItmRun(matched, model, computed, time.perf_counter() - started, path_cache)
     for e in run.errors:
         log.error("itm error: %s: %s", e.path, e.error)
     return run
 
 
-def _valid_entry(entry: Any) -> bool:
-    return (
-        isinstance(entry, dict)
-        and isinstance(entry.get("itm"), float | int)
-        and isinstance(entry.get("truncated"), bool)
-    )
+def _from_entry(path: Path, caption: str, entry: dict[str, Any]) -> MatchedPair | None:
+    valid = isinstance(entry.get("itm"), float | int) and isinstance(entry.get("truncated"), bool)
+    return MatchedPair(path, caption, entry["itm"], entry["truncated"], cached=True) if valid else None
+
+
+ITM_PAIRS = PairKind(
+    pair=MatchedPair,
+    from_outcome=lambda path, caption, outcome: MatchedPair(path, caption, *outcome),
+    entry=lambda outcome: {"itm": outcome[0], "truncated": outcome[1]},
+    from_entry=_from_entry,
+)
 
 
 # -------------------------------------------------------------------------------------------------- the model
 
 
-class _Matcher:
-    """A loaded BLIP ITM model (checked by `check_itm_model`): decodes images ahead in threads, returns
-    match probabilities per batch."""
+class _Matcher(_PairModel):
+    """A loaded BLIP ITM model (checked by `check_itm_model`): match probabilities per batch."""
+
+    desc = "itm"
 
     def __init__(self, model_dir: Path, *, device: str | None, dtype: str | None, batch_size: int | None):
         from transformers import AutoProcessor, BlipForImageTextRetrieval
@@ -208,46 +164,7 @@ class _Matcher:
         side = image_side(self.image_processor)
         self.min_side = side * _DECODE_MARGIN if side else None
 
-    def score(
-        self, jobs: list[tuple[str, Path, str]], *, workers: int, progress: bool
-    ) -> Iterator[tuple[str, tuple[float, bool] | _Undecodable | str]]:
-        """Yield (key, (probability, truncated)), (key, _Undecodable) or (key, model error reason) per job."""
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), unit="pair", desc="itm", disable=not progress, file=sys.stderr)
-        batches = prefetch_batches(
-            jobs,
-            self.batch_size,
-            path_of=lambda job: job[1],
-            prepare=lambda _jobs, images: self.image_processor(images=images, return_tensors="pt"),
-            min_side=self.min_side,
-            workers=workers,
-        )
-        try:
-            for batch in batches:
-                yield from ((job[0], _Undecodable(reason)) for job, reason in batch.errors)
-                if batch.items:
-                    yield from self._match(batch.items, batch.inputs)
-                bar.update(len(batch.items) + len(batch.errors))
-        finally:
-            bar.close()
-
-    def _match(self, batch: list[tuple[str, Path, str]], pixels: Any) -> Iterator[tuple[str, Any]]:
-        try:
-            probabilities, truncated = self._probabilities([c for _, _, c in batch], pixels)
-        except (KeyboardInterrupt, BackendError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - find the pair that breaks the model, keep the rest
-            if len(batch) == 1:
-                yield batch[0][0], f"{type(exc).__name__}: {exc}"
-                return
-            for i, job in enumerate(batch):
-                yield from self._match([job], {k: v[i : i + 1] for k, v in pixels.items()})
-            return
-        for job, probability, cut in zip(batch, probabilities, truncated, strict=True):
-            yield job[0], (probability, cut)
-
-    def _probabilities(self, captions: list[str], pixels: Any) -> tuple[list[float], list[bool]]:
+    def compute(self, captions: list[str], pixels: Any) -> tuple[list[float], list[bool]]:
         import torch
 
         full = self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]
