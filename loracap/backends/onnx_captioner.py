@@ -57,16 +57,6 @@ def load_onnx_captioner(
     return backend(Path(folder), name, quant=quant, device=device)
 
 
-def empty_caches(session: Any, batch: int, skip: int) -> dict[str, np.ndarray]:
-    """Length-0 caches for every cache input of `session` after its first `skip` inputs (the first step)."""
-    feeds = {}
-    for spec in session.get_inputs()[skip:]:
-        if spec.name.startswith("past_key_values"):
-            heads, width = spec.shape[1], spec.shape[3]
-            feeds[spec.name] = np.zeros((batch, heads, 0, width), dtype=np.float32)
-    return feeds
-
-
 Step = Callable[[np.ndarray, list[np.ndarray], int], list[np.ndarray]]
 
 
@@ -176,6 +166,22 @@ class _OnnxBackend:
         self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
         self.generation = generation_rules(folder)
         self.prefix: tuple[int, ...] = ()
+        # Every layout ends in one merged decoder; its cache inputs are fed back from its outputs each step.
+        self.decoder = self.sessions["decoder_model_merged"]
+        caches = [i for i in self.decoder.get_inputs() if i.name.startswith("past_key_values")]
+        self.cache_inputs = [i.name for i in caches]
+        self.cache_shapes = {i.name: (i.shape[1], i.shape[3]) for i in caches}  # (heads, width)
+
+    def empty_caches(self, batch: int) -> dict[str, np.ndarray]:
+        """Length-0 caches for every cache input: what the first decoding step reads."""
+        return {
+            name: np.zeros((batch, heads, 0, width), dtype=np.float32)
+            for name, (heads, width) in self.cache_shapes.items()
+        }
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids -> the decoder's input embeddings (layouts with an `embed_tokens` graph)."""
+        return self.sessions["embed_tokens"].run(None, {"input_ids": ids})[0]
 
     def prepare(self, images: list, mode: str, prompt: str | None = None) -> np.ndarray:
         check_mode(self, mode)
@@ -231,10 +237,6 @@ class EncoderDecoderOnnxBackend(_OnnxBackend):
         self.start_id = config.get("decoder_start_token_id") or 0
         self.prefix = (self.start_id,)
         self.eos = config.get("eos_token_id", config.get("decoder", {}).get("eos_token_id"))
-        self.decoder = self.sessions["decoder_model_merged"]
-        self.cache_inputs = [
-            i.name for i in self.decoder.get_inputs() if i.name.startswith("past_key_values")
-        ]
 
     def start(self, pixels: np.ndarray) -> tuple[list[np.ndarray], Step]:
         states = self.sessions["encoder_model"].run(None, {"pixel_values": pixels})[0]
@@ -242,7 +244,7 @@ class EncoderDecoderOnnxBackend(_OnnxBackend):
             "input_ids": np.full((len(pixels), 1), self.start_id, dtype=np.int64),
             "encoder_hidden_states": states,
             "use_cache_branch": np.array([False]),
-            **empty_caches(self.decoder, len(pixels), 2),
+            **self.empty_caches(len(pixels)),
         }
 
         def step(chosen: np.ndarray, outputs: list[np.ndarray], position: int) -> list[np.ndarray]:
@@ -260,6 +262,7 @@ class PrefixOnnxBackend(_OnnxBackend):
     def __init__(self, folder: Path, name: str, *, quant: str | None = None, device: str | None = None):
         super().__init__(folder, name, quant=quant, device=device)
         prompt = self.config.get("prompt") or ""
+        # As loracap.prefix.batching.prompt_ids, which imports torch: this backend runs without it.
         self.prompt_ids = (
             list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
         )
@@ -267,13 +270,6 @@ class PrefixOnnxBackend(_OnnxBackend):
         self.max_new_tokens = self.config.get("max_caption_tokens") or DEFAULT_MAX_NEW_TOKENS
         if self.config.get("caption_format") == "tags":
             self.tag_modes = frozenset({"caption"})
-        self.decoder = self.sessions["decoder_model_merged"]
-        self.cache_inputs = [
-            i.name for i in self.decoder.get_inputs() if i.name.startswith("past_key_values")
-        ]
-
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        return self.sessions["embed_tokens"].run(None, {"input_ids": ids})[0]
 
     def start(self, pixels: np.ndarray) -> tuple[list[np.ndarray], Step]:
         embeds = self.sessions["vision_encoder"].run(None, {"pixel_values": pixels})[0]
@@ -285,7 +281,7 @@ class PrefixOnnxBackend(_OnnxBackend):
             "inputs_embeds": embeds,
             "attention_mask": np.ones((batch, length), dtype=np.int64),
             "position_ids": np.tile(np.arange(length, dtype=np.int64), (batch, 1)),
-            **empty_caches(self.decoder, batch, 3),
+            **self.empty_caches(batch),
         }
 
         def step(chosen: np.ndarray, outputs: list[np.ndarray], position: int) -> list[np.ndarray]:
@@ -352,27 +348,21 @@ class Florence2OnnxBackend(_OnnxBackend):
             suppress=self.suppress if caption else (), **generation,
         )  # fmt: skip
 
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        return self.sessions["embed_tokens"].run(None, {"input_ids": ids})[0]
-
     def start(self, inputs: dict[str, Any]) -> tuple[list[np.ndarray], Step]:
         ids = inputs["input_ids"]
         features = self.sessions["vision_encoder"].run(None, {"pixel_values": inputs["pixel_values"]})[0]
         embeds = self.embed(ids)
         embeds[ids == self.image_token_id] = features.reshape(-1, features.shape[-1])  # row by row, in order
         mask = np.ones(ids.shape, dtype=np.int64)
-        states = self.sessions["encoder_model"].run(None, {"inputs_embeds": embeds, "attention_mask": mask})[
-            0
-        ]
-        decoder = self.sessions["decoder_model_merged"]
-        cache_inputs = [i.name for i in decoder.get_inputs() if i.name.startswith("past_key_values")]
+        encoder = self.sessions["encoder_model"]
+        states = encoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask})[0]
         prefix = self.decoder_prefix if inputs["caption_only"] else self.decoder_prefix[:1]
         common = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
         feed = {
             "inputs_embeds": self.embed(np.array([prefix] * len(ids), dtype=np.int64)),
             "use_cache_branch": np.array([False]),
             **common,
-            **empty_caches(decoder, len(ids), 3),
+            **self.empty_caches(len(ids)),
         }
 
         def step(chosen: np.ndarray, outputs: list[np.ndarray], position: int) -> list[np.ndarray]:
@@ -381,7 +371,7 @@ class Florence2OnnxBackend(_OnnxBackend):
                 "use_cache_branch": np.array([True]),
                 **common,
             }
-            feed.update(zip(cache_inputs, outputs[1:], strict=True))
-            return decoder.run(None, feed)
+            feed.update(zip(self.cache_inputs, outputs[1:], strict=True))
+            return self.decoder.run(None, feed)
 
-        return decoder.run(None, feed), step
+        return self.decoder.run(None, feed), step

@@ -18,6 +18,7 @@ backend's (`loracap.backends.onnx_captioner`), so for the same pixels the page w
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -128,6 +129,7 @@ def _florence2(folder: Path, rules: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@functools.cache  # the manifest and the token table both need it: loaded once per folder
 def _tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
