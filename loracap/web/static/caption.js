@@ -215,8 +215,13 @@ function decode(ids) {
   const hex = ids.filter((id) => !special.has(id)).map((id) => state.tokens.bytes[id] || "").join("");
   const bytes = new Uint8Array(hex.length / 2);
   for (let i = 0; i < bytes.length; i++) bytes[i] = parseInt(hex.substr(2 * i, 2), 16);
-  return new TextDecoder().decode(bytes).trim();
+  return new TextDecoder().decode(bytes).replace(PY_SPACE_AT_ENDS, "");
 }
+
+// Python's str.strip() (what the onnxruntime backend does to a caption) also takes \x1c-\x1f and \x85,
+// which JavaScript's trim() keeps; and trim() takes \ufeff, which strip() keeps.
+const PY_SPACE = "\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000";
+const PY_SPACE_AT_ENDS = new RegExp(`^[${PY_SPACE}]+|[${PY_SPACE}]+$`, "g");
 
 // --- the page --------------------------------------------------------------------------------------------
 
