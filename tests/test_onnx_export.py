@@ -161,16 +161,28 @@ def test_engine_onnx_exports_once_and_writes_pytorchs_captions(prefix_captioner,
     for i in range(4):
         Image.new("RGB", (40 + 9 * i, 36), (50 * i, 200 - 40 * i, 90)).save(data / f"{i}.png")
     flags = ["--min-new-tokens", "2", "--device", "cpu", "--quiet", "--existing", "overwrite"]
-    assert main(["caption", str(data), "--model", str(prefix_captioner), *flags]) == 0
+    # A random tiny captioner may write only special tokens for an image (an empty caption: that image
+    # fails, status 1): the onnxruntime runs must then fail on the same image and write the same others.
+    status = main(["caption", str(data), "--model", str(prefix_captioner), *flags])
     pytorch = {p.name: p.read_text() for p in sorted(data.glob("*.txt"))}
-    assert len(pytorch) == 4
+    assert len(pytorch) >= 3
+    for sidecar in data.glob("*.txt"):  # each run writes its own, none is left from the one before
+        sidecar.unlink()
     with caplog.at_level("INFO", logger="loracap.onnx_export"):
-        assert main(["caption", str(data), "--model", str(prefix_captioner), "--engine", "onnx", *flags]) == 0
+        assert (
+            main(["caption", str(data), "--model", str(prefix_captioner), "--engine", "onnx", *flags])
+            == status
+        )
     assert "exporting" in caplog.text
     assert {p.name: p.read_text() for p in sorted(data.glob("*.txt"))} == pytorch
     caplog.clear()
+    for sidecar in data.glob("*.txt"):
+        sidecar.unlink()
     with caplog.at_level("INFO", logger="loracap.onnx_export"):
-        assert main(["caption", str(data), "--model", str(prefix_captioner), "--engine", "onnx", *flags]) == 0
+        assert (
+            main(["caption", str(data), "--model", str(prefix_captioner), "--engine", "onnx", *flags])
+            == status
+        )
     assert "exporting" not in caplog.text  # the cached export is reused
     assert {p.name: p.read_text() for p in sorted(data.glob("*.txt"))} == pytorch
 
