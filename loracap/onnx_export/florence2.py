@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .graphs import QUANTIZATIONS, dim, export_graph, merge_decoders, quantize
+from .graphs import QUANTIZATIONS, as_module, dim, export_graph, merge_decoders, quantize
 
 GRAPHS = ("vision_encoder", "embed_tokens", "encoder_model", "decoder_model_merged")
 SETTINGS_FILE = "florence2.json"
@@ -56,13 +56,13 @@ def export(backend: Any, out: Path, *, opset: int, quantizations: list[str]) -> 
     pixels = torch.randn(2, 3, side, side)
     batch, sequence = dim("batch"), dim("sequence")
     export_graph(
-        _Call(model, lambda m, p: m.model.get_image_features(p).pooler_output), (pixels,),
+        as_module(model, lambda m, p: m.model.get_image_features(p).pooler_output), (pixels,),
         out / "vision_encoder.onnx", inputs=["pixel_values"], outputs=["image_features"],
         dynamic_shapes=({0: batch},), opset=opset,
     )  # fmt: skip
     ids = torch.tensor([[0, 5, 7, 2]] * 2)
     export_graph(
-        _Call(model, lambda m, i: m.get_input_embeddings()(i)), (ids,), out / "embed_tokens.onnx",
+        as_module(model, lambda m, i: m.get_input_embeddings()(i)), (ids,), out / "embed_tokens.onnx",
         inputs=["input_ids"], outputs=["inputs_embeds"], dynamic_shapes=({0: batch, 1: sequence},),
         opset=opset,
     )  # fmt: skip
@@ -71,9 +71,11 @@ def export(backend: Any, out: Path, *, opset: int, quantizations: list[str]) -> 
         embeds = model.get_input_embeddings()(torch.tensor([[0] + [5] * 9 + [2]] * 2))
         mask = torch.ones(embeds.shape[:2], dtype=torch.int64)
         states = language.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    encoder = as_module(
+        model, lambda m, e, a: m.model.language_model.encoder(inputs_embeds=e, attention_mask=a)[0]
+    )
     export_graph(
-        _Call(model, lambda m, e, a: m.model.language_model.encoder(inputs_embeds=e, attention_mask=a)[0]),
-        (embeds, mask), out / "encoder_model.onnx", inputs=["inputs_embeds", "attention_mask"],
+        encoder, (embeds, mask), out / "encoder_model.onnx", inputs=["inputs_embeds", "attention_mask"],
         outputs=["last_hidden_state"], dynamic_shapes=({0: batch, 1: sequence}, {0: batch, 1: sequence}),
         opset=opset,
     )  # fmt: skip
@@ -92,23 +94,6 @@ def export(backend: Any, out: Path, *, opset: int, quantizations: list[str]) -> 
             part.unlink()
     first.unlink()
     later.unlink()
-
-
-class _Call:
-    """`function(model, *tensors)` as a module holding `model`'s weights (what torch.onnx.export traces)."""
-
-    def __new__(cls, model: Any, function: Any) -> Any:
-        import torch
-
-        class Call(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
-
-            def forward(self, tensor: torch.Tensor, other: torch.Tensor | None = None) -> Any:
-                return function(self.model, tensor) if other is None else function(self.model, tensor, other)
-
-        return Call()
 
 
 def _export_decoders(model: Any, states: Any, mask: Any, first: Path, later: Path, opset: int) -> None:

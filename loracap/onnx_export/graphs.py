@@ -23,6 +23,22 @@ def dim(name: str) -> Any:
     return torch.export.Dim(name, min=1, max=_MAX)
 
 
+def as_module(owner: Any, function: Any) -> Any:
+    """`function(owner, tensor[, other])` as a module holding `owner`'s weights: what torch.onnx.export
+    traces, for a part of a model that is no module of its own (an encoder's output, a fused prefix)."""
+    import torch
+
+    class Call(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.owner = owner
+
+        def forward(self, tensor: torch.Tensor, other: torch.Tensor | None = None) -> Any:
+            return function(self.owner, tensor) if other is None else function(self.owner, tensor, other)
+
+    return Call()
+
+
 def export_graph(
     module: Any,
     args: tuple,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .graphs import QUANTIZATIONS, dim, export_graph, quantize
+from .graphs import QUANTIZATIONS, as_module, dim, export_graph, quantize
 
 VISION, EMBED, DECODER = "vision_encoder", "embed_tokens", "decoder_model_merged"
 
@@ -37,36 +37,21 @@ def export(model: Any, out: Path, *, opset: int, quantizations: list[str]) -> No
     side = getattr(vision, "vision_config", vision).image_size
     pixels = torch.randn(2, 3, side, side)
     batch, sequence = dim("batch"), dim("sequence")
+    vision_encoder = as_module(model, lambda m, p: m.prefix(p))  # tower and projector, fused
     export_graph(
-        _Module(model, "prefix"), (pixels,), out / f"{VISION}.onnx", inputs=["pixel_values"],
+        vision_encoder, (pixels,), out / f"{VISION}.onnx", inputs=["pixel_values"],
         outputs=["image_features"], dynamic_shapes=({0: batch},), opset=opset,
     )  # fmt: skip
     ids = torch.tensor([[1, 2, 3]] * 2)
+    embed_tokens = as_module(model.get_input_embeddings(), lambda e, i: e(i))
     export_graph(
-        _Module(model.get_input_embeddings(), "forward"), (ids,), out / f"{EMBED}.onnx", inputs=["input_ids"],
+        embed_tokens, (ids,), out / f"{EMBED}.onnx", inputs=["input_ids"],
         outputs=["inputs_embeds"], dynamic_shapes=({0: batch, 1: sequence},), opset=opset,
     )  # fmt: skip
     _export_decoder(model.language_model, out / f"{DECODER}.onnx", opset)
     for kind in quantizations:
         for name in (VISION, EMBED, DECODER):
             quantize(out / f"{name}.onnx", out / f"{name}{QUANTIZATIONS[kind]}.onnx", kind)
-
-
-class _Module:
-    """`owner.method` as a module of its own (what torch.onnx.export traces), `owner`'s weights in it."""
-
-    def __new__(cls, owner: Any, method: str) -> Any:
-        import torch
-
-        class Wrapped(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.owner = owner
-
-            def forward(self, tensor: torch.Tensor) -> Any:
-                return getattr(self.owner, method)(tensor)
-
-        return Wrapped()
 
 
 def _export_decoder(lm: Any, path: Path, opset: int) -> None:

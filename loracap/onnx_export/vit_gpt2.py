@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .graphs import QUANTIZATIONS, dim, export_graph, merge_decoders, quantize
+from .graphs import QUANTIZATIONS, as_module, dim, export_graph, merge_decoders, quantize
 
 ENCODER, DECODER = "encoder_model", "decoder_model_merged"
 
@@ -39,9 +39,10 @@ def export(model: Any, out: Path, *, opset: int, quantizations: list[str]) -> No
     side = config.encoder.image_size
     pixels = torch.randn(2, config.encoder.num_channels, side, side)
     batch = dim("batch")
+    encoder = as_module(model, lambda m, p: m.encoder(pixel_values=p).last_hidden_state)
     export_graph(
-        _Encoder(model), (pixels,), out / f"{ENCODER}.onnx", inputs=["pixel_values"],
-        outputs=["last_hidden_state"], dynamic_shapes={"pixel_values": {0: batch}}, opset=opset,
+        encoder, (pixels,), out / f"{ENCODER}.onnx", inputs=["pixel_values"],
+        outputs=["last_hidden_state"], dynamic_shapes=({0: batch},), opset=opset,
     )  # fmt: skip
     with torch.no_grad():
         states = model.encoder(pixel_values=pixels).last_hidden_state
@@ -62,21 +63,6 @@ def export(model: Any, out: Path, *, opset: int, quantizations: list[str]) -> No
         later.with_name(f"later{suffix}.onnx").unlink()
     first.unlink()
     later.unlink()
-
-
-class _Encoder:
-    def __new__(cls, model: Any) -> Any:
-        import torch
-
-        class Encoder(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.encoder = model.encoder
-
-            def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-                return self.encoder(pixel_values=pixel_values).last_hidden_state
-
-        return Encoder()
 
 
 def _decoder(model: Any) -> Any:
